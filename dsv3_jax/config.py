@@ -1,0 +1,295 @@
+"""Model configuration: one frozen dataclass, validated when built, with presets and HF `config.json` I/O.
+
+Field names follow the Hugging Face DeepSeek-V3 `config.json` wherever one exists, so a released config maps
+onto this one field by field. Fields HF does not have (compute dtype, MoE dispatch, remat) come last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional
+
+MOE_IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (SPEC section 3). `mscale_all_dim` enters the softmax scale; the ratio
+    `mscale/mscale_all_dim` (1 for V3) scales cos/sin, as in HF transformers."""
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    type: str = "yarn"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432          # dense FFN width (first_k_dense_replace layers)
+    moe_intermediate_size: int = 2048       # width of one routed (and each shared) expert
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    first_k_dense_replace: int = 3
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    q_lora_rank: Optional[int] = 1536       # None: queries come from one full-rank projection (V2-Lite style)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = RopeScaling()
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1       # MTP depth D
+    initializer_range: float = 0.006
+    tie_word_embeddings: bool = False
+    # --- not in HF's config ---
+    dtype: str = "float32"                  # compute dtype of matmuls; params stay param_dtype
+    param_dtype: str = "float32"
+    moe_impl: str = "dense"                 # dispatch implementation, see model/moe.py
+    moe_block_size: int = 128               # rows per block for the blocked dispatch
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        validate(self)
+
+    # Derived sizes ---------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    @property
+    def softmax_scale(self) -> float:
+        """`qk_head_dim^-0.5`, times `mscale^2` under YaRN (SPEC section 2)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_mscale(rs.factor, rs.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        rs = d.get("rope_scaling")
+        if isinstance(rs, dict):
+            d["rope_scaling"] = RopeScaling(**rs)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _fail(field: str, problem: str, fix: str):
+    raise ValueError(f"ModelConfig.{field}: {problem}; {fix}")
+
+
+def validate(c: ModelConfig) -> None:
+    """Every impossible combination raises a ValueError naming the field and the fix."""
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+        v = getattr(c, name)
+        if not isinstance(v, int) or v <= 0:
+            _fail(name, f"must be a positive integer, got {v!r}", "set it to a value >= 1")
+    if c.qk_rope_head_dim % 2:
+        _fail("qk_rope_head_dim", f"{c.qk_rope_head_dim} is odd but RoPE rotates pairs", "use an even value")
+    if c.q_lora_rank is not None and c.q_lora_rank <= 0:
+        _fail("q_lora_rank", f"must be positive or None, got {c.q_lora_rank}", "use None for a full-rank query")
+    if not 0 <= c.first_k_dense_replace <= c.num_hidden_layers:
+        _fail("first_k_dense_replace", f"{c.first_k_dense_replace} is outside [0, num_hidden_layers="
+              f"{c.num_hidden_layers}]", "use a value between 0 and num_hidden_layers")
+    if c.first_k_dense_replace > 0 and c.intermediate_size <= 0:
+        _fail("intermediate_size", "dense layers need a positive FFN width", "set intermediate_size >= 1")
+    if c.num_nextn_predict_layers < 0:
+        _fail("num_nextn_predict_layers", "must be >= 0", "use 0 to turn MTP off")
+    needs_moe = c.num_moe_layers > 0 or c.num_nextn_predict_layers > 0
+    if needs_moe:
+        if c.n_routed_experts <= 0 or c.moe_intermediate_size <= 0:
+            _fail("n_routed_experts", "MoE layers (or MTP blocks, which are MoE layers) need routed experts "
+                  "and a positive moe_intermediate_size", "set both >= 1, or make every layer dense and MTP 0")
+        if c.n_shared_experts < 0:
+            _fail("n_shared_experts", "must be >= 0", "use 0 for no shared expert")
+        if not 1 <= c.num_experts_per_tok <= c.n_routed_experts:
+            _fail("num_experts_per_tok", f"{c.num_experts_per_tok} is outside [1, n_routed_experts="
+                  f"{c.n_routed_experts}]", "pick at most n_routed_experts experts per token")
+        if c.n_group < 1 or c.n_routed_experts % c.n_group:
+            _fail("n_group", f"n_routed_experts={c.n_routed_experts} is not divisible by n_group={c.n_group}",
+                  "choose n_group dividing n_routed_experts")
+        if not 1 <= c.topk_group <= c.n_group:
+            _fail("topk_group", f"{c.topk_group} is outside [1, n_group={c.n_group}]",
+                  "keep at most n_group groups")
+        per_group = c.n_routed_experts // c.n_group
+        if c.n_group > 1 and per_group < 2:
+            _fail("n_group", f"groups of {per_group} expert(s): a group's score sums its top-2 experts",
+                  "use n_group <= n_routed_experts / 2")
+        if c.num_experts_per_tok > c.topk_group * per_group:
+            _fail("num_experts_per_tok", f"{c.num_experts_per_tok} experts cannot be reached inside "
+                  f"topk_group={c.topk_group} groups of {per_group}", "raise topk_group or lower num_experts_per_tok")
+        if c.routed_scaling_factor <= 0:
+            _fail("routed_scaling_factor", "must be > 0", "use 2.5 as in V3")
+    rs = c.rope_scaling
+    if rs is not None:
+        if rs.type not in ("yarn",):
+            _fail("rope_scaling.type", f"{rs.type!r} is not supported", "use 'yarn' or rope_scaling=None")
+        if rs.factor <= 0 or rs.original_max_position_embeddings <= 0:
+            _fail("rope_scaling", "factor and original_max_position_embeddings must be > 0", "fix the values")
+    if c.rope_theta <= 0:
+        _fail("rope_theta", "must be > 0", "use 10000")
+    for name in ("dtype", "param_dtype"):
+        if getattr(c, name) not in DTYPES:
+            _fail(name, f"{getattr(c, name)!r} is not one of {DTYPES}", "pick one of those")
+    if c.moe_impl not in MOE_IMPLS:
+        _fail("moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}", "pick one of those")
+    if c.moe_block_size < 1:
+        _fail("moe_block_size", "must be >= 1", "use 128 (64 when experts >= 256)")
+    if c.remat_policy not in REMAT_POLICIES:
+        _fail("remat_policy", f"{c.remat_policy!r} is not one of {REMAT_POLICIES}", "pick one of those")
+    if c.tie_word_embeddings:
+        _fail("tie_word_embeddings", "DeepSeek-V3 unties the head from the embedding", "set it to False")
+
+
+# Presets ----------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, ModelConfig] = {
+    "v3-671b": ModelConfig(),
+    # Trains usefully on a 2-core CPU in minutes (byte vocabulary).
+    "tiny": ModelConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, first_k_dense_replace=1,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        rope_scaling=None, max_position_embeddings=1024, num_nextn_predict_layers=1, moe_impl="blocked",
+    ),
+    # About 240M total / 35M active parameters.
+    "small": ModelConfig(
+        vocab_size=32768, hidden_size=768, intermediate_size=2048, moe_intermediate_size=256,
+        num_hidden_layers=12, num_attention_heads=12, first_k_dense_replace=1,
+        n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=6, n_group=8, topk_group=4,
+        q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1,
+    ),
+    # The shared benchmark config (issue: training at scale), without the batch.
+    "bench": ModelConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=8, first_k_dense_replace=1,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        rope_scaling=None, max_position_embeddings=512, num_nextn_predict_layers=1, moe_impl="blocked",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# HF config.json ---------------------------------------------------------------------------------------
+
+_HF_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "remat_policy",
+                                "rope_scaling")]
+
+
+def from_hf_dict(hf: dict, **overrides) -> ModelConfig:
+    """Map an HF DeepSeek-V3 config (the released `config.json`, or what transformers 5.x writes) onto ours.
+
+    Reads the rope block from `rope_scaling` (released) or `rope_parameters` (transformers 5.x)."""
+    if hf.get("model_type", "deepseek_v3") not in ("deepseek_v3", "kimi_k2"):
+        raise ValueError(f"config.json is for model_type={hf.get('model_type')!r}, not deepseek_v3")
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("hidden_act", "silu")):
+        if key in hf and hf[key] != want:
+            raise ValueError(f"config.json {key}={hf[key]!r} is not supported (DeepSeek-V3 uses {want!r})")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"config.json moe_layer_freq={hf['moe_layer_freq']} is not supported (V3 uses 1)")
+    kw: dict[str, Any] = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None}
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        kw["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        kw["rope_theta"] = rope["rope_theta"]
+    kind = rope.get("type", rope.get("rope_type", "default"))
+    if kind == "yarn":
+        kw["rope_scaling"] = RopeScaling(
+            factor=float(rope["factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+            mscale=float(rope.get("mscale") or 0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0))
+    elif kind == "default":
+        kw["rope_scaling"] = None
+    else:
+        raise ValueError(f"config.json rope type {kind!r} is not supported (use yarn or default)")
+    for key in ("n_group", "topk_group"):
+        kw.setdefault(key, 1)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def to_hf_dict(c: ModelConfig) -> dict:
+    """The HF `config.json` for this model (loadable by transformers' DeepseekV3Config)."""
+    d: dict[str, Any] = {k: getattr(c, k) for k in _HF_FIELDS}
+    d.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
+             num_key_value_heads=c.num_attention_heads, scoring_func="sigmoid", topk_method="noaux_tc",
+             moe_layer_freq=1, attention_bias=False, rope_interleave=True,
+             torch_dtype="float32" if c.param_dtype == "float32" else "bfloat16")
+    if c.rope_scaling is None:
+        d["rope_scaling"] = None
+    else:
+        rs = c.rope_scaling
+        d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": rs.factor,
+                             "original_max_position_embeddings": rs.original_max_position_embeddings,
+                             "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow,
+                             "mscale": rs.mscale, "mscale_all_dim": rs.mscale_all_dim}
+    return d
+
+
+def load_hf_config(path: str, **overrides) -> ModelConfig:
+    """Read `config.json` from a file or a checkpoint directory."""
+    f = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"no config.json at {f}")
+    with open(f) as fh:
+        try:
+            hf = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f} is not valid JSON: {e}") from None
+    return from_hf_dict(hf, **overrides)
+
+
+def save_hf_config(path: str, c: ModelConfig) -> None:
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(to_hf_dict(c), fh, indent=2)

@@ -1,0 +1,92 @@
+"""Multi-head latent attention (SPEC section 2), expanded form for training and prefill.
+
+Keys and values are compressed into one latent `c_KV` (kv_lora_rank wide, normed) plus ONE rope key `k_pe`
+shared by all heads; per-head keys/values are expanded from the latent by `kv_b_proj`. Queries go through
+their own low-rank bottleneck when `q_lora_rank` is set. Axis letters: see layers.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, constrain, dtype_of, param
+from .rope import apply_rope
+
+NEG_INF = -1e30  # finite, so fully-masked rows (padding) give a uniform softmax, not NaN
+
+
+class MLA(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        d, h = c.hidden_size, c.num_attention_heads
+        lat = c.kv_lora_rank + c.qk_rope_head_dim
+        if c.q_lora_rank is not None:
+            # q_a_proj and kv_a_proj_with_mqa fused: one matmul on x instead of two.
+            self.q_kv_a_proj = param(self, "q_kv_a_proj", (d, c.q_lora_rank + lat), ("embed", "kv_lora"), c)
+            self.q_a_norm = RMSNorm(c, axis_name="q_lora")
+            self.q_b_proj = param(self, "q_b_proj", (c.q_lora_rank, h, c.qk_head_dim),
+                                  ("q_lora", "heads", "head_dim"), c)
+        else:
+            self.q_proj = param(self, "q_proj", (d, h, c.qk_head_dim), ("embed", "heads", "head_dim"), c)
+            self.kv_a_proj = param(self, "kv_a_proj", (d, lat), ("embed", "kv_lora"), c)
+        self.kv_a_norm = RMSNorm(c, axis_name="kv_lora")
+        self.kv_b_proj = param(self, "kv_b_proj", (c.kv_lora_rank, h, c.qk_nope_head_dim + c.v_head_dim),
+                               ("kv_lora", "heads", "head_dim"), c)
+        self.o_proj = param(self, "o_proj", (h, c.v_head_dim, d), ("heads", "head_dim", "embed"), c)
+
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x [B,T,D] -> q_nope [B,T,H,nope], q_pe [B,T,H,R] (roped), c_kv [B,T,C] (normed), k_pe [B,T,R] (roped).
+
+        c_kv and k_pe are exactly what the latent cache stores."""
+        c = self.cfg
+        dt = dtype_of(c.dtype)
+        b, t, d = x.shape
+        x2 = x.reshape(b * t, d).astype(dt)
+        if c.q_lora_rank is not None:
+            a = jnp.dot(x2, self.q_kv_a_proj.astype(dt)).reshape(b, t, -1)        # [B,T,Q+C+R]
+            q_c = self.q_a_norm(a[..., :c.q_lora_rank])                           # [B,T,Q]
+            kv = a[..., c.q_lora_rank:]                                           # [B,T,C+R]
+            q = jnp.einsum("BTQ,QHK->BTHK", q_c, self.q_b_proj.astype(dt))
+        else:
+            q = jnp.einsum("BTD,DHK->BTHK", x.astype(dt), self.q_proj.astype(dt))
+            kv = jnp.dot(x2, self.kv_a_proj.astype(dt)).reshape(b, t, -1)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        q_nope, q_pe = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+        c_kv = self.kv_a_norm(kv[..., :c.kv_lora_rank])                          # norm on the latent only
+        k_pe = kv[..., c.kv_lora_rank:]
+        return q_nope, apply_rope(q_pe, cos, sin), c_kv, apply_rope(k_pe, cos, sin)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
+                 kv_mask: Optional[jax.Array] = None) -> jax.Array:
+        """Expanded form: x [B,T,D] -> [B,T,D]. Causal by position; kv_mask [B,S] marks valid keys."""
+        c = self.cfg
+        dt = dtype_of(c.dtype)
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        kv = jnp.einsum("BSC,CHK->BSHK", c_kv.astype(dt), self.kv_b_proj.astype(dt))
+        k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]   # [B,S,H,nope], [B,S,H,V]
+        scores = (jnp.einsum("BTHK,BSHK->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("BTHR,BSR->BHTS", q_pe, k_pe.astype(q_pe.dtype),
+                               preferred_element_type=jnp.float32))
+        mask = positions[:, None, :, None] >= positions[:, None, None, :]          # [B,1,T,S]
+        if kv_mask is not None:
+            mask = mask & kv_mask[:, None, None, :]
+        probs = attention_softmax(scores * c.softmax_scale, mask)                   # fp32
+        o = jnp.einsum("BHTS,BSHV->BTHV", probs.astype(dt), v)
+        return self.output(o)
+
+    def output(self, o: jax.Array) -> jax.Array:
+        """o [B,T,H,V] -> [B,T,D] through o_proj."""
+        dt = dtype_of(self.cfg.dtype)
+        return jnp.einsum("BTHV,HVD->BTD", o.astype(dt), self.o_proj.astype(dt))
+
+
+def attention_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked softmax in fp32 (SPEC: softmax is kept in high precision)."""
+    return jax.nn.softmax(jnp.where(mask, scores.astype(jnp.float32), NEG_INF), axis=-1)

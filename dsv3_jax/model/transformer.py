@@ -1,0 +1,153 @@
+"""The decoder block, the scanned layer stacks, and the whole model with its MTP chain.
+
+Parameter tree (every leaf carries logical axis names; scanned stacks add a leading 'layers' axis):
+  embed/embedding [X,D]
+  dense_layers/{attn_norm, attn, mlp_norm, mlp}        first_k_dense_replace layers, scanned
+  moe_layers/{attn_norm, attn, mlp_norm, moe}          the remaining layers, scanned
+  final_norm, lm_head [D,X]
+  mtp_{k}/{enorm, hnorm, eh_proj, block, norm}         k = 0..D-1 (HF layer num_hidden_layers + k)
+The routing bias sits at router_state/<same path>/moe/router_bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from ..config import ModelConfig
+from .layers import MLP, RMSNorm, constrain, param
+from .mla import MLA
+from .moe import MoE
+from .rope import rope_angles
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: jax.Array                 # [B,T,X] fp32: position t predicts token t+1
+    mtp_logits: tuple                 # D arrays [B,T,X]: depth k (1-based) at position t predicts t+k+1
+    hidden: jax.Array                 # [B,T,D] last main block output, before the final norm (h^0)
+    moe_stats: dict                   # {'moe_layers': {expert_counts [L,E], seq_counts [L,B,E],
+                                      #   seq_affinity [L,B,E]}, 'mtp_k': {... without L}}
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: h + MLA(norm(h)), then h + FFN(norm(h)) with FFN dense or MoE."""
+    cfg: ModelConfig
+    moe: bool
+
+    @nn.compact
+    def __call__(self, h, cos, sin, positions, kv_mask):
+        cfg = self.cfg
+        h = h + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(h), cos, sin, positions, kv_mask)
+        z = RMSNorm(cfg, name="mlp_norm")(h)
+        if self.moe:
+            y, stats = MoE(cfg, name="moe")(z)
+        else:
+            y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(z), None
+        h = constrain(h + y, ("batch", "length", "embed"))
+        return h, stats
+
+
+def block_class(cfg: ModelConfig):
+    if cfg.remat_policy == "none":
+        return DecoderBlock
+    return nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+
+
+class Stack(nn.Module):
+    """`length` DecoderBlocks under nn.scan: one compiled body whatever the depth."""
+    cfg: ModelConfig
+    moe: bool
+    length: int
+
+    @nn.compact
+    def __call__(self, h, cos, sin, positions, kv_mask):
+        scanned = nn.scan(
+            block_class(self.cfg),
+            variable_axes={"params": 0, "router_state": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 4,
+            length=self.length,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return scanned(self.cfg, self.moe, name="layers")(h, cos, sin, positions, kv_mask)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k: h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a full
+    MoE block. Returns (h^k, norm(h^k) for the shared head, stats)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_prev, emb_next, cos, sin, positions, kv_mask):
+        cfg = self.cfg
+        d = cfg.hidden_size
+        w = param(self, "eh_proj", (2 * d, d), (None, "embed"), cfg)
+        x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_next), RMSNorm(cfg, name="hnorm")(h_prev)], -1)
+        h = jnp.dot(x.astype(cfg.dtype), w.astype(cfg.dtype)).astype(h_prev.dtype)             # [B,T,D]
+        h, stats = block_class(cfg)(cfg, True, name="block")(h, cos, sin, positions, kv_mask)
+        return h, RMSNorm(cfg, name="norm")(h), stats
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3. `apply(variables, tokens)` -> ModelOutput (`.logits`, `.mtp_logits`, `.moe_stats`)."""
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embedding = param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        if cfg.num_dense_layers:
+            self.dense_layers = Stack(cfg, False, cfg.num_dense_layers)
+        if cfg.num_moe_layers:
+            self.moe_layers = Stack(cfg, True, cfg.num_moe_layers)
+        self.final_norm = RMSNorm(cfg)
+        self.lm_head = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+        self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        # Token ids are checked at the edge (data pipeline, generate): jnp.take clamps silently here.
+        return constrain(jnp.take(self.embedding, tokens, axis=0), ("batch", "length", "embed"))
+
+    def head(self, h_normed: jax.Array) -> jax.Array:
+        """[B,T,D] -> fp32 logits [B,T,X]; the head stays in high precision."""
+        return jnp.einsum("BTD,DX->BTX", h_normed.astype(jnp.float32), self.lm_head.astype(jnp.float32))
+
+    def trunk(self, tokens, positions=None, kv_mask=None):
+        """Embedding and every main block: returns (h^0 [B,T,D], stats, (cos, sin, positions))."""
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_angles(self.cfg, positions)
+        h = self.embed(tokens)
+        stats: dict[str, Any] = {}
+        if self.cfg.num_dense_layers:
+            h, _ = self.dense_layers(h, cos, sin, positions, kv_mask)
+        if self.cfg.num_moe_layers:
+            h, stats["moe_layers"] = self.moe_layers(h, cos, sin, positions, kv_mask)
+        return h, stats, (cos, sin, positions)
+
+    def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+                 kv_mask: Optional[jax.Array] = None, *, mtp: bool = True) -> ModelOutput:
+        """tokens [B,T] int32. positions [B,T] (default 0..T-1); kv_mask [B,T] marks real (non-pad) tokens.
+        mtp=False skips the MTP chain (its logits come back empty)."""
+        h0, stats, (cos, sin, positions) = self.trunk(tokens, positions, kv_mask)
+        logits = self.head(self.final_norm(h0))
+        mtp_logits = []
+        h = h0
+        for k, module in enumerate(self.mtp if mtp else []):
+            # Depth k+1 at position i sees token i+k+1; the last k+1 positions see padding and are masked
+            # in the loss, which keeps shapes static. Original positions, causal chain unchanged.
+            shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
+            h, h_normed, stats[f"mtp_{k}"] = module(h, self.embed(shifted), cos, sin, positions, kv_mask)
+            mtp_logits.append(self.head(h_normed))
+        return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), hidden=h0, moe_stats=stats)
