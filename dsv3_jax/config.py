@@ -193,13 +193,13 @@ PRESETS: dict[str, ModelConfig] = {
         q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         rope_scaling=None, max_position_embeddings=1024, num_nextn_predict_layers=1, moe_impl="blocked",
     ),
-    # About 240M total / 35M active parameters.
+    # About 258M total / 52M active parameters (44M without the embedding).
     "small": ModelConfig(
-        vocab_size=32768, hidden_size=768, intermediate_size=2048, moe_intermediate_size=256,
-        num_hidden_layers=12, num_attention_heads=12, first_k_dense_replace=1,
+        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=10, num_attention_heads=8, first_k_dense_replace=1,
         n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=6, n_group=8, topk_group=4,
-        q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1,
+        q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1, moe_impl="blocked",
     ),
     # The shared benchmark config (issue: training at scale), without the batch.
     "bench": ModelConfig(
@@ -293,3 +293,130 @@ def load_hf_config(path: str, **overrides) -> ModelConfig:
 def save_hf_config(path: str, c: ModelConfig) -> None:
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(to_hf_dict(c), fh, indent=2)
+
+
+# Training and mesh ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1       # -1 takes every device the other axes leave
+    expert: int = 1
+    tensor: int = 1
+    zero3: bool = False  # also shard parameters' `embed` axis over `data` (ZeRO-3 style)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The SPEC section 7 recipe, scaled by the step counts given here."""
+    seed: int = 0
+    steps: int = 1000
+    global_batch_size: int = 16
+    seq_len: int = 256
+    microbatches: int = 1                 # gradient accumulation: the batch is split into this many
+    learning_rate: float = 2.2e-4         # peak
+    warmup_steps: int = 2000
+    stable_steps: int = 0                 # constant at the peak after warm-up
+    decay_steps: int = 0                  # cosine from the peak to final_lr
+    final_lr: float = 2.2e-5
+    lr_tail: tuple = ()                   # ((step, lr), ...): constants after the cosine, e.g. V3's 7.3e-6
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_lambda_switch_step: int = -1      # -1: never switch
+    balance_alpha: float = 1e-4           # complementary sequence-wise balance loss
+    bias_update_rate: float = 1e-3        # gamma
+    bias_update_stop_step: int = -1       # gamma becomes 0 from this step (-1: never)
+    data: Optional[str] = None            # None: the embedded default corpus
+    tokenizer: Optional[str] = None       # None: bytes
+    max_corpus_bytes: int = 0             # 0: no cap
+    val_fraction: float = 0.01
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 1
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    max_consecutive_skips: int = 10       # non-finite steps in a row before the run stops
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "seq_len", "microbatches", "keep_checkpoints",
+                     "checkpoint_every", "eval_every", "log_every", "max_consecutive_skips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.microbatches:
+            raise ValueError(f"TrainConfig.global_batch_size={self.global_batch_size} is not divisible by "
+                             f"microbatches={self.microbatches}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.learning_rate <= 0 or self.warmup_steps < 0:
+            raise ValueError("TrainConfig.learning_rate must be > 0 and warmup_steps >= 0")
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(steps=600, global_batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=50,
+                        stable_steps=250, decay_steps=300, final_lr=3e-4, eval_every=100, checkpoint_every=200,
+                        bias_update_rate=1e-3, max_corpus_bytes=4_000_000),
+    "small": TrainConfig(steps=20000, global_batch_size=64, seq_len=1024, learning_rate=1e-3, warmup_steps=500,
+                         stable_steps=15000, decay_steps=4500, final_lr=1e-4),
+    "bench": TrainConfig(steps=20, global_batch_size=8, seq_len=256, learning_rate=1e-4, warmup_steps=0),
+    "v3-671b": TrainConfig(steps=14_800_000 // 16, global_batch_size=15360, seq_len=4096, warmup_steps=2000),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        train = dict(d.get("train", {}))
+        train["lr_tail"] = tuple(tuple(x) for x in train.get("lr_tail", ()))
+        return cls(ModelConfig.from_dict(d["model"]), TrainConfig(**train), MeshConfig(**d.get("mesh", {})))
+
+    def override(self, assignments: list[str]) -> "RunConfig":
+        """Apply `section.field=value` strings (`model.n_routed_experts=16 train.steps=200`)."""
+        sections = {"model": self.model, "train": self.train, "mesh": self.mesh}
+        changes: dict[str, dict] = {k: {} for k in sections}
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            section, dot, field = key.partition(".")
+            if not sep or not dot or section not in sections:
+                raise ValueError(f"override {item!r} must look like model.FIELD=VALUE, train.FIELD=VALUE or "
+                                 f"mesh.FIELD=VALUE")
+            fields = {f.name: f for f in dataclasses.fields(sections[section])}
+            if field not in fields:
+                raise ValueError(f"override {item!r}: {section} has no field {field!r}; "
+                                 f"fields are {sorted(fields)}")
+            changes[section][field] = _parse_value(raw, getattr(sections[section], field))
+        return RunConfig(*(dataclasses.replace(sections[k], **changes[k]) for k in ("model", "train", "mesh")))
+
+
+def _parse_value(raw: str, current: Any) -> Any:
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true/false, got {raw!r}")
+    elif isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    elif isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    elif isinstance(current, RopeScaling) and isinstance(value, dict):
+        value = RopeScaling(**value)
+    return value
+
+
+def run_preset(name: str) -> RunConfig:
+    return RunConfig(get_preset(name), TRAIN_PRESETS.get(name, TrainConfig()))

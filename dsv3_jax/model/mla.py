@@ -1,4 +1,5 @@
-"""Multi-head latent attention (SPEC section 2), expanded form for training and prefill.
+"""Multi-head latent attention (SPEC section 2): expanded form for training and prefill, and
+`cached_attention` (absorbed or expanded) over a latent KV cache for decoding (dsv3_jax/infer).
 
 Keys and values are compressed into one latent `c_KV` (kv_lora_rank wide, normed) plus ONE rope key `k_pe`
 shared by all heads; per-head keys/values are expanded from the latent by `kv_b_proj`. Queries go through
@@ -79,6 +80,54 @@ class MLA(nn.Module):
             mask = mask & kv_mask[:, None, None, :]
         probs = attention_softmax(scores * c.softmax_scale, mask)                   # fp32
         o = jnp.einsum("BHTS,BSHV->BTHV", probs.astype(dt), v)
+        return self.output(o)
+
+    def cached_attention(self, q_nope: jax.Array, q_pe: jax.Array, blocks, absorbed: bool = True) -> jax.Array:
+        """Attention of new queries over latent keys held in one or more blocks; returns [B,T,D] after o_proj.
+
+        q_nope [B,T,H,nope], q_pe [B,T,H,R] (roped), as `project` returns them. blocks: a sequence of
+        `(c_kv [B,S,C], k_pe [B,S,R], mask [B,T,S])`, e.g. the cached context and the new tokens themselves;
+        their scores share one fp32 softmax, so no block is ever concatenated (the cache is read in place).
+
+        absorbed=True is the decoding form of SPEC section 2: `kv_b_proj` is split into W_UK [C,H,nope] and
+        W_UV [C,H,V]; `q_abs = q_nope W_UK` [B,T,H,C] meets the latent directly, `o_lat = probs . c_KV`, and
+        `o = o_lat W_UV`: per-head keys/values are never materialised. absorbed=False expands every block
+        with `kv_b_proj` first (the training form; the decoding baseline that re-expands the cache each step).
+        """
+        c = self.cfg
+        dt = dtype_of(c.dtype)
+        nope = c.qk_nope_head_dim
+        kv_b = self.kv_b_proj.astype(dt)
+        w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]                                # [C,H,nope], [C,H,V]
+        q_pe32 = q_pe
+        scores, values = [], []
+        if absorbed:
+            q_abs = jnp.einsum("BTHK,CHK->BTHC", q_nope.astype(dt), w_uk)              # [B,T,H,C]
+        for c_kv, k_pe, _ in blocks:
+            if absorbed:
+                lat = c_kv.astype(dt)
+                s = jnp.einsum("BTHC,BSC->BHTS", q_abs, lat, preferred_element_type=jnp.float32)
+                values.append(lat)
+            else:
+                kv = jnp.einsum("BSC,CHK->BSHK", c_kv.astype(dt), kv_b)
+                s = jnp.einsum("BTHK,BSHK->BHTS", q_nope.astype(dt), kv[..., :nope],
+                               preferred_element_type=jnp.float32)
+                values.append(kv[..., nope:])                                          # [B,S,H,V]
+            s = s + jnp.einsum("BTHR,BSR->BHTS", q_pe32, k_pe.astype(q_pe32.dtype),
+                               preferred_element_type=jnp.float32)
+            scores.append(s)
+        sizes = [s.shape[-1] for s in scores]
+        mask = jnp.concatenate([m for _, _, m in blocks], axis=-1)[:, None]            # [B,1,T,S_all]
+        probs = attention_softmax(jnp.concatenate(scores, axis=-1) * c.softmax_scale, mask).astype(dt)
+        o, start = None, 0
+        for size, val in zip(sizes, values):
+            p = probs[..., start:start + size]
+            start += size
+            part = (jnp.einsum("BHTS,BSC->BTHC", p, val) if absorbed                     # o_lat [B,T,H,C]
+                    else jnp.einsum("BHTS,BSHV->BTHV", p, val))
+            o = part if o is None else o + part
+        if absorbed:
+            o = jnp.einsum("BTHC,CHV->BTHV", o, w_uv)
         return self.output(o)
 
     def output(self, o: jax.Array) -> jax.Array:

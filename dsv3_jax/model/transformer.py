@@ -54,7 +54,7 @@ class DecoderBlock(nn.Module):
             y, stats = MoE(cfg, name="moe")(z)
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(z), None
-        h = constrain(h + y, ("batch", "length", "embed"))
+        h = constrain(h + y, ("batch", "length", "act_embed"))
         return h, stats
 
 
@@ -116,7 +116,7 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         # Token ids are checked at the edge (data pipeline, generate): jnp.take clamps silently here.
-        return constrain(jnp.take(self.embedding, tokens, axis=0), ("batch", "length", "embed"))
+        return constrain(jnp.take(self.embedding, tokens, axis=0), ("batch", "length", "act_embed"))
 
     def head(self, h_normed: jax.Array) -> jax.Array:
         """[B,T,D] -> fp32 logits [B,T,X]; the head stays in high precision."""

@@ -1,0 +1,141 @@
+"""Command line: `python -m dsv3_jax {train,generate,params,convert} ...` (see --help of each)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+                             "JAX_PROCESS_ID environment variables)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+
+
+def _init_distributed(args) -> None:
+    env = os.environ
+    coordinator = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        return
+    import jax
+    num = args.num_processes if args.num_processes is not None else int(env.get("JAX_NUM_PROCESSES", "0"))
+    pid = args.process_id if args.process_id is not None else int(env.get("JAX_PROCESS_ID", "-1"))
+    if num < 1 or not 0 <= pid < num:
+        raise SystemExit(f"--coordinator needs --num-processes N >= 1 and --process-id in [0, N), "
+                         f"got {num} and {pid}")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+
+
+def _parse_mesh(text: str | None) -> list[str]:
+    if not text:
+        return []
+    out = []
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in ("data", "expert", "tensor"):
+            raise SystemExit(f"--mesh {text!r}: use data=N,expert=N,tensor=N (N may be -1 for the rest)")
+        out.append(f"mesh.{name.strip()}={value.strip()}")
+    return out
+
+
+def cmd_train(args) -> int:
+    _init_distributed(args)
+    from .config import RunConfig, run_preset
+    from .train.checkpoint import load_run_config
+    from .train.loop import train
+    overrides = list(args.overrides) + _parse_mesh(args.mesh)
+    if args.data:
+        overrides.append(f"train.data={json.dumps(args.data)}")
+    if args.resume and os.path.exists(os.path.join(args.run_dir, "config.json")):
+        rc: RunConfig = load_run_config(args.run_dir)   # the saved run, plus what the command line changes
+    else:
+        rc = run_preset(args.preset)
+    rc = rc.override(overrides)
+    summary = train(rc, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    last = summary.get("last", {})
+    print(json.dumps({k: last.get(k) for k in ("step", "loss", "val_loss", "tokens_per_s", "max_vio")}))
+    return 0
+
+
+def cmd_params(args) -> int:
+    from .config import get_preset
+    from .params import count_params
+    counts = count_params(get_preset(args.preset))
+    if args.json:
+        print(json.dumps({"preset": args.preset, **counts}))
+    else:
+        for k, v in counts.items():
+            print(f"{k:>28}: {v / 1e9:10.3f} B  ({v:,})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .infer.cli import run_generate
+    return run_generate(args)
+
+
+def cmd_convert(args) -> int:
+    """HF checkpoint directory -> HF checkpoint directory (e.g. FP8 -> fp32/bf16), through our variables."""
+    import numpy as np
+    from .hf import load_checkpoint, save_checkpoint
+    cfg, variables = load_checkpoint(args.hf_dir)
+    save_checkpoint(args.out, cfg, variables, dtype=np.dtype(args.dtype) if args.dtype != "bfloat16" else None)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsv3_jax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a preset; key=value overrides any config field",
+                       epilog="example: python -m dsv3_jax train --preset tiny --run-dir runs/tiny "
+                              "model.n_routed_experts=16 train.steps=200")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--run-dir", default=None, help="default: runs/<preset>")
+    t.add_argument("--data", help="text file, folder, .npy or .bin tokens (default: the embedded corpus)")
+    t.add_argument("--mesh", help="e.g. data=2,expert=2,tensor=2")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="section.field=value")
+    _add_distributed(t)
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a run directory or an HF checkpoint")
+    g.add_argument("--run-dir")
+    g.add_argument("--hf-dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--speculative", action="store_true", help="MTP module 1 drafts, the main model verifies")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("params", help="parameter counts from the model's abstract init")
+    c.add_argument("--preset", required=True)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_params)
+
+    v = sub.add_parser("convert", help="re-save an HF DeepSeek-V3 checkpoint (dequantising FP8)")
+    v.add_argument("--hf-dir", required=True)
+    v.add_argument("--out", required=True)
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.set_defaults(fn=cmd_convert)
+
+    args = p.parse_args(argv)
+    if args.command == "train" and args.run_dir is None:
+        args.run_dir = os.path.join("runs", args.preset)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Prefill and cached decoding over the latent KV cache (SPEC section 2), as pure functions of the param
+dicts, reusing the model's own Linen modules (`MLA`, `RMSNorm`, `MLP`) through `module.apply` on sliced params
+and `dsv3_jax.model.moe.route` / `dispatch.routed_experts` for the experts.
+
+Layer stacks run under `jax.lax.scan` over the stacked params (`params['dense_layers']['layers']`,
+`params['moe_layers']['layers']`) together with the stacked cache, so compile time does not grow with depth.
+
+Positions and masking: slot == position (see cache.py). A forward over new tokens at `positions` [B,T]
+(contiguous per row, starting at `positions[:, 0]`, which may differ between rows) attends to
+  * the cached context: slots `< positions[b, 0]` of row b (everything before the first new token), and
+  * the new tokens themselves, causally by position (`pos_q >= pos_k`), restricted to `key_valid`,
+and writes the new tokens' `c_KV` / `RoPE(k_pe)` at slots `positions` (invalid keys are not written).
+So a decode step can take several tokens at once (speculative verification), rows can have different
+lengths (right-padded batches), and entries past a row's length (padding, rejected drafts) are never seen.
+
+Prefill uses the expanded form (per-head keys/values from `kv_b_proj`, as in training); decode steps use the
+absorbed form (`MLA.cached_attention(absorbed=True)`) unless asked otherwise (the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from ..config import ModelConfig
+from ..model.dispatch import routed_experts
+from ..model.layers import MLP, RMSNorm, dtype_of
+from ..model.mla import MLA
+from ..model.moe import route
+from ..model.rope import rope_angles
+from .cache import KVCache, LayerCache
+
+
+# Variables -------------------------------------------------------------------------------------------------
+
+def split_variables(variables: Any) -> tuple[dict, dict]:
+    """`Transformer.init`/checkpoint variables -> (params, router_state), unboxed (no logical-axis boxes)."""
+    if not isinstance(variables, dict) or "params" not in variables:
+        raise ValueError("variables must be a dict with a 'params' collection (as Transformer.init returns)")
+    v = nn.meta.unbox(variables)
+    return v["params"], v.get("router_state", {})
+
+
+# One block, one stack ----------------------------------------------------------------------------------------
+
+def _norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+    return RMSNorm(cfg).apply({"params": p}, x)
+
+
+def _gather_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
+                    w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """Routed experts for a handful of tokens: gather only the chosen experts' weights (decode reads K
+    experts per token instead of all E). x [N,D], idx/w [N,K] -> [N,D]."""
+    dt = dtype_of(cfg.dtype)
+    gu = w_gate_up[idx].astype(dt)                                               # [N,K,D,2,F]
+    h = jnp.einsum("ND,NKDGF->NKGF", x.astype(dt), gu)
+    a = nn.silu(h[:, :, 0]) * h[:, :, 1]                                          # [N,K,F]
+    y = jnp.einsum("NKF,NKFD->NKD", a, w_down[idx].astype(dt))
+    return jnp.einsum("NKD,NK->ND", y, w.astype(dt))
+
+
+def _moe(cfg: ModelConfig, p: dict, router_bias: jax.Array, z: jax.Array) -> jax.Array:
+    """The MoE FFN of `model.moe.MoE` (without its statistics) on z [B,T,D]."""
+    b, t, d = z.shape
+    x2 = z.reshape(b * t, d)
+    r = route(cfg, x2, p["router"], router_bias)
+    if b * t * cfg.num_experts_per_tok <= cfg.n_routed_experts:
+        y = _gather_experts(cfg, x2, r.expert_index, r.gate_weight, p["experts_gate_up"], p["experts_down"])
+    else:
+        y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, p["experts_gate_up"], p["experts_down"])
+    y = y.reshape(b, t, d).astype(z.dtype)
+    if cfg.n_shared_experts:
+        y = y + MLP(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size).apply({"params": p["shared"]}, z)
+    return y
+
+
+def block_step(cfg: ModelConfig, moe: bool, p: dict, rs: Optional[dict], h: jax.Array, cos, sin,
+               context: Optional[tuple], new_mask: jax.Array, absorbed: bool, cache_dtype):
+    """`DecoderBlock` over new tokens h [B,T,D] with a cached context.
+
+    context: None or (c_kv [B,S,C], k_pe [B,S,R], mask [B,T,S]). Returns (h, c_kv [B,T,C], k_pe [B,T,R]) with
+    the new latents in the cache dtype (the new tokens attend to their own rounded latents, exactly as later
+    tokens will see them in the cache, so results do not depend on how tokens are grouped into steps)."""
+    mla = MLA(cfg)
+    x = _norm(cfg, p["attn_norm"], h)
+    q_nope, q_pe, c_kv, k_pe = mla.apply({"params": p["attn"]}, x, cos, sin, method=MLA.project)
+    c_kv, k_pe = c_kv.astype(cache_dtype), k_pe.astype(cache_dtype)
+    blocks = ([context] if context is not None else []) + [(c_kv, k_pe, new_mask)]
+    h = h + mla.apply({"params": p["attn"]}, q_nope, q_pe, blocks, absorbed, method=MLA.cached_attention)
+    z = _norm(cfg, p["mlp_norm"], h)
+    if moe:
+        y = _moe(cfg, p["moe"], rs["moe"]["router_bias"], z)
+    else:
+        y = MLP(cfg, cfg.intermediate_size).apply({"params": p["mlp"]}, z)
+    return h + y, c_kv, k_pe
+
+
+def _run_stack(cfg, moe, p_stack, rs_stack, h, cos, sin, layers: LayerCache, read_cache: bool,
+               ctx_mask, new_mask, absorbed):
+    """Scan block_step over a stack: returns (h, new c_kv [L,B,T,C], new k_pe [L,B,T,R])."""
+    cache_dtype = layers.c_kv.dtype
+
+    def body(h, xs):
+        p, rs, cc, cp = xs
+        ctx = (cc, cp, ctx_mask) if read_cache else None
+        h, c_kv, k_pe = block_step(cfg, moe, p, rs, h, cos, sin, ctx, new_mask, absorbed, cache_dtype)
+        return h, (c_kv, k_pe)
+
+    xs = (p_stack, rs_stack, layers.c_kv if read_cache else None, layers.k_pe if read_cache else None)
+    h, (c_new, pe_new) = jax.lax.scan(body, h, xs)
+    return h, c_new, pe_new
+
+
+def _masks(cache_len: int, positions: jax.Array, key_valid: Optional[jax.Array]):
+    """Context mask [B,T,S] (slots before the row's first new position) and causal new-token mask [B,T,T]."""
+    b, t = positions.shape
+    slots = jnp.arange(cache_len, dtype=positions.dtype)
+    ctx = jnp.broadcast_to(slots[None, None, :] < positions[:, :1, None], (b, t, cache_len))
+    new = positions[:, :, None] >= positions[:, None, :]
+    if key_valid is not None:
+        new = new & key_valid[:, None, :]
+    return ctx, new
+
+
+def _write_slots(positions, key_valid):
+    return positions if key_valid is None else jnp.where(key_valid, positions, -1)
+
+
+# Whole-model forwards ----------------------------------------------------------------------------------------
+
+def embed(params: dict, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params["embedding"], tokens, axis=0)
+
+
+def head(cfg: ModelConfig, params: dict, norm_params: dict, h: jax.Array) -> jax.Array:
+    """norm then the shared output head, fp32 logits (as `Transformer.head`)."""
+    hn = _norm(cfg, norm_params, h)
+    return jnp.einsum("...D,DX->...X", hn.astype(jnp.float32), params["lm_head"].astype(jnp.float32))
+
+
+def forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, tokens: jax.Array,
+            positions: jax.Array, *, read_cache: bool = True, absorbed: bool = True,
+            key_valid: Optional[jax.Array] = None) -> tuple[jax.Array, KVCache]:
+    """Main blocks over new tokens [B,T] at `positions` [B,T]: returns (h^0 [B,T,D] before the final norm,
+    the cache with the new latents written). read_cache=False ignores the cache's content (prefill)."""
+    cos, sin = rope_angles(cfg, positions)
+    h = embed(params, tokens)
+    ctx_mask, new_mask = _masks(cache.max_len, positions, key_valid)
+    slots = _write_slots(positions, key_valid)
+    dense, moe = cache.dense, cache.moe
+    if cfg.num_dense_layers:
+        h, c, pe = _run_stack(cfg, False, params["dense_layers"]["layers"], None, h, cos, sin, dense,
+                              read_cache, ctx_mask, new_mask, absorbed)
+        dense = dense.write(c, pe, slots)
+    if cfg.num_moe_layers:
+        h, c, pe = _run_stack(cfg, True, params["moe_layers"]["layers"], router_state["moe_layers"]["layers"],
+                              h, cos, sin, moe, read_cache, ctx_mask, new_mask, absorbed)
+        moe = moe.write(c, pe, slots)
+    return h, cache.replace(dense=dense, moe=moe)
+
+
+def main_logits(cfg: ModelConfig, params: dict, h0: jax.Array) -> jax.Array:
+    return head(cfg, params, params["final_norm"], h0)
+
+
+def mtp_forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, h_prev: jax.Array,
+                next_tokens: jax.Array, positions: jax.Array, *, k: int = 0, read_cache: bool = True,
+                absorbed: bool = True, key_valid: Optional[jax.Array] = None):
+    """MTP module k (0-based) at positions [B,T]: h' = eh_proj([enorm(Emb(next_tokens)); hnorm(h_prev)]),
+    its block over its own cache, its norm and the shared head. Returns (logits [B,T,X], h^{k+1}, cache)."""
+    p = params[f"mtp_{k}"]
+    rs = router_state[f"mtp_{k}"]["block"]
+    layer = cache.mtp[k]
+    x = jnp.concatenate([_norm(cfg, p["enorm"], embed(params, next_tokens)), _norm(cfg, p["hnorm"], h_prev)], -1)
+    h = jnp.dot(x.astype(cfg.dtype), p["eh_proj"].astype(cfg.dtype)).astype(h_prev.dtype)
+    cos, sin = rope_angles(cfg, positions)
+    ctx_mask, new_mask = _masks(layer.max_len, positions, key_valid)
+    ctx = (layer.c_kv[0], layer.k_pe[0], ctx_mask) if read_cache else None
+    h, c_kv, k_pe = block_step(cfg, True, p["block"], rs, h, cos, sin, ctx, new_mask, absorbed, layer.c_kv.dtype)
+    layer = layer.write(c_kv[None], k_pe[None], _write_slots(positions, key_valid))
+    mtp = tuple(layer if i == k else c for i, c in enumerate(cache.mtp))
+    return head(cfg, params, p["norm"], h), h, cache.replace(mtp=mtp)
+
+
+class Prefill(NamedTuple):
+    logits: jax.Array      # [B,X] fp32 at each row's last real prompt token (predicts the first new token)
+    h_last: jax.Array      # [B,D] h^0 at position n_b - 1
+    h_prev: jax.Array      # [B,D] h^0 at position n_b - 2 (zeros when n_b == 1)
+    cache: KVCache
+
+
+def prefill(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, tokens: jax.Array,
+            lengths: jax.Array, *, mtp: bool = False) -> Prefill:
+    """Run right-padded prompts tokens [B,T] (row b real for its first lengths[b] tokens) through the model
+    in the expanded form and fill the cache at slots 0..T-1. With mtp, MTP module 1's cache is filled too
+    (position i sees h^0_i and Emb(t_{i+1}); entries from i = n_b - 1 on are placeholders that speculative
+    decoding rewrites)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = positions < lengths[:, None]
+    h0, cache = forward(cfg, params, router_state, cache, tokens, positions, read_cache=False, absorbed=False,
+                        key_valid=valid)
+    rows = jnp.arange(b)
+    h_last = h0[rows, lengths - 1]
+    h_prev = jnp.where((lengths >= 2)[:, None], h0[rows, jnp.maximum(lengths - 2, 0)], 0)
+    if mtp:
+        nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+        _, _, cache = mtp_forward(cfg, params, router_state, cache, h0, nxt, positions, read_cache=False,
+                                  absorbed=False, key_valid=valid)
+    return Prefill(main_logits(cfg, params, h_last), h_last, h_prev, cache)
+
+
+def decode_step(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, tokens: jax.Array,
+                positions: jax.Array, *, absorbed: bool = True):
+    """New tokens [B,T] (T >= 1, causal among themselves) at positions [B,T] after a cached context of
+    positions[:, 0] tokens per row. Returns (logits [B,T,X] fp32, h^0 [B,T,D], cache)."""
+    h0, cache = forward(cfg, params, router_state, cache, tokens, positions, absorbed=absorbed)
+    return main_logits(cfg, params, h0), h0, cache
+
+
+# Sampling ---------------------------------------------------------------------------------------------------
+
+def filtered_logits(logits: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """logits / temperature in fp32, with tokens outside the top-p nucleus set to -inf (temperature > 0)."""
+    z = logits.astype(jnp.float32) / temperature
+    if top_p >= 1.0:
+        return z
+    order = jnp.argsort(-z, axis=-1)
+    sorted_p = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), order, axis=-1)
+    keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p                # always keeps the top token
+    inverse = jnp.argsort(order, axis=-1)
+    keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+    return jnp.where(keep, z, -jnp.inf)
+
+
+def token_probs(logits: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """The sampling distribution (one-hot of the argmax when temperature == 0)."""
+    if temperature == 0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(filtered_logits(logits, temperature, top_p), axis=-1)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """Greedy (argmax) when temperature == 0, else a draw from the tempered top-p distribution."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filtered_logits(logits, temperature, top_p), axis=-1).astype(jnp.int32)
+
+
+# Jitted entry points (cached per config) ---------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def jit_prefill(cfg: ModelConfig, mtp: bool = False, temperature: float = 0.0, top_p: float = 1.0):
+    """jit(prefill + first-token sample): (params, router_state, cache, tokens, lengths, key) ->
+    (first_token [B], Prefill). The cache argument is donated."""
+    def fn(params, router_state, cache, tokens, lengths, key):
+        out = prefill(cfg, params, router_state, cache, tokens, lengths, mtp=mtp)
+        return sample(out.logits, key, temperature, top_p), out
+    return jax.jit(fn, donate_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=64)
+def jit_decode_step(cfg: ModelConfig, absorbed: bool = True):
+    """jit(decode_step): (params, router_state, cache, tokens [B,T], positions [B,T]) ->
+    (logits, h0, cache), cache donated."""
+    def fn(params, router_state, cache, tokens, positions):
+        return decode_step(cfg, params, router_state, cache, tokens, positions, absorbed=absorbed)
+    return jax.jit(fn, donate_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=64)
+def jit_decode_sample(cfg: ModelConfig, temperature: float = 0.0, top_p: float = 1.0, absorbed: bool = True):
+    """jit(one-token decode step + sample): (params, router_state, cache, tokens [B], positions [B], key) ->
+    (next tokens [B], cache), cache donated."""
+    def fn(params, router_state, cache, tokens, positions, key):
+        logits, _, cache = decode_step(cfg, params, router_state, cache, tokens[:, None], positions[:, None],
+                                       absorbed=absorbed)
+        return sample(logits[:, 0], key, temperature, top_p), cache
+    return jax.jit(fn, donate_argnums=(2,))
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad prompts with token 0 to [B, length]; returns (tokens int32, lengths int32)."""
+    tokens = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    return tokens, np.array([len(p) for p in prompts], np.int32)

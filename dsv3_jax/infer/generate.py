@@ -1,0 +1,157 @@
+"""Text generation with the latent KV cache: batched prefill (expanded MLA), then a Python loop over a jitted,
+cache-donating decode step in the absorbed form (so tokens can be streamed), or self-speculative decoding with
+MTP module 1 as the draft (speculative.py).
+
+    tokens, stats = generate(cfg, variables, [[1, 2, 3], [4, 5]], max_new_tokens=32)
+
+Prompts of different lengths are right-padded; every row's positions start at 0 at its first token, and each
+row decodes at its own offset (see cache.py), so a batch gives the same tokens as each prompt alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from .cache import init_cache
+from .decode import jit_decode_sample, jit_prefill, pad_prompts, round_up, split_variables
+
+StreamCallback = Callable[[list], None]
+
+
+def validate_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_p,
+                     max_len: Optional[int] = None) -> list[list[int]]:
+    """Check a generation request at the edge; returns the prompts as lists of Python ints."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    limit = cfg.max_position_embeddings if max_len is None else min(max_len, cfg.max_position_embeddings)
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token id")
+        ids = []
+        for j, t in enumerate(p):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"prompt {i} token {j} is {t!r}, not an integer token id")
+            if not 0 <= int(t) < cfg.vocab_size:
+                raise ValueError(f"prompt {i} token {j} is {int(t)}, outside the vocabulary [0, {cfg.vocab_size})")
+            ids.append(int(t))
+        if len(ids) + int(max_new_tokens) > limit:
+            which = "max_position_embeddings" if limit == cfg.max_position_embeddings else "the cache (max_len)"
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(ids) + int(max_new_tokens)} positions, more than {which} = {limit}: "
+                             "shorten the prompt or lower max_new_tokens")
+        out.append(ids)
+    return out
+
+
+class _Collector:
+    """Per-row output lists with max_new_tokens / eos stopping and streaming."""
+
+    def __init__(self, n_rows: int, max_new: int, eos_id: Optional[int], callback: Optional[StreamCallback]):
+        self.out = [[] for _ in range(n_rows)]
+        self.max_new, self.eos_id, self.callback = max_new, eos_id, callback
+        self.done = np.zeros(n_rows, bool)
+
+    def add(self, new: list[list[int]]) -> None:
+        emitted = []
+        for i, toks in enumerate(new):
+            got = []
+            for t in toks:
+                if self.done[i]:
+                    break
+                self.out[i].append(int(t))
+                got.append(int(t))
+                if len(self.out[i]) >= self.max_new or (self.eos_id is not None and t == self.eos_id):
+                    self.done[i] = True
+            emitted.append(got)
+        if self.callback is not None and any(emitted):
+            self.callback(emitted)
+
+    @property
+    def active(self) -> np.ndarray:
+        return ~self.done
+
+
+def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, speculative: bool = False,
+             stream_callback: Optional[StreamCallback] = None, *, eos_id: Optional[int] = None,
+             cache_dtype=None, max_len: Optional[int] = None) -> tuple[list[list[int]], dict]:
+    """Generate up to `max_new_tokens` tokens after each prompt.
+
+    Greedy when temperature == 0, else sampling from softmax(logits / temperature) restricted to the top-p
+    nucleus. speculative=True drafts one token per step with MTP module 1 and verifies it with the main model
+    (greedy output identical to plain greedy; sampling keeps the model's distribution).
+    stream_callback(new_tokens): called after each step with one list per prompt of the token ids emitted
+    in that step (empty for rows that emitted nothing). eos_id: a row stops after emitting it (kept in the
+    output). cache_dtype: storage dtype of the latent cache (default cfg.dtype). max_len: optional cap on
+    prompt + new tokens (ValueError when exceeded), besides cfg.max_position_embeddings.
+
+    Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, tokens_per_s,
+    main_forwards (decode-step forwards of the main model, batched), tokens_per_forward, and for speculative
+    decoding drafts, accepted, acceptance_rate.
+    """
+    prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    params, router_state = split_variables(variables)
+    temperature, top_p = float(temperature), float(top_p)
+    if speculative:
+        from .speculative import speculative_generate
+        return speculative_generate(cfg, params, router_state, prompts, int(max_new_tokens), temperature, top_p,
+                                    seed, stream_callback, eos_id=eos_id, cache_dtype=cache_dtype)
+    return plain_generate(cfg, params, router_state, prompts, int(max_new_tokens), temperature, top_p, seed,
+                          stream_callback, eos_id=eos_id, cache_dtype=cache_dtype)
+
+
+def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
+                   stream_callback=None, *, eos_id=None, cache_dtype=None, absorbed: bool = True):
+    """Validated inputs -> (tokens, stats): one jitted decode step per new token (absorbed MLA)."""
+    n_max = max(len(p) for p in prompts)
+    t_pad = round_up(n_max, 16)
+    max_slots = round_up(n_max + max_new_tokens + 2, 16)
+    tokens, lengths = pad_prompts(prompts, t_pad)
+    cache = init_cache(cfg, len(prompts), max(max_slots, t_pad), cache_dtype, mtp=False)
+    key = jax.random.PRNGKey(seed)
+    col = _Collector(len(prompts), max_new_tokens, eos_id, stream_callback)
+
+    t0 = time.perf_counter()
+    tok, out = jit_prefill(cfg, False, temperature, top_p)(params, router_state, cache, jnp.asarray(tokens),
+                                                            jnp.asarray(lengths), jax.random.fold_in(key, 0))
+    cache = out.cache
+    del out
+    tok_host = np.asarray(tok)
+    t1 = time.perf_counter()
+    col.add([[t] for t in tok_host])
+
+    step = jit_decode_sample(cfg, temperature, top_p, absorbed)
+    pos = lengths.copy()                 # position of each row's pending token
+    forwards = 0
+    while col.active.any():
+        active = col.active
+        tok, cache = step(params, router_state, cache, tok, jnp.asarray(pos), jax.random.fold_in(key, forwards + 1))
+        forwards += 1
+        tok_host = np.asarray(tok)
+        pos = pos + active
+        col.add([[t] if a else [] for t, a in zip(tok_host, active)])
+    t2 = time.perf_counter()
+    n_new = sum(len(o) for o in col.out)
+    decoded = n_new - len(prompts)       # tokens from decode steps (the first came from the prefill)
+    return col.out, {
+        "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
+        "tokens_per_s": decoded / (t2 - t1) if t2 > t1 and decoded else 0.0,
+        "main_forwards": forwards, "tokens_per_forward": 1.0, "speculative": False,
+    }

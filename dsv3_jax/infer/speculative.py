@@ -1,0 +1,154 @@
+"""Self-speculative decoding with MTP module 1 (`mtp_0`) as the draft model (SPEC section 6).
+
+State of a row before a step (L = number of tokens in the main cache, positions 0..L-1):
+  tok_pend = t_L        the newest token (emitted, not yet run through the main model)
+  tok_prev = t_{L-1}    h_last = h^0_{L-1}, h_prev = h^0_{L-2} (main-model outputs before the final norm)
+  the MTP cache holds valid entries for positions < L-2.
+One step:
+  1. Draft. The MTP module runs on the pair of positions (L-2, L-1) with inputs
+     (h^0_{L-2}, Emb(t_{L-1})) and (h^0_{L-1}, Emb(t_L)), attending over its own cache; the second output
+     predicts t_{L+1}: the draft d. (Position L-2 is recomputed when the previous draft was rejected: same
+     inputs, same entry; it is new when the previous draft was accepted. Always two positions keeps the shapes
+     static. When L-2 < 0 the first member is a dummy: masked and not written.)
+  2. Verify. The main model runs [t_L, d] at positions (L, L+1) in one absorbed decode step of two tokens,
+     causal between them: logits at L give the target p1 for t_{L+1}, logits at L+1 give p2 for t_{L+2}.
+  3. Accept or reject. Greedy: accept iff argmax p1 == d; sampling: accept with probability min(1, p1(d)/q(d))
+     (q: the draft distribution), else draw t_{L+1} from normalise(max(p1 - q, 0)) (Leviathan et al. 2023).
+     Accepted: emit d and a bonus token t_{L+2} ~ p2 (greedy: argmax), L += 2.
+     Rejected: emit t_{L+1}, L += 1; the main cache entry written for d at slot L+1 is past the row's length,
+     so it is masked and later overwritten: both caches stay consistent with no rollback.
+Greedy output is therefore exactly plain greedy decoding (every emitted token is the main model's argmax given
+the previous tokens); sampling output has exactly the main model's (tempered, top-p) distribution.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from .cache import init_cache
+from .decode import forward, jit_prefill, main_logits, mtp_forward, pad_prompts, round_up, token_probs, sample
+
+
+class SpecState(NamedTuple):
+    length: jax.Array      # [B] int32, L: tokens in the main cache
+    tok_prev: jax.Array    # [B] int32, t_{L-1}
+    tok_pend: jax.Array    # [B] int32, t_L
+    h_prev: jax.Array      # [B,D] h^0_{L-2}
+    h_last: jax.Array      # [B,D] h^0_{L-1}
+
+
+def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Array):
+    """Speculative-sampling rule for one draft per row. p, q [B,X] target and draft distributions, draft [B]
+    drawn from q. Returns (accepted [B] bool, token [B]): the draft if accepted, else a draw from
+    normalise(max(p - q, 0)). The token is distributed exactly as p."""
+    k_u, k_r = jax.random.split(key)
+    rows = jnp.arange(draft.shape[0])
+    pd, qd = p[rows, draft], q[rows, draft]
+    u = jax.random.uniform(k_u, draft.shape)
+    accepted = u * qd < pd                                  # u < p/q without dividing (q(d) > 0 as d ~ q)
+    resid = jnp.maximum(p - q, 0.0)
+    total = resid.sum(-1, keepdims=True)
+    resid = jnp.where(total > 0, resid, p)                  # p == q: never rejected; guard anyway
+    alt = jax.random.categorical(k_r, jnp.log(resid), axis=-1).astype(jnp.int32)
+    return accepted, jnp.where(accepted, draft, alt)
+
+
+def speculative_step(cfg: ModelConfig, temperature: float, top_p: float, params, router_state, cache,
+                     st: SpecState, key, active):
+    """One draft-verify-accept step for every row (rows with active False keep their state)."""
+    b = st.length.shape[0]
+    k_draft, k_acc, k_bonus = jax.random.split(key, 3)
+    # 1. Draft with MTP module 1 on positions (L-2, L-1).
+    pair_pos = jnp.stack([st.length - 2, st.length - 1], axis=1)
+    q_logits, _, cache = mtp_forward(cfg, params, router_state, cache,
+                                     jnp.stack([st.h_prev, st.h_last], axis=1),
+                                     jnp.stack([st.tok_prev, st.tok_pend], axis=1),
+                                     pair_pos, k=0, key_valid=pair_pos >= 0)
+    q_logits = q_logits[:, 1]
+    draft = sample(q_logits, k_draft, temperature, top_p)
+    # 2. Verify [t_L, draft] at (L, L+1) in one main forward.
+    ver_pos = jnp.stack([st.length, st.length + 1], axis=1)
+    h0, cache = forward(cfg, params, router_state, cache, jnp.stack([st.tok_pend, draft], axis=1), ver_pos)
+    logits = main_logits(cfg, params, h0)                                               # [B,2,X]
+    # 3. Accept / reject.
+    if temperature == 0:
+        first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        accepted = first == draft
+    else:
+        p1 = token_probs(logits[:, 0], temperature, top_p)
+        q = token_probs(q_logits, temperature, top_p)
+        accepted, first = accept_or_resample(p1, q, draft, k_acc)
+    bonus = sample(logits[:, 1], k_bonus, temperature, top_p)
+    acc2 = accepted[:, None]
+    new = SpecState(
+        length=st.length + jnp.where(accepted, 2, 1),
+        tok_prev=jnp.where(accepted, draft, st.tok_pend),
+        tok_pend=jnp.where(accepted, bonus, first),
+        h_prev=jnp.where(acc2, h0[:, 0], st.h_last),
+        h_last=jnp.where(acc2, h0[:, 1], h0[:, 0]),
+    )
+    keep = lambda n, o: jnp.where(active.reshape((b,) + (1,) * (n.ndim - 1)), n, o)
+    new = SpecState(*[keep(n, o) for n, o in zip(new, st)])
+    return new, cache, (first, bonus, accepted & active)
+
+
+@functools.lru_cache(maxsize=32)
+def jit_speculative_step(cfg: ModelConfig, temperature: float, top_p: float):
+    return jax.jit(functools.partial(speculative_step, cfg, temperature, top_p), donate_argnums=(2,))
+
+
+def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
+                         stream_callback=None, *, eos_id=None, cache_dtype=None):
+    """Validated inputs -> (tokens, stats); see the module docstring and `generate`."""
+    from .generate import _Collector
+    if cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params:
+        raise ValueError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
+                         "params['mtp_0']); use speculative=False")
+    n_max = max(len(p) for p in prompts)
+    t_pad = round_up(n_max, 16)
+    max_slots = round_up(n_max + max_new_tokens + 3, 16)
+    tokens, lengths = pad_prompts(prompts, t_pad)
+    cache = init_cache(cfg, len(prompts), max(max_slots, t_pad), cache_dtype, mtp=True)
+    key = jax.random.PRNGKey(seed)
+    col = _Collector(len(prompts), max_new_tokens, eos_id, stream_callback)
+
+    t0 = time.perf_counter()
+    tok, out = jit_prefill(cfg, True, temperature, top_p)(params, router_state, cache, jnp.asarray(tokens),
+                                                           jnp.asarray(lengths), jax.random.fold_in(key, 0))
+    rows = np.arange(len(prompts))
+    st = SpecState(jnp.asarray(lengths), jnp.asarray(tokens[rows, lengths - 1]), tok, out.h_prev, out.h_last)
+    cache = out.cache
+    del out
+    tok_host = np.asarray(tok)
+    t1 = time.perf_counter()
+    col.add([[t] for t in tok_host])
+
+    step = jit_speculative_step(cfg, temperature, top_p)
+    forwards = drafts = accepted_total = 0
+    while col.active.any():
+        active = col.active
+        st, cache, (first, bonus, acc) = step(params, router_state, cache, st,
+                                              jax.random.fold_in(key, forwards + 1), jnp.asarray(active))
+        forwards += 1
+        first, bonus, acc = np.asarray(first), np.asarray(bonus), np.asarray(acc)
+        drafts += int(active.sum())
+        accepted_total += int(acc.sum())
+        col.add([([int(f), int(b)] if a else [int(f)]) if on else []
+                 for f, b, a, on in zip(first, bonus, acc, active)])
+    t2 = time.perf_counter()
+    n_new = sum(len(o) for o in col.out)
+    decoded = n_new - len(prompts)
+    rate = accepted_total / drafts if drafts else 0.0
+    return col.out, {
+        "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
+        "tokens_per_s": decoded / (t2 - t1) if t2 > t1 and decoded else 0.0,
+        "main_forwards": forwards, "drafts": drafts, "accepted": accepted_total, "acceptance_rate": rate,
+        "tokens_per_forward": 1.0 + rate, "speculative": True,
+    }

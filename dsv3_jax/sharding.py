@@ -1,0 +1,103 @@
+"""Meshes over (data, expert, tensor) and the ONE table mapping logical axis names to mesh axes.
+
+Model code only names logical axes (`embed`, `heads`, `expert`...); this file decides where they live.
+Expert-parallel ranks also take different data (batch -> data x expert), as in DeepSeek's training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import contextlib
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .config import MeshConfig, ModelConfig
+
+MESH_AXES = ("data", "expert", "tensor")
+
+
+def logical_rules(zero3: bool = False) -> tuple:
+    """Logical axis -> mesh axes. Anything not listed is replicated."""
+    return (
+        ("batch", ("data", "expert")),
+        ("expert", "expert"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("embed", "data" if zero3 else None),
+        ("act_embed", None),      # activations' hidden axis: never sharded (batch already uses data)
+        ("length", None),
+        ("layers", None),
+        ("head_dim", None),
+        ("q_lora", None),
+        ("kv_lora", None),
+    )
+
+
+def mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    sizes = [mc.data, mc.expert, mc.tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {known} devices, "
+                             f"but there are {num_devices}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {int(np.prod(sizes))} devices, "
+                         f"but there are {num_devices} devices")
+    return tuple(sizes)
+
+
+def make_mesh(mc: MeshConfig = MeshConfig(), devices: Optional[list] = None) -> jax.sharding.Mesh:
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_shape(mc, len(devices))
+    # Auto axes: XLA propagates shardings from the logical constraints; model code names no mesh axis.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def validate_for_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh, global_batch_size: Optional[int] = None):
+    """The combinations a mesh makes impossible, each named with its fix."""
+    ax = dict(mesh.shape)
+    if cfg.num_attention_heads % ax["tensor"]:
+        raise ValueError(f"ModelConfig.num_attention_heads={cfg.num_attention_heads} is not divisible by the "
+                         f"tensor axis ({ax['tensor']}); change mesh.tensor or the number of heads")
+    if cfg.n_routed_experts % ax["expert"]:
+        raise ValueError(f"ModelConfig.n_routed_experts={cfg.n_routed_experts} is not divisible by the expert "
+                         f"axis ({ax['expert']}); change mesh.expert or n_routed_experts")
+    for name, width in (("moe_intermediate_size", cfg.moe_intermediate_size),
+                        ("intermediate_size", cfg.intermediate_size), ("vocab_size", cfg.vocab_size)):
+        if width and width % ax["tensor"]:
+            raise ValueError(f"ModelConfig.{name}={width} is not divisible by the tensor axis ({ax['tensor']})")
+    shards = ax["data"] * ax["expert"]
+    if global_batch_size is not None and global_batch_size % shards:
+        raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by data x expert = "
+                         f"{shards}; use a multiple of {shards}")
+
+
+def shardings_of(abstract_tree: Any, mesh, rules) -> Any:
+    """NamedShardings for a pytree whose leaves carry logical names (nn.Partitioned boxes)."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "expert")))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activate(mesh, zero3: bool = False):
+    """Make `mesh` and the logical rules ambient, for tracing and running model code under jit."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(zero3)):
+        yield mesh

@@ -1,0 +1,198 @@
+"""The training driver: data, mesh, state (fresh or resumed), the jitted step, logging, evaluation,
+checkpoints. Every process runs this same function; only process 0 writes logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from .. import data as data_lib
+from ..config import RunConfig
+from ..model import Transformer
+from ..sharding import activate, batch_sharding, make_mesh, validate_for_mesh
+from .checkpoint import Checkpointer, load_run_config, save_run_config
+from .optimizer import make_optimizer
+from .state import create_train_state, state_shardings
+from .step import make_eval_step, make_train_step
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run stops on purpose (too many non-finite steps); a good checkpoint was saved."""
+
+
+def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunConfig:
+    """Fresh runs refuse a directory that already holds a run; resumes need one for the same model."""
+    has_run = os.path.exists(os.path.join(run_dir, "config.json"))
+    if resume:
+        if not has_run:
+            raise FileNotFoundError(f"--resume: {run_dir} holds no run (no config.json); start it without "
+                                    f"--resume")
+        saved = load_run_config(run_dir)
+        if rc is not None and rc.model != saved.model:
+            diff = {k: (v, getattr(rc.model, k)) for k, v in saved.model.to_dict().items()
+                    if getattr(rc.model, k) != v and not isinstance(v, dict)}
+            raise ValueError(f"--resume: {run_dir} holds a different model (saved vs asked: {diff}); "
+                             f"nothing was changed")
+        return rc or saved
+    if has_run:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
+                              f"another --run-dir (nothing was overwritten)")
+    return rc
+
+
+def global_batch(local: np.ndarray, mesh, global_rows: int) -> jax.Array:
+    """Each process contributes its own rows; together they form the sharded global batch."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local,
+                                                  (global_rows,) + local.shape[1:])
+
+
+def replicated_batch(full: np.ndarray, mesh) -> jax.Array:
+    """A batch every process holds whole (validation), sharded like training batches."""
+    return jax.make_array_from_callback(full.shape, batch_sharding(mesh), lambda idx: full[idx])
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per step) and TensorBoard scalars; process 0 only."""
+
+    def __init__(self, run_dir: str, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):  # drop lines from steps a crash lost, so the log reads like one run
+            with open(self.path) as fh:
+                keep = [l for l in fh if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            with open(self.path, "w") as fh:
+                fh.writelines(keep)
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+                elif isinstance(v, list):
+                    for i, x in enumerate(v):
+                        self.tb.add_scalar(f"{k}/{i}", x, row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flat_max_vio(max_vio: dict) -> list:
+    """Per MoE layer MaxVio, main layers first then MTP blocks."""
+    return [float(x) for k in sorted(max_vio, key=lambda k: (k != "moe_layers", k))
+            for x in np.atleast_1d(np.asarray(max_vio[k]))]
+
+
+def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress: bool = True,
+          async_checkpoints: bool = True, stop_after: Optional[int] = None) -> dict:
+    """Train until rc.train.steps (or `stop_after` more steps, for tests). Returns a summary."""
+    rc = prepare_run_dir(run_dir, rc, resume)
+    mc, tc = rc.model, rc.train
+    proc, nproc = jax.process_index(), jax.process_count()
+    mesh = make_mesh(rc.mesh)
+    validate_for_mesh(mc, mesh, tc.global_batch_size)
+    if tc.seq_len > mc.max_position_embeddings:
+        raise ValueError(f"train.seq_len={tc.seq_len} is longer than model.max_position_embeddings="
+                         f"{mc.max_position_embeddings}")
+
+    tokenizer = data_lib.load_tokenizer(tc.tokenizer)
+    if tokenizer.vocab_size > mc.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={mc.vocab_size}")
+    tokens = data_lib.load_tokens(tc.data, tokenizer, max_bytes=tc.max_corpus_bytes or None,
+                                  vocab_size=mc.vocab_size)
+    train_tokens, val_tokens = data_lib.split_train_val(tokens, tc.val_fraction, min_val_tokens=tc.seq_len + 1)
+    iterator = data_lib.make_train_iterator(train_tokens, tc.seq_len, tc.global_batch_size, tc.seed,
+                                            process_index=proc, process_count=nproc)
+    eval_batches = data_lib.make_eval_batches(val_tokens, tc.seq_len, tc.global_batch_size, tc.eval_batches)
+
+    model = Transformer(mc)
+    optimizer = make_optimizer(tc)
+    abstract, shardings = state_shardings(model, rc, mesh, optimizer)
+    ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints, async_save=async_checkpoints)
+    if resume and ckpt.all_steps():
+        start, state, data_state = ckpt.restore(abstract, shardings)
+        iterator.set_state(data_state)
+    else:
+        start, state = 0, create_train_state(model, rc, mesh, optimizer)
+    if proc == 0:
+        save_run_config(run_dir, rc)
+
+    with activate(mesh, rc.mesh.zero3):
+        step_fn = jax.jit(make_train_step(model, rc, optimizer), donate_argnums=0,
+                          in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None))
+        eval_fn = jax.jit(make_eval_step(model))
+    log = MetricsLog(run_dir, start, enabled=proc == 0)
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    bar = None
+    if progress and proc == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=start, dynamic_ncols=True, file=sys.stderr)
+
+    def evaluate() -> float:
+        with activate(mesh, rc.mesh.zero3):
+            losses = [eval_fn(state.params, state.router_state, replicated_batch(b, mesh)) for b in eval_batches]
+        return float(np.mean([float(l) for l in losses]))
+
+    summary: dict = {"start_step": start}
+    tokens_per_step = tc.global_batch_size * tc.seq_len
+    step, tick, last_logged = start, time.perf_counter(), start
+    try:
+        while step < end:
+            batch = global_batch(next(iterator), mesh, tc.global_batch_size)
+            with activate(mesh, rc.mesh.zero3):
+                state, metrics = step_fn(state, batch)
+            step += 1
+            if step % tc.log_every == 0 or step == end:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                row = {"step": step, "loss": float(m["loss"]), "ce": float(m["ce"]),
+                       "mtp_loss": float(m["mtp_loss"]), "balance_loss": float(m["balance_loss"]),
+                       "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+                       "tokens_per_s": tokens_per_step * (step - last_logged) / (now - tick),
+                       "max_vio": _flat_max_vio(m["max_vio"]), "skipped": int(m["skipped"]),
+                       "total_skipped": int(state.total_skipped)}
+                tick, last_logged = now, step
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    row["val_loss"] = evaluate()
+                log.write(row)
+                summary["last"] = row
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}",
+                            "MaxVio": f"{max(row['max_vio'], default=0):.2f}"}
+                    if "val_loss" in row:
+                        post["val"] = f"{row['val_loss']:.3f}"
+                    bar.set_postfix(post)
+            if int(state.skipped) >= tc.max_consecutive_skips:
+                ckpt.save(step, state, iterator.get_state(), force=True)
+                ckpt.wait()
+                raise TrainingStopped(f"{tc.max_consecutive_skips} consecutive steps had a non-finite loss or "
+                                      f"gradient; stopped at step {step} with the last good state saved")
+            if step % tc.checkpoint_every == 0 or step == end:
+                ckpt.save(step, state, iterator.get_state(), force=step == end)
+    finally:
+        ckpt.close()
+        log.close()
+        if bar is not None:
+            bar.close()
+    summary.update(end_step=step, state=state)
+    return summary

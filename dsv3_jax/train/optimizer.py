@@ -1,0 +1,55 @@
+"""AdamW and the schedules of SPEC section 7 (learning rate, MTP weight lambda, bias rate gamma)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from ..config import TrainConfig
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warm-up 0 -> peak, constant, cosine to final_lr, then final_lr and any `lr_tail` constants."""
+    parts = [optax.linear_schedule(0.0, tc.learning_rate, max(tc.warmup_steps, 1))]
+    bounds = [max(tc.warmup_steps, 1)]
+    if tc.stable_steps:
+        parts.append(optax.constant_schedule(tc.learning_rate))
+        bounds.append(bounds[-1] + tc.stable_steps)
+    if tc.decay_steps:
+        parts.append(optax.cosine_decay_schedule(tc.learning_rate, tc.decay_steps,
+                                                 alpha=tc.final_lr / tc.learning_rate))
+        bounds.append(bounds[-1] + tc.decay_steps)
+        parts.append(optax.constant_schedule(tc.final_lr))
+    else:
+        parts.append(optax.constant_schedule(tc.learning_rate))
+    for step, lr in tc.lr_tail:
+        parts.append(optax.constant_schedule(lr))
+        bounds.append(int(step))
+    return optax.join_schedules(parts, bounds)
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: never on norm scales (the router bias is not a param at all)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: k[-1] != "scale" for k in flat})
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                    weight_decay=tc.weight_decay, mask=decay_mask),
+    )
+
+
+def mtp_lambda(tc: TrainConfig, step) -> jax.Array:
+    late = (tc.mtp_lambda_switch_step >= 0) & (step >= tc.mtp_lambda_switch_step)
+    return jnp.where(late, tc.mtp_lambda_late, tc.mtp_lambda)
+
+
+def bias_rate(tc: TrainConfig, step) -> jax.Array:
+    """gamma: 0.001, and 0 from bias_update_stop_step (V3 froze the bias for its last 500B tokens)."""
+    stopped = (tc.bias_update_stop_step >= 0) & (step >= tc.bias_update_stop_step)
+    return jnp.where(stopped, 0.0, tc.bias_update_rate)
