@@ -237,6 +237,8 @@ def from_hf_dict(hf: dict, **overrides) -> ModelConfig:
     if hf.get("moe_layer_freq", 1) != 1:
         raise ValueError(f"config.json moe_layer_freq={hf['moe_layer_freq']} is not supported (V3 uses 1)")
     kw: dict[str, Any] = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None}
+    if "q_lora_rank" in hf and hf["q_lora_rank"] is None:
+        kw["q_lora_rank"] = None                # full-rank queries (V2-Lite style): null is meaningful here
     if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
         kw["num_nextn_predict_layers"] = hf["num_mtp_layers"]
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}

@@ -490,7 +490,7 @@ def load_checkpoint(path: str, dtype=np.float32, **config_overrides) -> tuple[Mo
             base = name[:-len(SCALE_SUFFIX)]
             if skipped(name):
                 continue
-            if base not in layout or info.get(base, (None, None))[1] != "F8_E4M3":
+            if base not in layout or not layout[base].fp8_ok or info.get(base, (None, None))[1] != "F8_E4M3":
                 problems.append(f"unexpected tensor: {name} (a scale for {base}, which is not an FP8 weight "
                                 f"of this model)")
                 continue

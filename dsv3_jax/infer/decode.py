@@ -224,41 +224,52 @@ def decode_step(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCac
 
 
 # Sampling ---------------------------------------------------------------------------------------------------
+# temperature and top_p are traced scalars (one compiled step serves every setting); temperature == 0 is
+# greedy. Greedy decoding goes through the same path: its distribution is the one-hot of the argmax, and a draw
+# from a one-hot distribution is that token, so greedy output is exactly the argmax.
 
-def filtered_logits(logits: jax.Array, temperature: float, top_p: float) -> jax.Array:
+def filtered_logits(logits: jax.Array, temperature, top_p) -> jax.Array:
     """logits / temperature in fp32, with tokens outside the top-p nucleus set to -inf (temperature > 0)."""
-    z = logits.astype(jnp.float32) / temperature
-    if top_p >= 1.0:
-        return z
-    order = jnp.argsort(-z, axis=-1)
-    sorted_p = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), order, axis=-1)
-    keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p                # always keeps the top token
-    inverse = jnp.argsort(order, axis=-1)
-    keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
-    return jnp.where(keep, z, -jnp.inf)
+    z = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+
+    def nucleus(z):
+        order = jnp.argsort(-z, axis=-1)
+        sorted_p = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), order, axis=-1)
+        keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p           # always keeps the top token
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+        return jnp.where(keep, z, -jnp.inf)
+
+    return jax.lax.cond(top_p < 1.0, nucleus, lambda z: z, z)
 
 
-def token_probs(logits: jax.Array, temperature: float, top_p: float) -> jax.Array:
-    """The sampling distribution (one-hot of the argmax when temperature == 0)."""
-    if temperature == 0:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    return jax.nn.softmax(filtered_logits(logits, temperature, top_p), axis=-1)
+def token_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
+    """The sampling distribution [..., X]: tempered top-p softmax, or the one-hot of the argmax when
+    temperature == 0."""
+    z = logits.astype(jnp.float32)
+    return jax.lax.cond(
+        temperature > 0,
+        lambda z: jax.nn.softmax(filtered_logits(z, temperature, top_p), axis=-1),
+        lambda z: jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.float32),
+        z)
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+def sample_from(probs: jax.Array, key: jax.Array) -> jax.Array:
+    """A draw from probs [..., X] (exactly the argmax when probs is one-hot)."""
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
     """Greedy (argmax) when temperature == 0, else a draw from the tempered top-p distribution."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filtered_logits(logits, temperature, top_p), axis=-1).astype(jnp.int32)
+    return sample_from(token_probs(logits, temperature, top_p), key)
 
 
 # Jitted entry points (cached per config) ---------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def jit_prefill(cfg: ModelConfig, mtp: bool = False, temperature: float = 0.0, top_p: float = 1.0):
-    """jit(prefill + first-token sample): (params, router_state, cache, tokens, lengths, key) ->
-    (first_token [B], Prefill). The cache argument is donated."""
-    def fn(params, router_state, cache, tokens, lengths, key):
+def jit_prefill(cfg: ModelConfig, mtp: bool = False):
+    """jit(prefill + first-token sample): (params, router_state, cache, tokens, lengths, key, temperature,
+    top_p) -> (first_token [B], Prefill). The cache argument is donated."""
+    def fn(params, router_state, cache, tokens, lengths, key, temperature=0.0, top_p=1.0):
         out = prefill(cfg, params, router_state, cache, tokens, lengths, mtp=mtp)
         return sample(out.logits, key, temperature, top_p), out
     return jax.jit(fn, donate_argnums=(2,))
@@ -274,10 +285,10 @@ def jit_decode_step(cfg: ModelConfig, absorbed: bool = True):
 
 
 @functools.lru_cache(maxsize=64)
-def jit_decode_sample(cfg: ModelConfig, temperature: float = 0.0, top_p: float = 1.0, absorbed: bool = True):
-    """jit(one-token decode step + sample): (params, router_state, cache, tokens [B], positions [B], key) ->
-    (next tokens [B], cache), cache donated."""
-    def fn(params, router_state, cache, tokens, positions, key):
+def jit_decode_sample(cfg: ModelConfig, absorbed: bool = True):
+    """jit(one-token decode step + sample): (params, router_state, cache, tokens [B], positions [B], key,
+    temperature, top_p) -> (next tokens [B], cache), cache donated."""
+    def fn(params, router_state, cache, tokens, positions, key, temperature=0.0, top_p=1.0):
         logits, _, cache = decode_step(cfg, params, router_state, cache, tokens[:, None], positions[:, None],
                                        absorbed=absorbed)
         return sample(logits[:, 0], key, temperature, top_p), cache
@@ -288,9 +299,40 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+SLACK = 3   # slots past prompt + new tokens: speculative verification writes up to two past a finished row
+
+
+def layout(prompts: list[list[int]], max_new_tokens: int, max_len: Optional[int] = None) -> tuple[int, int]:
+    """(prompt pad length, cache slots), bucketed to multiples of 16 so that similar requests share compiled
+    steps; max_len (>= every prompt + max_new_tokens) fixes the cache size across requests."""
+    n_max = max(len(p) for p in prompts)
+    need = max(n_max + max_new_tokens, max_len or 0)
+    return round_up(n_max, 16), round_up(need + SLACK, 16)
+
+
 def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad prompts with token 0 to [B, length]; returns (tokens int32, lengths int32)."""
     tokens = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+def random_variables(cfg: ModelConfig, seed: int = 0, bias_scale: float = 0.1) -> dict:
+    """Random variables shaped like `Transformer(cfg).init(...)`, unboxed, drawn with numpy (no XLA compile):
+    params N(0, initializer_range^2), norms 1, router biases N(0, bias_scale^2) (non-zero, as after training).
+    For tests and benchmarks without a checkpoint."""
+    from ..model import Transformer
+    shapes = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0),
+                                          jnp.zeros((1, 1), jnp.int32)))
+    rng = np.random.default_rng(seed)
+
+    def make(path, s):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if names[0] == "router_state":
+            return jnp.asarray(rng.normal(0, bias_scale, s.shape).astype(np.float32))
+        if names[-1] == "scale":
+            return jnp.ones(s.shape, s.dtype)
+        return jnp.asarray(rng.normal(0, cfg.initializer_range, s.shape).astype(s.dtype))
+
+    return jax.tree_util.tree_map_with_path(make, shapes)

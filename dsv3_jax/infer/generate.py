@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .cache import init_cache
-from .decode import jit_decode_sample, jit_prefill, pad_prompts, round_up, split_variables
+from .decode import jit_decode_sample, jit_prefill, layout, pad_prompts, split_variables
 
 StreamCallback = Callable[[list], None]
 
@@ -97,8 +97,9 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     (greedy output identical to plain greedy; sampling keeps the model's distribution).
     stream_callback(new_tokens): called after each step with one list per prompt of the token ids emitted
     in that step (empty for rows that emitted nothing). eos_id: a row stops after emitting it (kept in the
-    output). cache_dtype: storage dtype of the latent cache (default cfg.dtype). max_len: optional cap on
-    prompt + new tokens (ValueError when exceeded), besides cfg.max_position_embeddings.
+    output). cache_dtype: storage dtype of the latent cache (default cfg.dtype). max_len: the cache's size in
+    positions (prompt + new tokens must fit, ValueError otherwise, as for cfg.max_position_embeddings); fixing
+    it lets requests of different lengths share compiled steps (default: just enough, in buckets of 16).
 
     Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, tokens_per_s,
     main_forwards (decode-step forwards of the main model, batched), tokens_per_forward, and for speculative
@@ -112,37 +113,38 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     if speculative:
         from .speculative import speculative_generate
         return speculative_generate(cfg, params, router_state, prompts, int(max_new_tokens), temperature, top_p,
-                                    seed, stream_callback, eos_id=eos_id, cache_dtype=cache_dtype)
+                                    seed, stream_callback, eos_id=eos_id, cache_dtype=cache_dtype,
+                                    max_len=max_len)
     return plain_generate(cfg, params, router_state, prompts, int(max_new_tokens), temperature, top_p, seed,
-                          stream_callback, eos_id=eos_id, cache_dtype=cache_dtype)
+                          stream_callback, eos_id=eos_id, cache_dtype=cache_dtype, max_len=max_len)
 
 
 def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
-                   stream_callback=None, *, eos_id=None, cache_dtype=None, absorbed: bool = True):
+                   stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None, absorbed: bool = True):
     """Validated inputs -> (tokens, stats): one jitted decode step per new token (absorbed MLA)."""
-    n_max = max(len(p) for p in prompts)
-    t_pad = round_up(n_max, 16)
-    max_slots = round_up(n_max + max_new_tokens + 2, 16)
+    t_pad, slots = layout(prompts, max_new_tokens, max_len)
     tokens, lengths = pad_prompts(prompts, t_pad)
-    cache = init_cache(cfg, len(prompts), max(max_slots, t_pad), cache_dtype, mtp=False)
+    cache = init_cache(cfg, len(prompts), slots, cache_dtype, mtp=False)
     key = jax.random.PRNGKey(seed)
+    temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
     col = _Collector(len(prompts), max_new_tokens, eos_id, stream_callback)
 
     t0 = time.perf_counter()
-    tok, out = jit_prefill(cfg, False, temperature, top_p)(params, router_state, cache, jnp.asarray(tokens),
-                                                            jnp.asarray(lengths), jax.random.fold_in(key, 0))
+    tok, out = jit_prefill(cfg, False)(params, router_state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                       jax.random.fold_in(key, 0), temp, top_p)
     cache = out.cache
     del out
     tok_host = np.asarray(tok)
     t1 = time.perf_counter()
     col.add([[t] for t in tok_host])
 
-    step = jit_decode_sample(cfg, temperature, top_p, absorbed)
+    step = jit_decode_sample(cfg, absorbed)
     pos = lengths.copy()                 # position of each row's pending token
     forwards = 0
     while col.active.any():
         active = col.active
-        tok, cache = step(params, router_state, cache, tok, jnp.asarray(pos), jax.random.fold_in(key, forwards + 1))
+        tok, cache = step(params, router_state, cache, tok, jnp.asarray(pos), jax.random.fold_in(key, forwards + 1),
+                          temp, top_p)
         forwards += 1
         tok_host = np.asarray(tok)
         pos = pos + active

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .cache import init_cache
-from .decode import forward, jit_prefill, main_logits, mtp_forward, pad_prompts, round_up, token_probs, sample
+from .decode import forward, jit_prefill, layout, main_logits, mtp_forward, pad_prompts, sample_from, token_probs
 
 
 class SpecState(NamedTuple):
@@ -60,9 +60,12 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Ar
     return accepted, jnp.where(accepted, draft, alt)
 
 
-def speculative_step(cfg: ModelConfig, temperature: float, top_p: float, params, router_state, cache,
-                     st: SpecState, key, active):
-    """One draft-verify-accept step for every row (rows with active False keep their state)."""
+def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecState, key, active,
+                     temperature, top_p):
+    """One draft-verify-accept step for every row (rows with active False keep their state).
+
+    Greedy (temperature == 0) runs the same rule on one-hot distributions: the draft is accepted exactly when
+    it is the main model's argmax, and otherwise the residual is the one-hot of that argmax."""
     b = st.length.shape[0]
     k_draft, k_acc, k_bonus = jax.random.split(key, 3)
     # 1. Draft with MTP module 1 on positions (L-2, L-1).
@@ -71,21 +74,16 @@ def speculative_step(cfg: ModelConfig, temperature: float, top_p: float, params,
                                      jnp.stack([st.h_prev, st.h_last], axis=1),
                                      jnp.stack([st.tok_prev, st.tok_pend], axis=1),
                                      pair_pos, k=0, key_valid=pair_pos >= 0)
-    q_logits = q_logits[:, 1]
-    draft = sample(q_logits, k_draft, temperature, top_p)
-    # 2. Verify [t_L, draft] at (L, L+1) in one main forward.
+    q = token_probs(q_logits[:, 1], temperature, top_p)
+    draft = sample_from(q, k_draft)
+    # 2. Verify [t_L, draft] at (L, L+1) in one main forward of two tokens.
     ver_pos = jnp.stack([st.length, st.length + 1], axis=1)
     h0, cache = forward(cfg, params, router_state, cache, jnp.stack([st.tok_pend, draft], axis=1), ver_pos)
     logits = main_logits(cfg, params, h0)                                               # [B,2,X]
-    # 3. Accept / reject.
-    if temperature == 0:
-        first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        accepted = first == draft
-    else:
-        p1 = token_probs(logits[:, 0], temperature, top_p)
-        q = token_probs(q_logits, temperature, top_p)
-        accepted, first = accept_or_resample(p1, q, draft, k_acc)
-    bonus = sample(logits[:, 1], k_bonus, temperature, top_p)
+    # 3. Accept / reject, and the bonus token after an accepted draft.
+    p = token_probs(logits, temperature, top_p)                                          # [B,2,X]
+    accepted, first = accept_or_resample(p[:, 0], q, draft, k_acc)
+    bonus = sample_from(p[:, 1], k_bonus)
     acc2 = accepted[:, None]
     new = SpecState(
         length=st.length + jnp.where(accepted, 2, 1),
@@ -100,28 +98,29 @@ def speculative_step(cfg: ModelConfig, temperature: float, top_p: float, params,
 
 
 @functools.lru_cache(maxsize=32)
-def jit_speculative_step(cfg: ModelConfig, temperature: float, top_p: float):
-    return jax.jit(functools.partial(speculative_step, cfg, temperature, top_p), donate_argnums=(2,))
+def jit_speculative_step(cfg: ModelConfig):
+    """jit(speculative_step): (params, router_state, cache, state, key, active, temperature, top_p), cache
+    donated."""
+    return jax.jit(functools.partial(speculative_step, cfg), donate_argnums=(2,))
 
 
 def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
-                         stream_callback=None, *, eos_id=None, cache_dtype=None):
+                         stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None):
     """Validated inputs -> (tokens, stats); see the module docstring and `generate`."""
     from .generate import _Collector
     if cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params:
         raise ValueError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
                          "params['mtp_0']); use speculative=False")
-    n_max = max(len(p) for p in prompts)
-    t_pad = round_up(n_max, 16)
-    max_slots = round_up(n_max + max_new_tokens + 3, 16)
+    t_pad, slots = layout(prompts, max_new_tokens, max_len)
     tokens, lengths = pad_prompts(prompts, t_pad)
-    cache = init_cache(cfg, len(prompts), max(max_slots, t_pad), cache_dtype, mtp=True)
+    cache = init_cache(cfg, len(prompts), slots, cache_dtype, mtp=True)
     key = jax.random.PRNGKey(seed)
+    temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
     col = _Collector(len(prompts), max_new_tokens, eos_id, stream_callback)
 
     t0 = time.perf_counter()
-    tok, out = jit_prefill(cfg, True, temperature, top_p)(params, router_state, cache, jnp.asarray(tokens),
-                                                           jnp.asarray(lengths), jax.random.fold_in(key, 0))
+    tok, out = jit_prefill(cfg, True)(params, router_state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                      jax.random.fold_in(key, 0), temp, top_p)
     rows = np.arange(len(prompts))
     st = SpecState(jnp.asarray(lengths), jnp.asarray(tokens[rows, lengths - 1]), tok, out.h_prev, out.h_last)
     cache = out.cache
@@ -130,12 +129,12 @@ def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, tem
     t1 = time.perf_counter()
     col.add([[t] for t in tok_host])
 
-    step = jit_speculative_step(cfg, temperature, top_p)
+    step = jit_speculative_step(cfg)
     forwards = drafts = accepted_total = 0
     while col.active.any():
         active = col.active
-        st, cache, (first, bonus, acc) = step(params, router_state, cache, st,
-                                              jax.random.fold_in(key, forwards + 1), jnp.asarray(active))
+        st, cache, (first, bonus, acc) = step(params, router_state, cache, st, jax.random.fold_in(key, forwards + 1),
+                                              jnp.asarray(active), temp, top_p)
         forwards += 1
         first, bonus, acc = np.asarray(first), np.asarray(bonus), np.asarray(acc)
         drafts += int(active.sum())

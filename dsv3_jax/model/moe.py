@@ -30,7 +30,7 @@ def route(cfg: ModelConfig, x: jax.Array, router_kernel: jax.Array, router_bias:
     e, g, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
     s = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32)))   # [N, E]
     choice = s + router_bias.astype(jnp.float32)                                               # bias: selection only
-    if 1 < cfg.topk_group < g:
+    if cfg.topk_group < g:  # also topk_group == 1: keep only the best group
         # A group's score is the sum of its top-2 biased scores; keep the best topk_group groups and mask
         # the others with -inf (not 0: with negative biases 0 would still let masked experts win).
         grouped = choice.reshape(-1, g, e // g)                                                # [N, G, E/G]

@@ -84,7 +84,7 @@ def make_train_step(model: Transformer, rc: RunConfig, optimizer: optax.Gradient
 
     def train_step(state: TrainState, batch: jax.Array):
         (loss, aux), grads = accumulate(state.params, state.router_state, batch, state.step)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         counts = aux.pop("counts")
