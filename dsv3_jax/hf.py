@@ -34,7 +34,7 @@ import os
 import re
 import struct
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import ml_dtypes
 import numpy as np
@@ -620,7 +620,7 @@ def _save(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[
             dt = np.dtype(np.float32)                         # the gate is kept in high precision
         else:
             dt = out_dtype or src
-        if fp8 and e.fp8_ok:
+        if fp8 and e.fp8_ok and not name.endswith("eh_proj.weight"):     # released: eh_proj stays bf16
             # The file order puts the fp32 scale before the 1-byte weight (alignment), so each producer
             # quantises on its own: deterministic, and only one tensor is held at a time.
             tensors.append((name, e.hf_shape, np.dtype(ml_dtypes.float8_e4m3fn),
@@ -676,8 +676,8 @@ def save_checkpoint(path: str, config: ModelConfig, variables, shard_size_bytes:
 
 def write_fp8_checkpoint(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[int] = None,
                          dtype="bfloat16") -> None:
-    """Like save_checkpoint, with every projection weight (attention, dense MLP, experts, shared experts,
-    eh_proj) quantised to float8_e4m3fn in 128x128 blocks with a `<name>_scale_inv` fp32 block scale, the
+    """Like save_checkpoint, with every projection weight (attention, dense MLP, experts, shared experts;
+    not eh_proj, as released, though the loader accepts an FP8 eh_proj too) quantised to float8_e4m3fn in 128x128 blocks with a `<name>_scale_inv` fp32 block scale, the
     rest in `dtype` (bf16 as released, router kept fp32) and a `quantization_config` in config.json."""
     _save(path, config, variables, shard_size_bytes, dtype, fp8=True,
           extra_config={"quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",

@@ -206,6 +206,26 @@ def test_transformers_fused_expert_names(saved, tmp_path):
     assert_same_tree(saved[1], v)
 
 
+def test_v3_671b_layout_covers_every_parameter():
+    """The name map for the full V3 config (shapes only): the HF tensors hold exactly our parameters
+    (671.0B main + 11.6B MTP), plus the MTP copies of embedding and head (685B in the released files)."""
+    from dsv3_jax import hf
+    cfg = PRESETS["v3-671b"]
+    template = hf._template(cfg)
+    layout = hf._layout(cfg)
+    assert {e.leaf for e in layout.values()} == set(template)
+    per_leaf = {}
+    for e in layout.values():
+        if e.dup_of is None:
+            per_leaf[e.leaf] = per_leaf.get(e.leaf, 0) + int(np.prod(e.hf_shape))
+    assert per_leaf == {k: int(np.prod(v.shape)) for k, v in template.items()}
+    total = sum(per_leaf.values())
+    assert round(total / 1e9, 1) == 682.6
+    assert round(sum(int(np.prod(e.hf_shape)) for e in layout.values()) / 1e9) == 684
+    assert "model.layers.61.mlp.experts.255.down_proj.weight" in layout
+    assert "model.layers.2.mlp.down_proj.weight" in layout and "model.layers.3.mlp.gate.weight" in layout
+
+
 # ----------------------------------------------------------------------------------------------------------
 # FP8 and bf16
 
@@ -245,7 +265,8 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path, random_variables):
     assert h["model.embed_tokens.weight"][0] == "BF16" and h["model.norm.weight"][0] == "BF16"
     assert h["model.layers.1.mlp.gate.weight"][0] == "F32"
     assert h["model.layers.1.mlp.gate.e_score_correction_bias"][0] == "F32"
-    assert h[f"model.layers.{n}.eh_proj.weight"][0] == "F8_E4M3"
+    assert h[f"model.layers.{n}.eh_proj.weight"][0] == "BF16"                   # as released
+    assert h[f"model.layers.{n}.self_attn.o_proj.weight"][0] == "F8_E4M3"
 
     cfg, loaded = load_checkpoint(path)
     assert cfg == FP8_CFG

@@ -286,12 +286,14 @@ def jit_decode_step(cfg: ModelConfig, absorbed: bool = True):
 
 @functools.lru_cache(maxsize=64)
 def jit_decode_sample(cfg: ModelConfig, absorbed: bool = True):
-    """jit(one-token decode step + sample): (params, router_state, cache, tokens [B], positions [B], key,
-    temperature, top_p) -> (next tokens [B], cache), cache donated."""
-    def fn(params, router_state, cache, tokens, positions, key, temperature=0.0, top_p=1.0):
+    """jit(one-token decode step + sample): (params, router_state, cache, tokens [B], positions [B], active [B],
+    key, step, temperature, top_p) -> (next tokens [B], positions + active, cache), cache donated. The
+    sampling key is fold_in(key, step)."""
+    def fn(params, router_state, cache, tokens, positions, active, key, step, temperature=0.0, top_p=1.0):
         logits, _, cache = decode_step(cfg, params, router_state, cache, tokens[:, None], positions[:, None],
                                        absorbed=absorbed)
-        return sample(logits[:, 0], key, temperature, top_p), cache
+        nxt = sample(logits[:, 0], jax.random.fold_in(key, step), temperature, top_p)
+        return nxt, positions + active.astype(positions.dtype), cache
     return jax.jit(fn, donate_argnums=(2,))
 
 

@@ -139,16 +139,14 @@ def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperatu
     col.add([[t] for t in tok_host])
 
     step = jit_decode_sample(cfg, absorbed)
-    pos = lengths.copy()                 # position of each row's pending token
+    pos = jnp.asarray(lengths)           # position of each row's pending token
     forwards = 0
     while col.active.any():
         active = col.active
-        tok, cache = step(params, router_state, cache, tok, jnp.asarray(pos), jax.random.fold_in(key, forwards + 1),
-                          temp, top_p)
+        tok, pos, cache = step(params, router_state, cache, tok, pos, jnp.asarray(active), key, forwards + 1,
+                               temp, top_p)
         forwards += 1
-        tok_host = np.asarray(tok)
-        pos = pos + active
-        col.add([[t] if a else [] for t, a in zip(tok_host, active)])
+        col.add([[t] if a else [] for t, a in zip(np.asarray(tok), active)])
     t2 = time.perf_counter()
     n_new = sum(len(o) for o in col.out)
     decoded = n_new - len(prompts)       # tokens from decode steps (the first came from the prefill)

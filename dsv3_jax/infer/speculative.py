@@ -60,14 +60,14 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Ar
     return accepted, jnp.where(accepted, draft, alt)
 
 
-def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecState, key, active,
+def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecState, key, step, active,
                      temperature, top_p):
     """One draft-verify-accept step for every row (rows with active False keep their state).
 
     Greedy (temperature == 0) runs the same rule on one-hot distributions: the draft is accepted exactly when
     it is the main model's argmax, and otherwise the residual is the one-hot of that argmax."""
     b = st.length.shape[0]
-    k_draft, k_acc, k_bonus = jax.random.split(key, 3)
+    k_draft, k_acc, k_bonus = jax.random.split(jax.random.fold_in(key, step), 3)
     # 1. Draft with MTP module 1 on positions (L-2, L-1).
     pair_pos = jnp.stack([st.length - 2, st.length - 1], axis=1)
     q_logits, _, cache = mtp_forward(cfg, params, router_state, cache,
@@ -99,8 +99,8 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
 
 @functools.lru_cache(maxsize=32)
 def jit_speculative_step(cfg: ModelConfig):
-    """jit(speculative_step): (params, router_state, cache, state, key, active, temperature, top_p), cache
-    donated."""
+    """jit(speculative_step): (params, router_state, cache, state, key, step, active, temperature, top_p), cache
+    donated; the step's randomness is fold_in(key, step)."""
     return jax.jit(functools.partial(speculative_step, cfg), donate_argnums=(2,))
 
 
@@ -133,10 +133,10 @@ def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, tem
     forwards = drafts = accepted_total = 0
     while col.active.any():
         active = col.active
-        st, cache, (first, bonus, acc) = step(params, router_state, cache, st, jax.random.fold_in(key, forwards + 1),
-                                              jnp.asarray(active), temp, top_p)
+        st, cache, emitted = step(params, router_state, cache, st, key, forwards + 1, jnp.asarray(active), temp,
+                                  top_p)
         forwards += 1
-        first, bonus, acc = np.asarray(first), np.asarray(bonus), np.asarray(acc)
+        first, bonus, acc = jax.device_get(emitted)
         drafts += int(active.sum())
         accepted_total += int(acc.sum())
         col.add([([int(f), int(b)] if a else [int(f)]) if on else []

@@ -1,0 +1,304 @@
+"""Decode speed: absorbed vs expanded MLA decoding against context length, and speculative (MTP draft) vs plain
+decoding.
+
+Part 1 (`--preset small` by default, random weights, batch 1, fp32 on CPU): tokens/s of one decode step at a
+context of 128 .. 4096 cached tokens, for
+  absorbed  `q_abs = q_nope W_UK` meets the cached latent directly (what generate() uses), and
+  expanded  the cached latent is re-expanded to per-head keys/values with kv_b_proj at every step.
+The cache is filled with random latents (its content does not change the work); one jitted step per
+(context, form), warmed up, then the median over `--repeats` runs of `--steps` steps, with block_until_ready.
+
+Part 2: greedy generate() with speculative=True vs False on one prompt (batch 1), median decode tokens/s of
+`--repeats` runs after a warm-up run. Variables come from `--run-dir` (a training run directory: config.json +
+orbax checkpoints/) if it exists, else `--variables-npz` (+ `--spec-preset`), else random weights of
+`--spec-preset` (tiny); a random model's MTP drafts are almost never accepted, so the script also measures a
+constructed model whose draft agrees with the main model on about `--agree` of the tokens (the paper reports
+85-90% acceptance) to show what acceptance buys on this machine.
+
+Writes experiments/results/bench_decode.{md,png,json}; the last printed line is JSON with `tokens_per_forward`
+and `speculative_speedup` (of the checkpoint, or of the random model when there is none).
+
+    python experiments/bench_decode.py [--run-dir RUN] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import PRESETS, ModelConfig
+from dsv3_jax.infer import generate, init_cache, split_variables
+from dsv3_jax.infer.decode import jit_decode_step, random_variables, round_up
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# Part 1: absorbed vs expanded ----------------------------------------------------------------------------------
+
+def filled_cache(cfg: ModelConfig, context: int, seed: int = 0):
+    """A batch-1 cache of context + 16 slots whose first `context` slots hold random latents."""
+    cache = init_cache(cfg, 1, round_up(context + 1, 16), mtp=False)
+    rng = np.random.default_rng(seed)
+
+    def fill(a):
+        x = np.zeros(a.shape, np.float32)
+        x[:, :, :context] = rng.standard_normal(x[:, :, :context].shape)
+        return jnp.asarray(x, a.dtype)
+
+    return jax.tree_util.tree_map(fill, cache)
+
+
+def time_step(cfg, params, rs, context: int, absorbed: bool, steps: int, repeats: int) -> dict:
+    step = jit_decode_step(cfg, absorbed)
+    cache = filled_cache(cfg, context)
+    tok = jnp.array([[1]], jnp.int32)
+    pos = jnp.array([[context]], jnp.int32)        # every step rewrites slot `context`: the context stays fixed
+    t0 = time.perf_counter()
+    logits, _, cache = step(params, rs, cache, tok, pos)
+    jax.block_until_ready((logits, cache))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, _, cache = step(params, rs, cache, tok, pos)
+        jax.block_until_ready((logits, cache))
+        times.append((time.perf_counter() - t0) / steps)
+    med = statistics.median(times)
+    return {"context": context, "form": "absorbed" if absorbed else "expanded", "step_ms": med * 1e3,
+            "tokens_per_s": 1.0 / med, "first_call_s": compile_s}
+
+
+# Part 2: speculative vs plain ----------------------------------------------------------------------------------
+
+def unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = jnp.asarray(value)
+    return out
+
+
+def load_run(run_dir: str):
+    """(ModelConfig, variables) from a training run directory: config.json and the newest orbax step."""
+    import orbax.checkpoint as ocp
+    from dsv3_jax.config import RunConfig
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        rc = RunConfig.from_dict(json.load(fh))
+    mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")), item_names=("state", "data"))
+    step = mgr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no finished step")
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    cfg = rc.model.replace(dtype="float32") if jax.default_backend() == "cpu" else rc.model
+    return cfg, {"params": state["params"], "router_state": state["router_state"]}, f"{run_dir} step {step}"
+
+
+def agreeing_variables(cfg: ModelConfig, variables: dict, agree: float, seed: int = 0) -> dict:
+    """Variables whose MTP draft agrees with the main model on a fraction `agree` of the token ids.
+
+    One-hot embeddings (needs vocab <= hidden) and small random blocks make h^0_i ~ e_{t_i}; the head maps
+    e_t to sigma(t) (a random permutation), so the main model predicts sigma(t_i). eh_proj feeds the MTP block
+    e_{Q(t_{i+1})}, with Q the identity on a random `agree` fraction of ids and a cyclic shift among the rest:
+    the draft sigma(Q(t_{i+1})) is right exactly when Q fixes t_{i+1}."""
+    d, x = cfg.hidden_size, cfg.vocab_size
+    if x > d:
+        raise ValueError(f"agreeing_variables needs vocab_size ({x}) <= hidden_size ({d})")
+    v = jax.tree_util.tree_map(np.array, variables)
+    rng = np.random.default_rng(seed)
+    sigma = rng.permutation(x)
+    p = v["params"]
+    p["embedding"] = np.eye(x, d, dtype=np.float32)
+    head = np.zeros((d, x), np.float32)
+    head[np.arange(x), sigma] = 1.0
+    p["lm_head"] = head
+    q = np.arange(x)
+    moved = rng.permutation(x)[:int(round((1 - agree) * x))]
+    q[moved] = np.roll(moved, 1)
+    eh = np.zeros((2 * d, d), np.float32)
+    eh[np.arange(x), q] = 1.0
+    p["mtp_0"]["eh_proj"] = eh
+    return jax.tree_util.tree_map(jnp.asarray, v)
+
+
+def time_generate(cfg, variables, prompt, new_tokens, speculative, repeats) -> dict:
+    generate(cfg, variables, [prompt], new_tokens, speculative=speculative)          # warm-up: compiles
+    runs = [generate(cfg, variables, [prompt], new_tokens, speculative=speculative) for _ in range(repeats)]
+    tps = statistics.median(s["tokens_per_s"] for _, s in runs)
+    out, stats = runs[0]
+    return {"tokens": out[0], "tokens_per_s": tps, "tokens_per_forward": stats["tokens_per_forward"],
+            "acceptance_rate": stats.get("acceptance_rate"), "main_forwards": stats["main_forwards"]}
+
+
+def compare(cfg, variables, prompt, new_tokens, repeats, label) -> dict:
+    plain = time_generate(cfg, variables, prompt, new_tokens, False, repeats)
+    spec = time_generate(cfg, variables, prompt, new_tokens, True, repeats)
+    assert spec["tokens"] == plain["tokens"], "speculative greedy output differs from plain greedy"
+    return {"model": label, "plain_tokens_per_s": plain["tokens_per_s"], "spec_tokens_per_s": spec["tokens_per_s"],
+            "acceptance_rate": spec["acceptance_rate"], "tokens_per_forward": spec["tokens_per_forward"],
+            "plain_forwards": plain["main_forwards"], "spec_forwards": spec["main_forwards"],
+            "speedup": spec["tokens_per_s"] / plain["tokens_per_s"]}
+
+
+# Main ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small", help="config for part 1 (default small)")
+    ap.add_argument("--contexts", default="128,256,512,1024,2048,4096")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--run-dir", help="training run directory (config.json + checkpoints/) for part 2")
+    ap.add_argument("--variables-npz", help="npz of variables, keys like params/embedding (part 2)")
+    ap.add_argument("--spec-preset", default="tiny", help="config for part 2 without --run-dir (default tiny)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--agree", type=float, default=0.85, help="draft agreement of the constructed model")
+    ap.add_argument("--quick", action="store_true", help="contexts 128,1024 and fewer repeats (smoke test)")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.contexts, args.steps, args.repeats, args.new_tokens = "128,1024", 2, 2, 32
+    contexts = [int(c) for c in args.contexts.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+
+    # Part 1.
+    cfg = PRESETS[args.preset]
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, max(contexts) + 64), dtype="float32")
+    t0 = time.perf_counter()
+    params, rs = split_variables(random_variables(cfg, 0))
+    print(f"part 1: preset {args.preset} ({sum(a.size for a in jax.tree_util.tree_leaves(params)) / 1e6:.0f}M "
+          f"params, random) ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    rows = []
+    for c in contexts:
+        for absorbed in (True, False):
+            r = time_step(cfg, params, rs, c, absorbed, args.steps, args.repeats)
+            rows.append(r)
+            print(f"  context {c:5d} {r['form']:9s} {r['step_ms']:8.2f} ms/step {r['tokens_per_s']:8.1f} tok/s",
+                  flush=True)
+    del params, rs
+
+    # Part 2.
+    note = ""
+    if args.run_dir and os.path.exists(args.run_dir):
+        scfg, variables, label = load_run(args.run_dir)
+    elif args.variables_npz:
+        scfg = PRESETS[args.spec_preset]
+        variables = unflatten(dict(np.load(args.variables_npz)))
+        label = args.variables_npz
+    else:
+        scfg = PRESETS[args.spec_preset]
+        variables = random_variables(scfg, 0)
+        label = f"random {args.spec_preset}"
+        note = ("no checkpoint given (--run-dir / --variables-npz): random weights, whose MTP drafts are almost "
+                "never accepted")
+        if args.run_dir:
+            note += f"; --run-dir {args.run_dir} does not exist"
+    prompt = list(range(1, 17))
+    print(f"part 2: {label}", flush=True)
+    spec_rows = [compare(scfg, variables, prompt, args.new_tokens, args.repeats, label)]
+    if scfg.vocab_size <= scfg.hidden_size:
+        agree_vars = agreeing_variables(scfg, random_variables(scfg, 1), args.agree)
+        spec_rows.append(compare(scfg, agree_vars, prompt, args.new_tokens, args.repeats,
+                                 f"constructed {args.spec_preset}, draft agrees on {args.agree:.0%} of ids"))
+    for r in spec_rows:
+        print(f"  {r['model']}: plain {r['plain_tokens_per_s']:.1f} tok/s, speculative {r['spec_tokens_per_s']:.1f} "
+              f"tok/s, acceptance {r['acceptance_rate']:.2f}, tokens/forward {r['tokens_per_forward']:.2f}, "
+              f"speedup {r['speedup']:.2f}x", flush=True)
+
+    # Report.
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()})"
+    lines = ["# Decode benchmark", "", f"Machine: {machine}. Batch 1, fp32, greedy.", "",
+             f"## Absorbed vs expanded MLA decode ({args.preset} preset, {cfg.num_hidden_layers} layers, "
+             f"{cfg.num_attention_heads} heads, kv_lora_rank {cfg.kv_lora_rank}, random weights)", "",
+             "One jitted decode step (all layers, MoE and head included) at a given number of cached tokens; "
+             f"median of {args.repeats} runs of {args.steps} steps after a warm-up.", "",
+             "| context | absorbed ms/step | absorbed tok/s | expanded ms/step | expanded tok/s | absorbed speedup |",
+             "|---|---|---|---|---|---|"]
+    by = {(r["context"], r["form"]): r for r in rows}
+    for c in contexts:
+        a, e = by[(c, "absorbed")], by[(c, "expanded")]
+        lines.append(f"| {c} | {a['step_ms']:.2f} | {a['tokens_per_s']:.1f} | {e['step_ms']:.2f} | "
+                     f"{e['tokens_per_s']:.1f} | {e['step_ms'] / a['step_ms']:.2f}x |")
+    lines += ["", f"## Speculative (MTP module 1 as draft) vs plain greedy decoding ({args.new_tokens} new tokens, "
+              f"median of {args.repeats} runs after a warm-up; identical outputs checked)", "",
+              "| model | plain tok/s | speculative tok/s | acceptance | tokens per main forward | main forwards "
+              "(plain / spec) | speedup |", "|---|---|---|---|---|---|---|"]
+    for r in spec_rows:
+        lines.append(f"| {r['model']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
+                     f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['plain_forwards']} / "
+                     f"{r['spec_forwards']} | {r['speedup']:.2f}x |")
+    if note:
+        lines += ["", f"Note: {note}."]
+    with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for form, style in (("absorbed", "o-"), ("expanded", "s--")):
+            ax1.plot(contexts, [by[(c, form)]["tokens_per_s"] for c in contexts], style, label=form)
+        ax1.set_xscale("log", base=2)
+        ax1.set_xlabel("cached tokens (context)")
+        ax1.set_ylabel("decode tokens/s (batch 1)")
+        ax1.set_title(f"MLA decode, {args.preset} preset")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        names = [r["model"].split(",")[0] for r in spec_rows]
+        xs = np.arange(len(spec_rows))
+        ax2.bar(xs - 0.2, [r["plain_tokens_per_s"] for r in spec_rows], 0.4, label="plain")
+        ax2.bar(xs + 0.2, [r["spec_tokens_per_s"] for r in spec_rows], 0.4, label="speculative (MTP draft)")
+        for i, r in enumerate(spec_rows):
+            ax2.text(i + 0.2, r["spec_tokens_per_s"], f"{r['tokens_per_forward']:.2f} tok/fwd", ha="center",
+                     va="bottom", fontsize=8)
+        ax2.set_xticks(xs, names, fontsize=8)
+        ax2.set_ylabel("decode tokens/s (batch 1)")
+        ax2.set_title("self-speculative vs plain greedy")
+        ax2.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "bench_decode.png"), dpi=110)
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+    main_row = spec_rows[0]
+    summary = {
+        "preset": args.preset,
+        "absorbed_tokens_per_s": {str(c): round(by[(c, "absorbed")]["tokens_per_s"], 2) for c in contexts},
+        "expanded_tokens_per_s": {str(c): round(by[(c, "expanded")]["tokens_per_s"], 2) for c in contexts},
+        "absorbed_speedup_at_max_context": round(by[(contexts[-1], "expanded")]["step_ms"]
+                                                 / by[(contexts[-1], "absorbed")]["step_ms"], 2),
+        "speculative_model": main_row["model"],
+        "acceptance_rate": round(main_row["acceptance_rate"], 3),
+        "tokens_per_forward": round(main_row["tokens_per_forward"], 3),
+        "speculative_speedup": round(main_row["speedup"], 3),
+    }
+    if len(spec_rows) > 1:
+        summary.update(constructed_acceptance_rate=round(spec_rows[1]["acceptance_rate"], 3),
+                       constructed_tokens_per_forward=round(spec_rows[1]["tokens_per_forward"], 3),
+                       constructed_speculative_speedup=round(spec_rows[1]["speedup"], 3))
+    if note:
+        summary["note"] = note
+    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
+        json.dump({"summary": summary, "decode": rows, "speculative": spec_rows}, f, indent=2)
+    print("\n".join(lines))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

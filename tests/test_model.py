@@ -1,0 +1,108 @@
+"""Model-level properties: config validation, causality, output structure, parameter counts, YaRN numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import ModelConfig, Transformer, get_preset
+from dsv3_jax.config import RopeScaling
+from dsv3_jax.model.rope import inverse_frequencies
+from train_utils import TEST_MODEL
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(n_routed_experts=10, n_group=4), "n_group"),
+    (dict(topk_group=5, n_group=4), "topk_group"),
+    (dict(num_experts_per_tok=5, topk_group=2), "num_experts_per_tok"),   # 2 groups of 2 cannot give 5
+    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(moe_impl="magic"), "moe_impl"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(n_routed_experts=0), "n_routed_experts"),
+    (dict(n_routed_experts=8, n_group=8), "n_group"),                   # groups of one expert
+])
+def test_impossible_configs_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+        dataclasses.replace(TEST_MODEL, **changes)
+
+
+def test_mesh_mismatch_names_both_numbers():
+    from dsv3_jax.config import MeshConfig
+    from dsv3_jax.sharding import mesh_shape
+    with pytest.raises(ValueError, match="12 devices.*8 devices"):
+        mesh_shape(MeshConfig(data=3, expert=2, tensor=2), 8)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        mesh_shape(MeshConfig(data=-1, expert=3), 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = Transformer(TEST_MODEL)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(0), tokens)
+    return model, variables, tokens
+
+
+def test_output_structure(tiny_model):
+    model, variables, tokens = tiny_model
+    out = model.apply(variables, tokens)
+    c = TEST_MODEL
+    assert out.logits.shape == (2, 24, c.vocab_size) and out.logits.dtype == jnp.float32
+    assert len(out.mtp_logits) == c.num_nextn_predict_layers
+    assert out.moe_stats["moe_layers"]["expert_counts"].shape == (c.num_moe_layers, c.n_routed_experts)
+    assert out.moe_stats["mtp_0"]["seq_counts"].shape == (2, c.n_routed_experts)
+    # counts sum to tokens x K in every MoE layer
+    np.testing.assert_array_equal(out.moe_stats["moe_layers"]["expert_counts"].sum(-1),
+                                  [2 * 24 * c.num_experts_per_tok] * c.num_moe_layers)
+
+
+def test_causality(tiny_model):
+    """Logits (and MTP logits) at position t do not change when tokens after t change."""
+    model, variables, tokens = tiny_model
+    t = 10
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 256)
+    a, b = model.apply(variables, tokens), model.apply(variables, changed)
+    np.testing.assert_allclose(a.logits[:, :t + 1], b.logits[:, :t + 1], atol=1e-6)
+    assert not np.allclose(a.logits[:, t + 1:], b.logits[:, t + 1:])
+    # MTP depth 1 at position i reads token i+1: positions up to t-1 are unaffected
+    np.testing.assert_allclose(a.mtp_logits[0][:, :t], b.mtp_logits[0][:, :t], atol=1e-6)
+
+
+def test_yarn_frequencies_match_spec():
+    """SPEC section 3: low = 10, high = 23 for V3; dims below low keep f_j, above high get f_j / 40."""
+    cfg = get_preset("v3-671b")
+    f = inverse_frequencies(cfg)
+    base = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
+    np.testing.assert_allclose(f[:11], base[:11], rtol=1e-6)
+    np.testing.assert_allclose(f[23:], base[23:] / 40, rtol=1e-6)
+    assert np.all(f[11:23] < base[11:23]) and np.all(f[11:23] > base[11:23] / 40)
+    assert abs(cfg.softmax_scale - 0.1352338) < 1e-6
+
+
+def test_params_cli_v3():
+    """`params --preset v3-671b --json`: 671.0B +-0.3%, activated 37.5B +-1%, MTP 11.6B, from eval_shape."""
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax", "params", "--preset", "v3-671b", "--json"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    counts = json.loads(out.stdout)
+    assert abs(counts["total"] / 671.0e9 - 1) < 0.003
+    assert abs(counts["activated"] / 37.5e9 - 1) < 0.01
+    assert abs(counts["mtp"] / 11.6e9 - 1) < 0.01
+
+
+def test_hf_config_names():
+    """Fields carry the HF config.json names, and a released-style dict maps onto the preset."""
+    from dsv3_jax.config import from_hf_dict, to_hf_dict
+    cfg = get_preset("v3-671b")
+    back = from_hf_dict(to_hf_dict(cfg))
+    assert back == cfg
