@@ -80,10 +80,9 @@ def cmd_generate(args) -> int:
 
 def cmd_convert(args) -> int:
     """HF checkpoint directory -> HF checkpoint directory (e.g. FP8 -> fp32/bf16), through our variables."""
-    import numpy as np
     from .hf import load_checkpoint, save_checkpoint
     cfg, variables = load_checkpoint(args.hf_dir)
-    save_checkpoint(args.out, cfg, variables, dtype=np.dtype(args.dtype) if args.dtype != "bfloat16" else None)
+    save_checkpoint(args.out, cfg, variables, dtype=args.dtype)
     print(f"wrote {args.out}")
     return 0
 

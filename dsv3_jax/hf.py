@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import struct
 import warnings
 from typing import Any, Optional
 
@@ -40,35 +39,14 @@ import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig, load_hf_config, save_hf_config
+from .safetensors_io import (FP8_BLOCK, _BIAS_DTYPES, _FLOAT_DTYPES, _Shard, _np_dtype, _write_safetensors, dequantize_fp8, quantize_fp8,
+                             read_safetensors_header)
 
 __all__ = ["load_checkpoint", "save_checkpoint", "write_fp8_checkpoint", "dequantize_fp8", "quantize_fp8",
            "hf_tensor_names", "read_safetensors_header"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-FP8_BLOCK = 128
-E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-
-# safetensors dtype strings <-> numpy dtypes (bf16 and fp8 through ml_dtypes).
-_ST_TO_NP = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")          # accepted for any floating tensor
-_BIAS_DTYPES = ("F64", "F32")                          # the routing bias must not be downcast (SPEC section 5)
-
-
-def _np_dtype(d) -> np.dtype:
-    if isinstance(d, str) and d in ("bfloat16", "bf16"):
-        return np.dtype(ml_dtypes.bfloat16)
-    if isinstance(d, str) and d in ("float8_e4m3fn",):
-        return np.dtype(ml_dtypes.float8_e4m3fn)
-    return np.dtype(d)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The name map: one entry per HF tensor, saying where in which leaf it lives and how it is laid out.
 
@@ -232,119 +210,23 @@ def _block_shape(shape: tuple, index: tuple) -> tuple:
     return np.broadcast_to(np.empty((), np.uint8), shape)[index].shape
 
 
+def _check_coverage(layout: dict[str, _Entry], template: dict[tuple, Any]) -> None:
+    """Every element of every leaf is written by exactly the right amount of HF tensor data (guards against
+    the model growing a parameter this map does not know about)."""
+    count: dict[tuple, int] = {}
+    for e in layout.values():
+        if e.dup_of is None:
+            count[e.leaf] = count.get(e.leaf, 0) + int(np.prod(_block_shape(template[e.leaf].shape, e.index)))
+    bad = [f"{'/'.join(k)}: {count.get(k, 0)} of {int(np.prod(v.shape))} elements mapped"
+           for k, v in template.items() if count.get(k, 0) != int(np.prod(v.shape))]
+    bad += [f"{'/'.join(k)}: not a variable of the model" for k in count if k not in template]
+    if bad:
+        raise NotImplementedError("dsv3_jax/hf.py's name map is out of date with the model:\n  - " + "\n  - ".join(bad))
+
+
 def _leaf_dtype(leaf: tuple, dtype: np.dtype) -> np.dtype:
     # The router (gate) and its bias stay fp32 whatever the parameter dtype (SPEC sections 4, 5, 7).
     return np.dtype(np.float32) if leaf[-1] in ("router", "router_bias") else dtype
-
-
-# ----------------------------------------------------------------------------------------------------------
-# safetensors I/O. Reading goes through safetensors.safe_open(framework='numpy'), except for dtypes numpy
-# cannot name (FP8), which are read from the raw bytes at the offsets the header gives.
-
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """(header dict without __metadata__, byte offset where the data section starts)."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: unreadable safetensors header ({err})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-class _Shard:
-    def __init__(self, path: str):
-        self.path = path
-        self.header, self.data_start = read_safetensors_header(path)
-        self._st = None
-        self._fh = None
-
-    def info(self, name: str) -> tuple[str, tuple]:
-        h = self.header[name]
-        return h["dtype"], tuple(h["shape"])
-
-    def get(self, name: str) -> np.ndarray:
-        dt, shape = self.info(name)
-        if dt not in ("F8_E4M3", "F8_E5M2"):
-            if self._st is None:
-                from safetensors import safe_open
-                self._st = safe_open(self.path, framework="numpy")
-            try:
-                return self._st.get_tensor(name)
-            except (AttributeError, TypeError, ValueError):
-                pass                                               # fall back to the raw bytes
-        begin, end = self.header[name]["data_offsets"]
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
-        self._fh.seek(self.data_start + begin)
-        buf = self._fh.read(end - begin)
-        if len(buf) != end - begin:
-            raise ValueError(f"{self.path}: tensor {name} is truncated")
-        return np.frombuffer(buf, dtype=_ST_TO_NP[dt]).reshape(shape)
-
-    def close(self):
-        if self._fh is not None:
-            self._fh.close()
-        self._st = self._fh = None
-
-
-def _write_safetensors(path: str, tensors: list[tuple[str, tuple, np.dtype, Any]]) -> None:
-    """Stream tensors to one safetensors file: `tensors` holds (name, shape, dtype, producer) and each
-    producer() is called once, right before its bytes are written, so only one tensor is in memory."""
-    order = sorted(tensors, key=lambda t: (-np.dtype(t[2]).itemsize, t[0]))    # keeps every tensor aligned
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dt, _ in order:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        header[name] = {"dtype": _NP_TO_ST[np.dtype(dt)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
-    hbytes += b" " * (-len(hbytes) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(hbytes)))
-        fh.write(hbytes)
-        for name, shape, dt, produce in order:
-            a = np.ascontiguousarray(produce(), dtype=dt)
-            if a.shape != tuple(shape):
-                raise AssertionError(f"{name}: produced {a.shape}, header says {tuple(shape)}")
-            fh.write(a.tobytes())
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FP8 block quantisation.
-
-def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """`W[i,j] = float32(W8[i,j]) * S[i//block, j//block]` (edge blocks included) as fp32, row block by row
-    block so the extra memory is one fp32 copy of the weight."""
-    out, inn = w8.shape
-    if scale_inv.shape != (math.ceil(out / block), math.ceil(inn / block)):
-        raise ValueError(f"scale_inv shape {scale_inv.shape} does not fit a {w8.shape} weight in {block}-blocks")
-    w = w8.astype(np.float32)
-    s = scale_inv.astype(np.float32)
-    for i in range(s.shape[0]):
-        w[i * block:(i + 1) * block] *= np.repeat(s[i], block)[:inn]
-    return w
-
-
-def quantize_fp8(w: np.ndarray, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Per 128x128 block: scale = amax/448, W8 = e4m3(W/scale); returns (W8, scale_inv fp32) such that
-    `dequantize_fp8(W8, scale_inv)` approximates W (DeepSeek's `weight_scale_inv` convention)."""
-    w = np.asarray(w, np.float32)
-    out, inn = w.shape
-    ob, ib = math.ceil(out / block), math.ceil(inn / block)
-    pad = np.zeros((ob * block, ib * block), np.float32)
-    pad[:out, :inn] = w
-    blocks = pad.reshape(ob, block, ib, block)
-    amax = np.abs(blocks).max(axis=(1, 3))
-    scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
-    q = np.clip(blocks / scale[:, None, :, None], -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
-    return np.ascontiguousarray(q.reshape(ob * block, ib * block)[:out, :inn]), scale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,6 +366,7 @@ def load_checkpoint(path: str, dtype=np.float32, **config_overrides) -> tuple[Mo
 
     # 3. Validate names, shapes and dtypes, all before reading any data.
     template = _template(cfg)
+    _check_coverage(layout, template)
     scales: dict[str, str] = {}                               # weight name -> its scale_inv name
     for name, (_, dt, shape) in sorted(info.items()):
         if name.endswith(SCALE_SUFFIX):
@@ -575,13 +458,12 @@ def _read(shards: dict, info: dict, name: str, scales: dict, block: int) -> np.n
 # ----------------------------------------------------------------------------------------------------------
 # Saving.
 
-def _flat_variables(cfg: ModelConfig, variables) -> dict[tuple, Any]:
+def _flat_variables(variables, template: dict[tuple, Any]) -> dict[tuple, Any]:
     """Flatten (and unbox) variables; one ValueError listing every leaf that does not fit the config."""
     from flax import traverse_util
     from flax.core import meta
 
     flat = traverse_util.flatten_dict(meta.unbox(dict(variables)))
-    template = _template(cfg)
     problems = [f"missing variable: {'/'.join(k)} {list(v.shape)}" for k, v in template.items() if k not in flat]
     problems += [f"unexpected variable: {'/'.join(k)}" for k in flat if k not in template]
     problems += [f"wrong shape: {'/'.join(k)} is {list(np.shape(flat[k]))}, expected {list(v.shape)}"
@@ -594,7 +476,10 @@ def _flat_variables(cfg: ModelConfig, variables) -> dict[tuple, Any]:
 
 def _save(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[int], dtype, fp8: bool,
           extra_config: Optional[dict] = None) -> None:
-    flat = _flat_variables(config, variables)
+    template = _template(config)
+    flat = _flat_variables(variables, template)
+    layout = _layout(config)
+    _check_coverage(layout, template)
     out_dtype = None if dtype is None else _np_dtype(dtype)
     os.makedirs(path, exist_ok=True)
     save_hf_config(path, config)
@@ -607,7 +492,7 @@ def _save(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[
             json.dump(d, fh, indent=2)
 
     tensors = []                                              # (name, shape, dtype, producer)
-    for name, e in _layout(config).items():
+    for name, e in layout.items():
         leaf = flat[e.leaf]
 
         def block_hf(leaf=leaf, e=e):
@@ -670,15 +555,17 @@ def save_checkpoint(path: str, config: ModelConfig, variables, shard_size_bytes:
 
     shard_size_bytes: None writes one `model.safetensors`; otherwise shards of at most that size (a single
     larger tensor gets a shard of its own) plus `model.safetensors.index.json`. dtype: None keeps each
-    leaf's dtype; else every tensor is cast to it except the router kernel and bias (kept fp32)."""
+    leaf's dtype; else every tensor is cast to it (e.g. "bfloat16") except the router kernel and bias (kept
+    fp32). Existing *.safetensors files and index in `path` are replaced."""
     _save(path, config, variables, shard_size_bytes, dtype, fp8=False)
 
 
 def write_fp8_checkpoint(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[int] = None,
                          dtype="bfloat16") -> None:
     """Like save_checkpoint, with every projection weight (attention, dense MLP, experts, shared experts;
-    not eh_proj, as released, though the loader accepts an FP8 eh_proj too) quantised to float8_e4m3fn in 128x128 blocks with a `<name>_scale_inv` fp32 block scale, the
-    rest in `dtype` (bf16 as released, router kept fp32) and a `quantization_config` in config.json."""
+    not eh_proj, which the release keeps in bf16, though the loader accepts an FP8 eh_proj too) quantised to
+    float8_e4m3fn in 128x128 blocks with a `<name>_scale_inv` fp32 block scale, the rest in `dtype` (bf16 as
+    released, router kept fp32), and a `quantization_config` in config.json."""
     _save(path, config, variables, shard_size_bytes, dtype, fp8=True,
           extra_config={"quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
                                                 "quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}})

@@ -63,7 +63,8 @@ def header_of(path):
     out = {}
     for f in sorted(os.listdir(path)):
         if f.endswith(".safetensors"):
-            out.update({k: (v["dtype"], tuple(v["shape"])) for k, v in read_safetensors_header(os.path.join(path, f))[0].items()})
+            header = read_safetensors_header(os.path.join(path, f))[0]
+            out.update({k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()})
     return out
 
 
@@ -144,7 +145,8 @@ def test_released_names_shapes_and_mtp_copies(saved):
     assert h["lm_head.weight"] == ("F32", (c.vocab_size, d))
     assert h["model.layers.0.mlp.gate_proj.weight"] == ("F32", (c.intermediate_size, d))
     assert h["model.layers.1.self_attn.q_a_proj.weight"] == ("F32", (c.q_lora_rank, d))
-    assert h["model.layers.1.self_attn.q_b_proj.weight"] == ("F32", (c.num_attention_heads * c.qk_head_dim, c.q_lora_rank))
+    assert h["model.layers.1.self_attn.q_b_proj.weight"] == ("F32", (c.num_attention_heads * c.qk_head_dim,
+                                                                      c.q_lora_rank))
     assert h["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"] == ("F32", (c.kv_lora_rank + c.qk_rope_head_dim, d))
     assert h["model.layers.2.mlp.experts.7.down_proj.weight"] == ("F32", (d, c.moe_intermediate_size))
     assert h["model.layers.2.mlp.gate.weight"] == ("F32", (c.n_routed_experts, d))
@@ -306,7 +308,8 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path, random_variables):
     w, d = po["moe_layers"]["layers"]["moe"]["experts_gate_up"], pl["moe_layers"]["layers"]["moe"]["experts_gate_up"]
     assert np.abs(d - w).max() <= np.abs(w).max() * 2.0 ** -4
     np.testing.assert_array_equal(pl["embedding"], po["embedding"].astype(ml_dtypes.bfloat16).astype(np.float32))
-    np.testing.assert_array_equal(pl["moe_layers"]["layers"]["moe"]["router"], po["moe_layers"]["layers"]["moe"]["router"])
+    np.testing.assert_array_equal(pl["moe_layers"]["layers"]["moe"]["router"],
+                                  po["moe_layers"]["layers"]["moe"]["router"])
     np.testing.assert_array_equal(loaded["router_state"]["moe_layers"]["layers"]["moe"]["router_bias"],
                                   v["router_state"]["moe_layers"]["layers"]["moe"]["router_bias"])
 
@@ -316,8 +319,9 @@ def test_bf16_checkpoint(saved, tmp_path):
     path = str(tmp_path / "bf16")
     save_checkpoint(path, CFG, v, dtype="bfloat16")
     h = header_of(path)
-    assert {dt for k, (dt, _) in h.items() if not k.endswith(("mlp.gate.weight", "e_score_correction_bias"))} == {"BF16"}
-    assert {dt for k, (dt, _) in h.items() if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))} == {"F32"}
+    fp32 = ("mlp.gate.weight", "e_score_correction_bias")
+    assert {dt for k, (dt, _) in h.items() if not k.endswith(fp32)} == {"BF16"}
+    assert {dt for k, (dt, _) in h.items() if k.endswith(fp32)} == {"F32"}
     bf = lambda x: np.asarray(x).astype(ml_dtypes.bfloat16)  # noqa: E731
     fv = flat(v)
     _, v32 = load_checkpoint(path)
@@ -438,7 +442,8 @@ def test_missing_shard_and_bad_variables(saved, tmp_path):
     del bad["params"]["final_norm"]
     with pytest.raises(ValueError) as info:
         save_checkpoint(str(tmp_path / "x"), CFG, bad)
-    assert "wrong shape: params/lm_head" in str(info.value) and "missing variable: params/final_norm/scale" in str(info.value)
+    assert "wrong shape: params/lm_head" in str(info.value)
+    assert "missing variable: params/final_norm/scale" in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -242,6 +242,7 @@ def test_load_transformers_save_pretrained(tmp_path):
         ref = model(torch.from_numpy(tokens)).logits.numpy()
     ours = np.asarray(jax.jit(Transformer(cfg2).apply)(v, jnp.asarray(tokens, jnp.int32)).logits)
     diff = np.abs(ours - ref).max()
-    print(f"\n[transformers save_pretrained -> ours] max |logits diff| = {diff:.3g} (|logits| max {np.abs(ref).max():.3g})")
+    print(f"\n[transformers save_pretrained -> ours] max |logits diff| = {diff:.3g} "
+          f"(|logits| max {np.abs(ref).max():.3g})")
     assert np.abs(ref).max() > 0.1
     assert diff <= TOL

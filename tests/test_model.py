@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import ModelConfig, Transformer, get_preset
-from dsv3_jax.config import RopeScaling
+from dsv3_jax import Transformer, get_preset
 from dsv3_jax.model.rope import inverse_frequencies
 from train_utils import TEST_MODEL
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 
 from ..config import ModelConfig
 from .dispatch import routed_experts
-from .layers import MLP, dtype_of, param
+from .layers import MLP, param
 
 
 class Routing(NamedTuple):
