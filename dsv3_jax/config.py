@@ -358,9 +358,11 @@ class TrainConfig:
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(steps=600, global_batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=50,
-                        stable_steps=250, decay_steps=300, final_lr=3e-4, eval_every=100, checkpoint_every=200,
-                        bias_update_rate=1e-3, max_corpus_bytes=4_000_000),
+    # gamma 0.01, not V3's 0.001: this learning rate is 14x V3's, and the router outruns a 0.001 bias
+    # (MaxVio stayed near 3, every token on one expert; with 0.01 it falls under 0.3 within ~100 steps).
+    "tiny": TrainConfig(steps=300, global_batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=30,
+                        stable_steps=120, decay_steps=150, final_lr=3e-4, eval_every=50, checkpoint_every=100,
+                        bias_update_rate=1e-2, max_corpus_bytes=4_000_000),
     "small": TrainConfig(steps=20000, global_batch_size=64, seq_len=1024, learning_rate=1e-3, warmup_steps=500,
                          stable_steps=15000, decay_steps=4500, final_lr=1e-4),
     "bench": TrainConfig(steps=20, global_batch_size=8, seq_len=256, learning_rate=1e-4, warmup_steps=0),

@@ -51,6 +51,13 @@ def expanded_cache(cfg: ModelConfig):
             jnp.zeros((l, BATCH, LENGTH, h, cfg.v_head_dim), DTYPE))
 
 
+def human(nbytes: float) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:,.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def measure(name: str, cfg: ModelConfig) -> dict:
     big = name == "v3-671b"
     make = (lambda f: jax.eval_shape(f)) if big else (lambda f: f())          # v3: shapes only
@@ -65,8 +72,8 @@ def measure(name: str, cfg: ModelConfig) -> dict:
         "mla_bytes": mla, "mha_bytes": mha, "expanded_bytes": exp,
         "mha_ratio": mha / mla, "expanded_ratio": exp / mla,
         "context": cfg.max_position_embeddings,
-        "mla_gib_at_context": mla * layers * cfg.max_position_embeddings / 2 ** 30,
-        "mha_gib_at_context": mha * layers * cfg.max_position_embeddings / 2 ** 30,
+        "mla_bytes_at_context": mla * layers * cfg.max_position_embeddings,
+        "mha_bytes_at_context": mha * layers * cfg.max_position_embeddings,
     }
 
 
@@ -78,18 +85,18 @@ def main() -> dict:
         "Read from the arrays `dsv3_jax.infer.init_cache` allocates (v3-671b: `jax.eval_shape`, nothing "
         "allocated); baselines built as arrays of their shapes. MHA: same heads, K and V of d_h = "
         "qk_nope_head_dim each per head. MLA expanded: K of qk_head_dim and V of v_head_dim per head. "
-        "One sequence at the full context (last two columns): all main layers, one sequence, bf16.",
+        "Last two columns: one sequence at the preset's full context (max_position_embeddings), all main layers.",
         "",
         "| preset | layers | heads | latent (C + R) | MLA latent B | MHA B | MHA / MLA | MLA expanded B | "
-        "expanded / MLA | MLA GiB @ context | MHA GiB @ context |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "expanded / MLA | context | MLA, one sequence | MHA, one sequence |",
+        "|" + "---|" * 12,
     ]
     for r in rows:
         lines.append(
             f"| {r['preset']} | {r['layers']} | {r['heads']} | {r['kv_lora_rank']} + {r['rope_dim']} | "
             f"{r['mla_bytes']:,.0f} | {r['mha_bytes']:,.0f} | {r['mha_ratio']:.1f}x | {r['expanded_bytes']:,.0f} | "
-            f"{r['expanded_ratio']:.1f}x | {r['mla_gib_at_context']:.2f} @ {r['context']:,} | "
-            f"{r['mha_gib_at_context']:.1f} @ {r['context']:,} |")
+            f"{r['expanded_ratio']:.1f}x | {r['context']:,} | {human(r['mla_bytes_at_context'])} | "
+            f"{human(r['mha_bytes_at_context'])} |")
     lines += ["", "The MTP module, when used as a speculative draft, adds one more layer's latent cache."]
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "kv_cache.md"), "w") as f:

@@ -224,9 +224,8 @@ def decode_step(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCac
 
 
 # Sampling ---------------------------------------------------------------------------------------------------
-# temperature and top_p are traced scalars (one compiled step serves every setting); temperature == 0 is
-# greedy. Greedy decoding goes through the same path: its distribution is the one-hot of the argmax, and a draw
-# from a one-hot distribution is that token, so greedy output is exactly the argmax.
+# temperature and top_p are traced scalars, so one compiled step serves every setting; temperature == 0 is
+# greedy, selected at run time with lax.cond (only the taken branch runs: greedy draws no random numbers).
 
 def filtered_logits(logits: jax.Array, temperature, top_p) -> jax.Array:
     """logits / temperature in fp32, with tokens outside the top-p nucleus set to -inf (temperature > 0)."""
@@ -242,15 +241,18 @@ def filtered_logits(logits: jax.Array, temperature, top_p) -> jax.Array:
     return jax.lax.cond(top_p < 1.0, nucleus, lambda z: z, z)
 
 
+def sampling_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
+    """softmax(logits / temperature) restricted to the top-p nucleus (temperature > 0)."""
+    return jax.nn.softmax(filtered_logits(logits, temperature, top_p), axis=-1)
+
+
 def token_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
     """The sampling distribution [..., X]: tempered top-p softmax, or the one-hot of the argmax when
     temperature == 0."""
     z = logits.astype(jnp.float32)
     return jax.lax.cond(
-        temperature > 0,
-        lambda z: jax.nn.softmax(filtered_logits(z, temperature, top_p), axis=-1),
-        lambda z: jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.float32),
-        z)
+        temperature > 0, lambda z: sampling_probs(z, temperature, top_p),
+        lambda z: jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.float32), z)
 
 
 def sample_from(probs: jax.Array, key: jax.Array) -> jax.Array:
@@ -258,9 +260,14 @@ def sample_from(probs: jax.Array, key: jax.Array) -> jax.Array:
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def sample(logits: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
     """Greedy (argmax) when temperature == 0, else a draw from the tempered top-p distribution."""
-    return sample_from(token_probs(logits, temperature, top_p), key)
+    return jax.lax.cond(temperature > 0, lambda z: sample_from(sampling_probs(z, temperature, top_p), key),
+                        greedy, logits.astype(jnp.float32))
 
 
 # Jitted entry points (cached per config) ---------------------------------------------------------------------

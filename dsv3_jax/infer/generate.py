@@ -27,6 +27,8 @@ StreamCallback = Callable[[list], None]
 def validate_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_p,
                      max_len: Optional[int] = None) -> list[list[int]]:
     """Check a generation request at the edge; returns the prompts as lists of Python ints."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = list(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:

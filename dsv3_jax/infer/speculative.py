@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from .cache import init_cache
-from .decode import forward, jit_prefill, layout, main_logits, mtp_forward, pad_prompts, sample_from, token_probs
+from .decode import (forward, greedy, jit_prefill, layout, main_logits, mtp_forward, pad_prompts, sample,
+                     sample_from, sampling_probs)
 
 
 class SpecState(NamedTuple):
@@ -64,8 +65,8 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
                      temperature, top_p):
     """One draft-verify-accept step for every row (rows with active False keep their state).
 
-    Greedy (temperature == 0) runs the same rule on one-hot distributions: the draft is accepted exactly when
-    it is the main model's argmax, and otherwise the residual is the one-hot of that argmax."""
+    Greedy (temperature == 0) is the same rule on one-hot distributions, written directly: the draft is
+    accepted exactly when it is the main model's argmax, and otherwise that argmax is emitted."""
     b = st.length.shape[0]
     k_draft, k_acc, k_bonus = jax.random.split(jax.random.fold_in(key, step), 3)
     # 1. Draft with MTP module 1 on positions (L-2, L-1).
@@ -74,16 +75,25 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
                                      jnp.stack([st.h_prev, st.h_last], axis=1),
                                      jnp.stack([st.tok_prev, st.tok_pend], axis=1),
                                      pair_pos, k=0, key_valid=pair_pos >= 0)
-    q = token_probs(q_logits[:, 1], temperature, top_p)
-    draft = sample_from(q, k_draft)
+    q_logits = q_logits[:, 1].astype(jnp.float32)
+    draft = sample(q_logits, k_draft, temperature, top_p)
     # 2. Verify [t_L, draft] at (L, L+1) in one main forward of two tokens.
     ver_pos = jnp.stack([st.length, st.length + 1], axis=1)
     h0, cache = forward(cfg, params, router_state, cache, jnp.stack([st.tok_pend, draft], axis=1), ver_pos)
     logits = main_logits(cfg, params, h0)                                               # [B,2,X]
+
     # 3. Accept / reject, and the bonus token after an accepted draft.
-    p = token_probs(logits, temperature, top_p)                                          # [B,2,X]
-    accepted, first = accept_or_resample(p[:, 0], q, draft, k_acc)
-    bonus = sample_from(p[:, 1], k_bonus)
+    def greedy_rule(logits):
+        first = greedy(logits[:, 0])
+        return first == draft, first, greedy(logits[:, 1])
+
+    def sampling_rule(logits):
+        p = sampling_probs(logits, temperature, top_p)                                   # [B,2,X]
+        q = sampling_probs(q_logits, temperature, top_p)
+        accepted, first = accept_or_resample(p[:, 0], q, draft, k_acc)
+        return accepted, first, sample_from(p[:, 1], k_bonus)
+
+    accepted, first, bonus = jax.lax.cond(temperature > 0, sampling_rule, greedy_rule, logits)
     acc2 = accepted[:, None]
     new = SpecState(
         length=st.length + jnp.where(accepted, 2, 1),

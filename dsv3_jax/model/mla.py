@@ -99,7 +99,6 @@ class MLA(nn.Module):
         nope = c.qk_nope_head_dim
         kv_b = self.kv_b_proj.astype(dt)
         w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]                                # [C,H,nope], [C,H,V]
-        q_pe32 = q_pe
         scores, values = [], []
         if absorbed:
             q_abs = jnp.einsum("BTHK,CHK->BTHC", q_nope.astype(dt), w_uk)              # [B,T,H,C]
@@ -113,7 +112,7 @@ class MLA(nn.Module):
                 s = jnp.einsum("BTHK,BSHK->BHTS", q_nope.astype(dt), kv[..., :nope],
                                preferred_element_type=jnp.float32)
                 values.append(kv[..., nope:])                                          # [B,S,H,V]
-            s = s + jnp.einsum("BTHR,BSR->BHTS", q_pe32, k_pe.astype(q_pe32.dtype),
+            s = s + jnp.einsum("BTHR,BSR->BHTS", q_pe, k_pe.astype(q_pe.dtype),
                                preferred_element_type=jnp.float32)
             scores.append(s)
         sizes = [s.shape[-1] for s in scores]
