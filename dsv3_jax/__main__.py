@@ -42,6 +42,22 @@ def _parse_mesh(text: str | None) -> list[str]:
     return out
 
 
+def _override(rc, overrides: list[str]):
+    """rc.override, with a value of the wrong type (`train.steps=abc`) reported as a ValueError naming the
+    override rather than a TypeError from the config's checks. Values are parsed as JSON, never evaluated."""
+    try:
+        return rc.override(overrides)
+    except TypeError as e:
+        for item in overrides:                      # find the culprit: the one that fails alone the same way
+            try:
+                rc.override([item])
+            except TypeError:
+                raise ValueError(f"override {item!r}: the value has the wrong type ({e})") from None
+            except ValueError:
+                pass
+        raise ValueError(f"overrides {overrides}: a value has the wrong type ({e})") from None
+
+
 def cmd_train(args) -> int:
     _init_distributed(args)
     from .config import RunConfig, run_preset
@@ -54,7 +70,7 @@ def cmd_train(args) -> int:
         rc: RunConfig = load_run_config(args.run_dir)   # the saved run, plus what the command line changes
     else:
         rc = run_preset(args.preset)
-    rc = rc.override(overrides)
+    rc = _override(rc, overrides)
     summary = train(rc, args.run_dir, resume=args.resume, progress=not args.no_progress)
     last = summary.get("last", {})
     print(json.dumps({k: last.get(k) for k in ("step", "loss", "val_loss", "tokens_per_s", "max_vio")}))
@@ -131,9 +147,16 @@ def main(argv=None) -> int:
         args.run_dir = os.path.join("runs", args.preset)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:        # bad input: config, paths, unreadable files, data (exit 2)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:                 # the run itself failed or stopped, its checkpoints intact (exit 1)
+        from .train.checkpoint import CheckpointError
+        from .train.loop import TrainingStopped
+        if not isinstance(e, (CheckpointError, TrainingStopped)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -68,9 +68,11 @@ class MetricsLog:
             return
         if os.path.exists(self.path):  # drop lines from steps a crash lost, so the log reads like one run
             with open(self.path) as fh:
-                keep = [l for l in fh if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            with open(self.path, "w") as fh:
+                keep = [l for l in fh if _logged_step(l) <= resume_step]
+            tmp = self.path + ".tmp"        # rewritten atomically: a crash now must not lose the log
+            with open(tmp, "w") as fh:
                 fh.writelines(keep)
+            os.replace(tmp, self.path)
         try:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
@@ -93,6 +95,14 @@ class MetricsLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line a crash cut short (or a blank one) counts as lost."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _flat_max_vio(max_vio: dict) -> list:
@@ -126,11 +136,24 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     model = Transformer(mc)
     optimizer = make_optimizer(tc)
     abstract, shardings = state_shardings(model, rc, mesh, optimizer)
-    ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints, async_save=async_checkpoints)
-    if resume and ckpt.all_steps():
-        start, state, data_state = ckpt.restore(abstract, shardings)
-        iterator.set_state(data_state)
+    ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints, async_save=async_checkpoints, cleanup_tmp=True)
+    finished = ckpt.all_steps() if resume else []
+    if finished:
+        try:
+            start, state, data_state = ckpt.restore(abstract, shardings)
+            iterator.set_state(data_state)
+        except BaseException:
+            ckpt.close()
+            raise
+        bad = [s for s in finished if s > start]    # newer steps that did not restore: out of the way
+        moved = ckpt.set_aside(bad)
+        if proc == 0:
+            print(f"resuming {run_dir} from checkpoint step {start}" + (
+                f" (unusable newer step(s) {bad} moved to {moved})" if bad else ""), file=sys.stderr, flush=True)
     else:
+        if resume and proc == 0:
+            print(f"resuming {run_dir}: no finished checkpoint yet, starting from step 0", file=sys.stderr,
+                  flush=True)
         start, state = 0, create_train_state(model, rc, mesh, optimizer)
     if proc == 0:
         save_run_config(run_dir, rc)
@@ -189,9 +212,16 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
             if step % tc.checkpoint_every == 0 or step == end:
                 ckpt.save(step, state, iterator.get_state(), force=step == end)
     finally:
-        ckpt.close()
-        log.close()
-        if bar is not None:
-            bar.close()
+        # Close everything even when one fails (a full disk fails them all); an error already on its way out
+        # says more than one raised while closing, so it wins; otherwise the checkpoint's error does.
+        failing, errors = sys.exc_info()[1], []
+        for close in (log.close, bar.close if bar is not None else None, ckpt.close):
+            try:
+                if close is not None:
+                    close()
+            except Exception as e:
+                errors.append(e)
+        if errors and failing is None:
+            raise errors[-1]
     summary.update(end_step=step, state=state)
     return summary
