@@ -42,22 +42,6 @@ def _parse_mesh(text: str | None) -> list[str]:
     return out
 
 
-def _override(rc, overrides: list[str]):
-    """rc.override, with a value of the wrong type (`train.steps=abc`) reported as a ValueError naming the
-    override rather than a TypeError from the config's checks. Values are parsed as JSON, never evaluated."""
-    try:
-        return rc.override(overrides)
-    except TypeError as e:
-        for item in overrides:                      # find the culprit: the one that fails alone the same way
-            try:
-                rc.override([item])
-            except TypeError:
-                raise ValueError(f"override {item!r}: the value has the wrong type ({e})") from None
-            except ValueError:
-                pass
-        raise ValueError(f"overrides {overrides}: a value has the wrong type ({e})") from None
-
-
 def cmd_train(args) -> int:
     _init_distributed(args)
     from .config import RunConfig, run_preset
@@ -70,7 +54,7 @@ def cmd_train(args) -> int:
         rc: RunConfig = load_run_config(args.run_dir)   # the saved run, plus what the command line changes
     else:
         rc = run_preset(args.preset)
-    rc = _override(rc, overrides)
+    rc = rc.override(overrides)
     summary = train(rc, args.run_dir, resume=args.resume, progress=not args.no_progress)
     last = summary.get("last", {})
     print(json.dumps({k: last.get(k) for k in ("step", "loss", "val_loss", "tokens_per_s", "max_vio")}))
@@ -142,7 +126,12 @@ def main(argv=None) -> int:
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     v.set_defaults(fn=cmd_convert)
 
-    args = p.parse_args(argv)
+    # Overrides may come after flags (`train --resume train.steps=20`): argparse leaves those as extras.
+    args, extra = p.parse_known_args(argv)
+    if extra and not (args.command == "train" and all("=" in x and not x.startswith("-") for x in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train":
+        args.overrides = list(args.overrides) + extra
     if args.command == "train" and args.run_dir is None:
         args.run_dir = os.path.join("runs", args.preset)
     try:

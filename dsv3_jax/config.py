@@ -360,7 +360,7 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # gamma 0.01, not V3's 0.001: this learning rate is 14x V3's, and the router outruns a 0.001 bias
     # (MaxVio stayed near 3, every token on one expert; with 0.01 it falls under 0.3 within ~100 steps).
-    "tiny": TrainConfig(steps=300, global_batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=30,
+    "tiny": TrainConfig(steps=300, global_batch_size=32, seq_len=128, learning_rate=3e-3, warmup_steps=30,
                         stable_steps=120, decay_steps=150, final_lr=3e-4, eval_every=50, checkpoint_every=100,
                         bias_update_rate=1e-2, max_corpus_bytes=4_000_000),
     "small": TrainConfig(steps=20000, global_batch_size=64, seq_len=1024, learning_rate=1e-3, warmup_steps=500,
@@ -399,7 +399,10 @@ class RunConfig:
             if field not in fields:
                 raise ValueError(f"override {item!r}: {section} has no field {field!r}; "
                                  f"fields are {sorted(fields)}")
-            changes[section][field] = _parse_value(raw, getattr(sections[section], field))
+            try:
+                changes[section][field] = _parse_value(raw, getattr(sections[section], field))
+            except ValueError as e:
+                raise ValueError(f"override {item!r}: {e}") from None
         return RunConfig(*(dataclasses.replace(sections[k], **changes[k]) for k in ("model", "train", "mesh")))
 
 
@@ -413,6 +416,10 @@ def _parse_value(raw: str, current: Any) -> Any:
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ValueError(f"expected true/false, got {raw!r}")
+    elif isinstance(current, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"expected a number, got {raw!r}")
+    elif isinstance(current, int) and not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {raw!r}")
     elif isinstance(current, float) and isinstance(value, int):
         value = float(value)
     elif isinstance(current, tuple) and isinstance(value, list):

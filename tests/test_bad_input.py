@@ -1,0 +1,194 @@
+"""Bad input and impossible configs: a clear error naming the problem before anything is compiled, and
+nothing written; no pickle and no eval in the package."""
+
+from __future__ import annotations
+
+from reliability_utils import *  # noqa: F401,F403  (imports, helpers, the corpus fixture)
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: a clear error before anything is built or compiled, and nothing written
+
+
+def _input_case(kind: str, tmp_path: Path, monkeypatch) -> tuple[dict, dict, type, str]:
+    """-> (train changes, model changes, exception type, message pattern)."""
+    if kind == "npy_id_too_large":
+        np.save(tmp_path / "t.npy", np.r_[np.arange(200), 300, np.arange(200)].astype(np.int32))
+        return dict(data=str(tmp_path / "t.npy")), {}, ValueError, r"t\.npy: 1 token id\(s\) out of range for " \
+                                                                    r"vocab_size 256: values \[300\]"
+    if kind == "npy_id_negative":
+        np.save(tmp_path / "t.npy", np.r_[np.arange(200), -1].astype(np.int32))
+        return dict(data=str(tmp_path / "t.npy")), {}, ValueError, r"out of range for vocab_size 256: values \[-1\]"
+    if kind == "bin_id_too_large":
+        np.r_[np.arange(500) % 256, 256, 65535].astype(np.uint16).tofile(tmp_path / "t.bin")
+        return dict(data=str(tmp_path / "t.bin")), {}, ValueError, r"t\.bin: 2 token id\(s\) out of range"
+    if kind == "text_with_bigger_tokenizer":            # bytes (256 ids) into a 128-row embedding
+        write_corpus(tmp_path / "c.txt", 5000)
+        return dict(data=str(tmp_path / "c.txt")), dict(vocab_size=128), ValueError, \
+            r"tokenizer has 256 ids but model\.vocab_size=128"
+    if kind == "hf_tokenizer_bigger_than_model":
+        tokenizers = pytest.importorskip("tokenizers")
+        tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
+        tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tk.save(str(tmp_path / "tokenizer.json"))
+        write_corpus(tmp_path / "c.txt", 5000)
+        return dict(data=str(tmp_path / "c.txt"), tokenizer=str(tmp_path / "tokenizer.json")), {}, ValueError, \
+            r"tokenizer has 300 ids but model\.vocab_size=256"
+    if kind == "empty_file":
+        (tmp_path / "empty.txt").write_text("")
+        return dict(data=str(tmp_path / "empty.txt")), {}, ValueError, r"empty\.txt has no tokens"
+    if kind == "empty_npy":
+        np.save(tmp_path / "e.npy", np.zeros(0, np.int32))
+        return dict(data=str(tmp_path / "e.npy")), {}, ValueError, r"e\.npy has no tokens"
+    if kind == "folder_without_text":
+        (tmp_path / "folder").mkdir()
+        (tmp_path / "folder" / "image.png").write_bytes(b"\x89PNG")
+        return dict(data=str(tmp_path / "folder")), {}, ValueError, r"folder has no tokens: no text files"
+    if kind == "missing_path":
+        return dict(data=str(tmp_path / "nope.txt")), {}, FileNotFoundError, r"data path not found: .*nope\.txt"
+    if kind == "unreadable_file":
+        path = tmp_path / "secret.txt"
+        write_corpus(path, 5000)
+        path.chmod(0)
+        if os.access(path, os.R_OK):                      # root reads anything: make the read fail instead
+            import builtins
+            from dsv3_jax.data import pipeline
+
+            def fake_open(file, *a, **k):
+                if os.fspath(file) == str(path):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+                return builtins.open(file, *a, **k)
+            monkeypatch.setattr(pipeline, "open", fake_open, raising=False)
+        return dict(data=str(path)), {}, OSError, r"cannot read .*secret\.txt: Permission denied"
+    if kind == "not_utf8":
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+        return dict(data=str(tmp_path / "latin1.txt")), {}, ValueError, r"latin1\.txt is not UTF-8"
+    if kind == "float_npy":
+        np.save(tmp_path / "f.npy", np.ones(500, np.float32))
+        return dict(data=str(tmp_path / "f.npy")), {}, ValueError, r"expected an integer token array"
+    if kind == "seq_len_beyond_positions":
+        write_corpus(tmp_path / "c.txt", 5000)
+        return dict(data=str(tmp_path / "c.txt"), seq_len=300), {}, ValueError, \
+            r"train\.seq_len=300 is longer than model\.max_position_embeddings=256"
+    if kind == "corpus_shorter_than_a_sequence":
+        (tmp_path / "short.txt").write_text("tiny")
+        return dict(data=str(tmp_path / "short.txt")), {}, ValueError, r"too small|fewer than"
+    raise ValueError(kind)
+
+
+INPUT_CASES = ["npy_id_too_large", "npy_id_negative", "bin_id_too_large", "text_with_bigger_tokenizer",
+               "hf_tokenizer_bigger_than_model", "empty_file", "empty_npy", "folder_without_text", "missing_path",
+               "unreadable_file", "not_utf8", "float_npy", "seq_len_beyond_positions",
+               "corpus_shorter_than_a_sequence"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail loudly if train() gets as far as building the model (and so compiling anything)."""
+    def refuse(*a, **k):
+        raise AssertionError("train() reached the model before rejecting its input")
+    monkeypatch.setattr(loop_lib, "Transformer", refuse)
+
+
+@pytest.mark.parametrize("kind", INPUT_CASES)
+def test_bad_input_is_a_clear_error_before_anything_runs(kind, tmp_path, monkeypatch, capsys, no_model):
+    train_changes, model_changes, exc, pattern = _input_case(kind, tmp_path, monkeypatch)
+    rc = rel_run(model_changes=model_changes, **train_changes)
+    run_dir = tmp_path / "run"
+    with pytest.raises(exc, match=pattern):
+        train(rc, str(run_dir), progress=False)
+    assert main(cli(rc, run_dir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(pattern, err) and "Traceback" not in err, err
+    assert not run_dir.exists()
+
+
+def test_bad_input_exit_code_of_the_real_cli(tmp_path):
+    """One case through `python -m dsv3_jax train` itself: exit status 2, one line, no traceback."""
+    np.save(tmp_path / "t.npy", np.r_[np.arange(200), 999].astype(np.int32))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "dsv3_jax", "train", "--run-dir", str(tmp_path / "run"),
+                        "--no-progress", "--data", str(tmp_path / "t.npy")],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.startswith("error: ") and "values [999]" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Impossible configs: a ValueError naming the field, through train() and the CLI
+
+
+MESH_CASES = [
+    # (mesh, model changes, train changes, pattern)
+    (MeshConfig(data=1, tensor=8), dict(num_attention_heads=4), {}, r"num_attention_heads=4 is not divisible by the "
+                                                                    r"tensor axis \(8\)"),
+    (MeshConfig(data=1, expert=8), dict(n_routed_experts=12), {}, r"n_routed_experts=12 is not divisible by the "
+                                                                  r"expert axis \(8\)"),
+    (MeshConfig(data=4, expert=2), {}, dict(global_batch_size=12), r"global_batch_size=12 is not divisible by data "
+                                                                   r"x expert = 8"),
+    (MeshConfig(data=3), {}, {}, r"has 3 devices, but there are 8 devices"),
+    (MeshConfig(data=3, expert=-1), {}, {}, r"needs a multiple of 3 devices, but there are 8"),
+    (MeshConfig(data=2, tensor=4), dict(vocab_size=258), {}, r"vocab_size=258 is not divisible by the tensor "
+                                                              r"axis \(4\)"),
+]
+
+
+@pytest.mark.parametrize("mesh,model_changes,train_changes,pattern", MESH_CASES)
+def test_impossible_mesh_configs_name_the_field(mesh, model_changes, train_changes, pattern, corpus, tmp_path,
+                                                capsys, no_model):
+    rc = rel_run(mesh, model_changes=model_changes, data=corpus, **train_changes)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=pattern):
+        train(rc, str(run_dir), progress=False)
+    axes = ",".join(f"{k}={getattr(mesh, k)}" for k in ("data", "expert", "tensor"))
+    assert main(cli(rc, run_dir, mesh=axes)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(pattern, err), err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("train.steps=abc", r"override 'train\.steps=abc': expected a number"),
+    ("train.steps=0", r"TrainConfig\.steps must be >= 1"),
+    ("model.n_group=3", r"n_group"),
+    ("train.nope=1", r"train has no field 'nope'"),
+    ("mesh.data=0", r"sizes must be positive"),
+])
+def test_bad_overrides_are_clear_errors(override, pattern, tmp_path, capsys, no_model):
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(pattern, err), err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Security: no pickle, no eval/exec, config text is data
+
+
+FORBIDDEN = {
+    r"\bpickle\b": "pickle (checkpoints are orbax, weights safetensors, the rest JSON)",
+    r"\b(cloudpickle|dill|shelve|marshal|joblib)\b": "a pickle-like serializer",
+    r"allow_pickle\s*=\s*True": "np.load that may unpickle",
+    r"torch\.load\b": "torch.load (unpickles)",
+    r"\beval\s*\(": "eval(",
+    r"\bexec\s*\(": "exec(",
+    r"yaml\.(unsafe_)?load\s*\(": "yaml.load",
+}
+
+
+def test_package_source_has_no_pickle_and_no_eval():
+    files = sorted((REPO / "dsv3_jax").rglob("*.py"))
+    assert len(files) > 10
+    found = [f"{f.relative_to(REPO)}:{n}: {what}: {line.strip()}"
+             for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+             for pattern, what in FORBIDDEN.items() if re.search(pattern, line)]
+    assert not found, "\n".join(found)
+
+
+def test_config_text_is_never_evaluated(tmp_path, capsys, no_model):
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    for override in (f"train.seq_len={payload}", f"model.hidden_size={payload}", f"train.data={payload}"):
+        code = main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", override])
+        assert code == 2 and capsys.readouterr().err.startswith("error: ")
+    assert not marker.exists()

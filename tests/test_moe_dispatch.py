@@ -1,0 +1,334 @@
+"""Every routed-expert dispatch implementation against one per-token reference (outputs and gradients),
+dropless under extreme loads, and expert parallelism on a (data 2, expert 4) mesh of 8 host CPU devices.
+
+The reference is a Python loop over tokens and their K experts in numpy float64, with hand-written
+gradients (no JAX involved). Implementations run in fp32; the tolerance is 1e-5 relative to the largest
+magnitude of the compared quantity (plus 1e-7 absolute): fp32 rounding (2^-24 ~ 6e-8) accumulated over
+sums of D, F and K terms stays around 1e-6 here, while a dropped, duplicated or misrouted pair changes
+the result by O(1) relative to that scale.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # conftest does this too
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import dispatch, expert_parallel as ep_mod
+from dsv3_jax.model.moe import MoE, route
+
+IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
+D, F, E, K = 16, 8, 8, 3
+
+
+def make_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, hidden_size=D, intermediate_size=32, moe_intermediate_size=F,
+                num_hidden_layers=2, num_attention_heads=2, first_k_dense_replace=1, n_routed_experts=E,
+                n_shared_experts=1, num_experts_per_tok=K, n_group=4, topk_group=2, q_lora_rank=None,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, rope_scaling=None,
+                max_position_embeddings=64, num_nextn_predict_layers=0, moe_block_size=4, initializer_range=0.5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference: per token, per chosen expert, numpy float64, hand-written backward
+
+def _silu(z):
+    return z / (1 + np.exp(-z))
+
+
+def reference(x, idx, w, wgu, wd, dy):
+    """Returns y [N,D] and the gradients of sum(y * dy) wrt x, w, wgu, wd."""
+    x, w, wgu, wd, dy = (np.asarray(a, np.float64) for a in (x, w, wgu, wd, dy))
+    idx = np.asarray(idx)
+    y, dx, dw = np.zeros_like(x), np.zeros_like(x), np.zeros_like(w)
+    dwgu, dwd = np.zeros_like(wgu), np.zeros_like(wd)
+    for n in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = idx[n, k]
+            g, u = x[n] @ wgu[e, :, 0], x[n] @ wgu[e, :, 1]
+            sg = 1 / (1 + np.exp(-g))
+            a = _silu(g) * u
+            o = a @ wd[e]
+            y[n] += w[n, k] * o
+            dw[n, k] = dy[n] @ o
+            do = w[n, k] * dy[n]
+            dwd[e] += np.outer(a, do)
+            da = wd[e] @ do
+            du, dg = da * _silu(g), da * u * sg * (1 + g * (1 - sg))
+            dwgu[e, :, 0] += np.outer(x[n], dg)
+            dwgu[e, :, 1] += np.outer(x[n], du)
+            dx[n] += wgu[e, :, 0] @ dg + wgu[e, :, 1] @ du
+    return y, (dx, dw, dwgu, dwd)
+
+
+def close(got, want, rel=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    err = np.abs(got - want).max()
+    assert err <= rel * np.abs(want).max() + 1e-7, f"max error {err:.3g} vs scale {np.abs(want).max():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# routing patterns (each token's K experts are distinct, as top-k gives)
+
+def routing(kind, n, rng, e=E, k=K):
+    if kind == "random":
+        idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
+    elif kind == "uneven":          # expert 0: every token; expert e-1: none; the rest skewed
+        p = np.linspace(1, 6, e - 2)
+        p /= p.sum()
+        idx = np.stack([np.r_[0, 1 + rng.choice(e - 2, k - 1, replace=False, p=p)] for _ in range(n)])
+    elif kind == "same":            # every token picks the same K experts: nothing may be dropped
+        idx = np.tile(np.arange(e - k, e), (n, 1))
+    else:
+        raise ValueError(kind)
+    idx = np.stack([rng.permutation(r) for r in idx]).astype(np.int32)
+    w = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
+    return idx, w
+
+
+def weights(rng, e=E, d=D, f=F):
+    wgu = (rng.normal(size=(e, d, 2, f)) / np.sqrt(d)).astype(np.float32)
+    wd = (rng.normal(size=(e, f, d)) / np.sqrt(f)).astype(np.float32)
+    return wgu, wd
+
+
+def fwd_bwd(cfg, **kw):
+    """One jit: y and the gradients of sum(y * dy) wrt x, w, w_gate_up, w_down."""
+    impl = (lambda x, idx, w, a, b: ep_mod.expert_parallel(cfg, x, idx, w, a, b, **kw)) if kw else \
+        (lambda x, idx, w, a, b: dispatch.routed_experts(cfg, x, idx, w, a, b))
+
+    def f(x, w, wgu, wd, idx, dy):
+        y, vjp = jax.vjp(lambda x, w, wgu, wd: impl(x, idx, w, wgu, wd), x, w, wgu, wd)
+        return y, vjp(dy.astype(y.dtype))
+    return jax.jit(f)
+
+
+def run_impl(cfg, x, idx, w, wgu, wd, dy):
+    return fwd_bwd(cfg)(x, w, wgu, wd, idx, dy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# every implementation == the per-token reference
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,n,block", [("uneven", 24, 4), ("same", 9, 4), ("random", 2, 128)])
+def test_matches_per_token_reference(impl, kind, n, block):
+    """Outputs and gradients (x, w, w_gate_up, w_down). 'uneven': one expert gets every token (6 blocks
+    of 4 rows), one gets none; 'same': all tokens on the same K experts; n=2 with 128-row blocks is the
+    decode shape (the block shrinks to the pairs there are). No mesh: expert_parallel is local here."""
+    rng = np.random.default_rng([n, block, len(kind)])
+    idx, w = routing(kind, n, rng)
+    wgu, wd = weights(rng)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    dy = rng.normal(size=(n, D)).astype(np.float32)
+    want_y, want_g = reference(x, idx, w, wgu, wd, dy)
+    cfg = make_cfg(moe_impl=impl, moe_block_size=block)
+    y, grads = run_impl(cfg, x, idx, w, wgu, wd, dy)
+    close(y, want_y)
+    for got, want in zip(grads, want_g):
+        close(got, want)
+
+
+def test_blocked_dropless_everything_on_one_expert():
+    """K=1 and every token on one expert: one group of all N rows (many blocks plus a partial one)."""
+    rng = np.random.default_rng(1)
+    n = 37
+    idx = np.full((n, 1), 5, np.int32)
+    w = rng.uniform(0.5, 1, (n, 1)).astype(np.float32)
+    wgu, wd = weights(rng)
+    x, dy = (rng.normal(size=(n, D)).astype(np.float32) for _ in range(2))
+    want_y, want_g = reference(x, idx, w, wgu, wd, dy)
+    cfg = make_cfg(moe_impl="blocked", num_experts_per_tok=1, moe_block_size=8)
+    y, grads = run_impl(cfg, x, idx, w, wgu, wd, dy)
+    close(y, want_y)
+    assert np.abs(np.asarray(y)).min(axis=1).max() > 0            # no token came back empty
+    for got, want in zip(grads, want_g):
+        close(got, want)
+
+
+def test_blocked_backward_accumulates_per_expert():
+    """The custom backward writes each expert's weight gradient once: the loop over blocks carries
+    [D, 2F] and [F, D] accumulators, never a stacked [E, D, 2F] / [E, F, D] gradient (which is what
+    autodiff of a scan over blocks builds, once per block)."""
+    cfg = make_cfg(moe_impl="blocked")
+    rng = np.random.default_rng(2)
+    idx, w = routing("random", 16, rng)
+    wgu, wd = weights(rng)
+    x = jnp.asarray(rng.normal(size=(16, D)).astype(np.float32))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda wgu, wd: jnp.sum(dispatch.routed_experts(
+        cfg, x, jnp.asarray(idx), jnp.asarray(w), wgu, wd)), (0, 1)))(jnp.asarray(wgu), jnp.asarray(wd))
+    block_loops = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "while"]   # dynamic trip counts
+    assert len(block_loops) == 4, "full and tail blocks, in the forward and in the backward"
+    carried = {tuple(v.aval.shape) for loop in block_loops for v in loop.outvars}
+    assert (D, 2 * F) in carried and (F, D) in carried
+    assert (E, D, 2 * F) not in carried and (E, F, D) not in carried
+
+
+def _eqns(jaxpr):
+    """Every equation, recursing into sub-jaxprs (loop bodies, custom rules, branches)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+# ---------------------------------------------------------------------------------------------------
+# expert parallel on 8 fake CPU devices
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set too late")
+
+
+def _group_limited_routing(cfg, n, rng):
+    """Real router output (sigmoid, group limit), so a token reaches at most topk_group groups."""
+    x = jnp.asarray(rng.normal(size=(n, cfg.hidden_size)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(cfg.hidden_size, cfg.n_routed_experts)).astype(np.float32))
+    r = route(cfg, x, kernel, jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+    return np.asarray(x), np.array(r.expert_index), np.array(r.gate_weight)
+
+
+@needs8
+@pytest.mark.parametrize("dedup,fractions,n", [(True, (1.0,), 64), (True, (0.75, 1.0), 256),
+                                               (False, (1.0,), 64)])
+def test_expert_parallel_equals_single_device(dedup, fractions, n):
+    """Outputs and gradients equal the single-device blocked result; the routed weights (and their
+    gradients) are a quarter per device outside and inside the shard_map. The second case runs the
+    capacity ladder and checks that a capacity below the worst case was the one taken."""
+    cfg = make_cfg(moe_impl="expert_parallel")                   # n_group 4 == expert axis 4, topk_group 2
+    rng = np.random.default_rng(3)
+    x, idx, w = _group_limited_routing(cfg, n, rng)
+    idx[:5] = np.arange(E - K, E)                                  # some skew: shard 3 is the busiest
+    shape = ep_mod.exchange_shape(cfg, n // 8, 4, dedup, fractions)
+    need = ep_mod.destination_counts(cfg, idx, ep=4, token_shards=8, dedup=dedup).max()
+    if len(fractions) > 1:
+        assert need <= shape.capacities[-2] < shape.capacities[-1]     # a smaller buffer sufficed
+    wgu, wd = weights(rng)
+    dy = rng.normal(size=(n, D)).astype(np.float32)
+    local = cfg.replace(moe_impl="blocked")
+    want_y, want_g = run_impl(local, x, idx, w, wgu, wd, dy)
+
+    mesh = make_mesh((2, 4), ("data", "expert"))
+    seen = []
+    real = ep_mod.blocked_local
+
+    def spy(xr, ir, wr, w1, w2, block, num_valid_experts=None):
+        seen.append((w1.shape, w2.shape))
+        return real(xr, ir, wr, w1, w2, block, num_valid_experts)
+
+    tok = NamedSharding(mesh, P(("data", "expert")))
+    exp = NamedSharding(mesh, P("expert"))
+    args = [jax.device_put(a, s) for a, s in ((x, tok), (idx, tok), (w, tok), (wgu, exp), (wd, exp))]
+    assert args[3].addressable_shards[0].data.shape == (E // 4, D, 2, F)      # a quarter outside
+    assert args[4].addressable_shards[0].data.shape == (E // 4, F, D)
+
+    ep_mod.blocked_local = spy
+    try:
+        with jax.set_mesh(mesh):
+            y, grads = fwd_bwd(cfg, dedup=dedup, capacity_fractions=fractions)(
+                args[0], args[2], args[3], args[4], args[1], jax.device_put(dy, tok))
+    finally:
+        ep_mod.blocked_local = real
+    assert seen and all(s == ((E // 4, D, 2 * F), (E // 4, F, D)) for s in seen)   # a quarter inside
+    close(y, want_y)
+    for got, want in zip(grads, want_g):
+        close(got, want)
+    assert grads[2].addressable_shards[0].data.shape == (E // 4, D, 2, F)          # grads stay sharded
+    assert grads[3].addressable_shards[0].data.shape == (E // 4, F, D)
+
+
+@needs8
+def test_expert_parallel_tensor_axis_and_fallbacks():
+    """(data 2, expert 2, tensor 2): F split over tensor inside, partial sums psum-ed. No mesh, or an
+    expert axis of 1: the local blocked path, bit for bit. Tokens that do not split over the mesh (a
+    decode batch): padded, same result."""
+    cfg = make_cfg(moe_impl="expert_parallel")
+    rng = np.random.default_rng(4)
+    n = 32
+    x, idx, w = _group_limited_routing(cfg, n, rng)
+    wgu, wd = weights(rng)
+    dy = rng.normal(size=(n, D)).astype(np.float32)
+    want_y, want_g = reference(x, idx, w, wgu, wd, dy)
+    with jax.set_mesh(make_mesh((2, 2, 2), ("data", "expert", "tensor"))):
+        y, grads = run_impl(cfg, x, idx, w, wgu, wd, dy)
+    close(y, want_y)
+    for got, want in zip(grads, want_g):
+        close(got, want)
+
+    fn = jax.jit(lambda *a: dispatch.routed_experts(cfg, *a))
+    local = np.asarray(jax.jit(lambda *a: dispatch.routed_experts(cfg.replace(moe_impl="blocked"), *a))(
+        x, idx, w, wgu, wd))
+    np.testing.assert_array_equal(np.asarray(fn(x, idx, w, wgu, wd)), local)
+    with jax.set_mesh(make_mesh((8, 1), ("data", "expert"))):
+        np.testing.assert_array_equal(np.asarray(fn(x, idx, w, wgu, wd)), local)
+    with jax.set_mesh(make_mesh((2, 4), ("data", "expert"))):     # 3 tokens on 8 shards: padded
+        close(fn(x[:3], idx[:3], w[:3], wgu, wd), want_y[:3])
+
+
+def test_exchange_shapes_and_group_limit_bound():
+    """Static buffer sizes, and the host-side unit counts: with n_group == ep a token is sent to at most
+    topk_group shards (dedup), against K times without dedup."""
+    cfg = make_cfg()
+    rng = np.random.default_rng(5)
+    _, idx, _ = _group_limited_routing(cfg, 64, rng)
+    s = ep_mod.exchange_shape(cfg, 8, 4, dedup=True)
+    assert s.capacities == (8,) and s.slots == min(K, E // 4)
+    assert ep_mod.exchange_shape(cfg, 8, 4, dedup=False).capacities == (8 * min(K, E // 4),)
+    sent = ep_mod.destination_counts(cfg, idx, ep=4, token_shards=8, dedup=True)
+    assert sent.sum() <= 64 * cfg.topk_group
+    assert ep_mod.destination_counts(cfg, idx, ep=4, token_shards=8, dedup=False).sum() == 64 * K
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole MoE module with each implementation
+
+def test_moe_module_every_impl_agrees():
+    cfg = make_cfg(moe_impl="dense", initializer_range=0.3)
+    b, t = 4, 8
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, t, D))
+    variables = MoE(cfg).init(jax.random.PRNGKey(1), x)
+    bias = jnp.asarray(np.random.default_rng(6).normal(size=E).astype(np.float32))
+    variables = {**variables, "router_state": {"router_bias": bias}}
+
+    def run(impl, mesh=None):
+        c = cfg.replace(moe_impl=impl)
+
+        def loss(params, x):
+            (y, stats) = MoE(c).apply({**variables, "params": params}, x)
+            return jnp.sum(y * jnp.cos(y)), (y, stats)
+        f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        if mesh is None:
+            return f(variables["params"], x)
+        with jax.set_mesh(mesh):
+            return f(variables["params"], x)
+
+    def forward(impl):
+        return jax.jit(lambda v, x: MoE(cfg.replace(moe_impl=impl)).apply(v, x))(variables, x)
+
+    (_, (y0, s0)), g0 = run("dense")
+    for impl in ("ragged",):                                   # forward only (ragged_dot is slow on CPU)
+        y, s = forward(impl)
+        close(y, y0)
+        np.testing.assert_array_equal(s["expert_counts"], s0["expert_counts"])
+    runs = [run("blocked")]                                    # and gradients of the new paths
+    if jax.device_count() >= 8:
+        runs.append(run("expert_parallel", make_mesh((2, 4), ("data", "expert"))))
+    for (_, (y, s)), g in runs:
+        close(y, y0)
+        np.testing.assert_array_equal(s["expert_counts"], s0["expert_counts"])
+        for a, b_ in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            close(a, b_)
