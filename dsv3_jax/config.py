@@ -331,6 +331,7 @@ class TrainConfig:
     mtp_lambda_switch_step: int = -1      # -1: never switch
     balance_alpha: float = 1e-4           # complementary sequence-wise balance loss
     bias_update_rate: float = 1e-3        # gamma
+    bias_update_rate_final: float = -1.0  # gamma follows the lr's cosine down to this (-1: constant gamma)
     bias_update_stop_step: int = -1       # gamma becomes 0 from this step (-1: never)
     data: Optional[str] = None            # None: the embedded default corpus
     tokenizer: Optional[str] = None       # None: bytes
@@ -359,10 +360,11 @@ class TrainConfig:
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # gamma 0.01, not V3's 0.001: this learning rate is 14x V3's, and the router outruns a 0.001 bias
-    # (MaxVio stayed near 3, every token on one expert; with 0.01 it falls under 0.3 within ~100 steps).
+    # (MaxVio stayed near 3, every token on one expert; with 0.01 it falls under 0.3 within ~100 steps), and
+    # it decays with the lr to 0.001 so that its own +-gamma jitter does not unbalance the last steps.
     "tiny": TrainConfig(steps=300, global_batch_size=32, seq_len=128, learning_rate=3e-3, warmup_steps=30,
                         stable_steps=120, decay_steps=150, final_lr=3e-4, eval_every=50, checkpoint_every=100,
-                        bias_update_rate=1e-2, max_corpus_bytes=4_000_000),
+                        bias_update_rate=1e-2, bias_update_rate_final=1e-3, max_corpus_bytes=4_000_000),
     "small": TrainConfig(steps=20000, global_batch_size=64, seq_len=1024, learning_rate=1e-3, warmup_steps=500,
                          stable_steps=15000, decay_steps=4500, final_lr=1e-4),
     "bench": TrainConfig(steps=20, global_batch_size=8, seq_len=256, learning_rate=1e-4, warmup_steps=0),

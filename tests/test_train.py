@@ -127,3 +127,14 @@ def test_lr_schedule_phases():
     assert abs(float(s(12)) - 1.0) < 1e-6                          # constant
     assert 0.1 < float(s(20)) < 1.0                                # cosine
     assert abs(float(s(30)) - 0.1) < 1e-6 and abs(float(s(45)) - 0.05) < 1e-6
+
+
+def test_gamma_schedule():
+    """gamma constant by default (V3), optionally cosine-decayed with the lr, and 0 after the stop step."""
+    from dsv3_jax.train.optimizer import bias_rate
+    const = make_run(bias_update_rate=1e-3).train
+    assert float(bias_rate(const, 0)) == float(bias_rate(const, 10_000)) == np.float32(1e-3)
+    decayed = make_run(bias_update_rate=1e-2, bias_update_rate_final=1e-3, warmup_steps=10, stable_steps=10,
+                       decay_steps=10, bias_update_stop_step=40).train
+    got = [float(bias_rate(decayed, s)) for s in (0, 20, 25, 30, 35, 40)]
+    np.testing.assert_allclose(got, [1e-2, 1e-2, 5.5e-3, 1e-3, 1e-3, 0.0], rtol=1e-5)

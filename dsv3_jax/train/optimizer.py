@@ -50,6 +50,13 @@ def mtp_lambda(tc: TrainConfig, step) -> jax.Array:
 
 
 def bias_rate(tc: TrainConfig, step) -> jax.Array:
-    """gamma: 0.001, and 0 from bias_update_stop_step (V3 froze the bias for its last 500B tokens)."""
+    """gamma: bias_update_rate (V3: 0.001); optionally cosine-decayed alongside the lr to
+    bias_update_rate_final; 0 from bias_update_stop_step (V3 froze the bias for its last 500B tokens)."""
+    gamma = jnp.asarray(tc.bias_update_rate, jnp.float32)
+    if tc.bias_update_rate_final >= 0 and tc.decay_steps:
+        start = max(tc.warmup_steps, 1) + tc.stable_steps
+        frac = jnp.clip((step - start) / tc.decay_steps, 0.0, 1.0)
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * frac))
+        gamma = tc.bias_update_rate_final + (tc.bias_update_rate - tc.bias_update_rate_final) * cosine
     stopped = (tc.bias_update_stop_step >= 0) & (step >= tc.bias_update_stop_step)
-    return jnp.where(stopped, 0.0, tc.bias_update_rate)
+    return jnp.where(stopped, 0.0, gamma)
