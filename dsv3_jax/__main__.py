@@ -57,7 +57,7 @@ def cmd_train(args) -> int:
     rc = rc.override(overrides)
     summary = train(rc, args.run_dir, resume=args.resume, progress=not args.no_progress)
     last = summary.get("last", {})
-    print(json.dumps({k: last.get(k) for k in ("step", "loss", "val_loss", "tokens_per_s", "max_vio")}))
+    print(json.dumps({k: last.get(k) for k in ("step", "loss", "val_loss", "tokens_per_s", "max_vio", "val_max_vio")}))
     return 0
 
 

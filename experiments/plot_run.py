@@ -33,6 +33,9 @@ def main() -> None:
     layers = len(rows[0]["max_vio"])
     for i in range(layers):
         b.plot(steps, [r["max_vio"][i] for r in rows], lw=0.8, label=f"MoE layer {i}")
+    vv = [(r["step"], max(r["val_max_vio"])) for r in rows if r.get("val_max_vio")]
+    if vv:
+        b.plot(*zip(*vv), "ko-", label="worst layer, all validation tokens")
     b.axhline(0.3, color="gray", ls=":", label="0.3")
     b.set_yscale("log"), b.set_xlabel("step"), b.set_ylabel("MaxVio (global batch)"), b.legend(fontsize=7)
     b.set_title("load balance")
@@ -40,11 +43,13 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig.savefig(args.out + ".png", dpi=110)
     with open(args.out + ".md", "w") as fh:
-        fh.write("| step | train CE | val CE | tokens/s | MaxVio per MoE layer |\n|---|---|---|---|---|\n")
+        fh.write("| step | train CE | val CE | tokens/s | MaxVio per MoE layer (this step's batch) | MaxVio over "
+                 "all validation tokens |\n|---|---|---|---|---|---|\n")
         for r in rows:
             if "val_loss" in r or r["step"] == rows[-1]["step"]:
                 fh.write(f"| {r['step']} | {r['ce']:.3f} | {r.get('val_loss', float('nan')):.3f} | "
-                         f"{r['tokens_per_s']:.0f} | {', '.join(f'{x:.2f}' for x in r['max_vio'])} |\n")
+                         f"{r['tokens_per_s']:.0f} | {', '.join(f'{x:.2f}' for x in r['max_vio'])} | "
+                         f"{', '.join(f'{x:.2f}' for x in r.get('val_max_vio', []))} |\n")
     print(f"wrote {args.out}.png and {args.out}.md")
 
 

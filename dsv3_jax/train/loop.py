@@ -12,6 +12,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from .. import balance
 from .. import data as data_lib
 from ..config import RunConfig
 from ..model import Transformer
@@ -169,10 +170,15 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=start, dynamic_ncols=True, file=sys.stderr)
 
-    def evaluate() -> float:
+    def evaluate() -> tuple[float, list]:
+        """Validation CE, and MaxVio per MoE layer over ALL validation tokens together (steadier than one
+        training batch's)."""
         with activate(mesh, rc.mesh.zero3):
-            losses = [eval_fn(state.params, state.router_state, replicated_batch(b, mesh)) for b in eval_batches]
-        return float(np.mean([float(l) for l in losses]))
+            outs = jax.device_get([eval_fn(state.params, state.router_state, replicated_batch(b, mesh))
+                                   for b in eval_batches])
+        counts = jax.tree.map(lambda *c: sum(c), *[o[1] for o in outs])
+        vio = {k: balance.max_violation(np.asarray(c)) for k, c in counts.items()}
+        return float(np.mean([float(o[0]) for o in outs])), _flat_max_vio(vio)
 
     summary: dict = {"start_step": start}
     tokens_per_step = tc.global_batch_size * tc.seq_len
@@ -194,7 +200,7 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
                        "total_skipped": int(state.total_skipped)}
                 tick, last_logged = now, step
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    row["val_loss"] = evaluate()
+                    row["val_loss"], row["val_max_vio"] = evaluate()
                 log.write(row)
                 summary["last"] = row
                 if bar is not None:

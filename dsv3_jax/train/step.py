@@ -107,7 +107,8 @@ def make_train_step(model: Transformer, rc: RunConfig, optimizer: optax.Gradient
 
 
 def make_eval_step(model: Transformer) -> Callable:
+    """-> (main-model CE, expert counts of every MoE layer, MTP blocks included)."""
     def eval_step(params, router_state, tokens):
-        out = model.apply({"params": params, "router_state": router_state}, tokens[:, :-1], mtp=False)
-        return cross_entropy(out.logits, tokens[:, 1:])
+        out = model.apply({"params": params, "router_state": router_state}, tokens[:, :-1])
+        return cross_entropy(out.logits, tokens[:, 1:]), balance.counts_of(out.moe_stats)
     return eval_step
