@@ -124,11 +124,13 @@ def run_impl(cfg, x, idx, w, wgu, wd, dy):
 # every implementation == the per-token reference
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind,n,block", [("uneven", 24, 4), ("same", 9, 4), ("random", 2, 128)])
+@pytest.mark.parametrize("kind,n,block", [("uneven", 24, 16), ("same", 9, 4), ("random", 2, 128)])
 def test_matches_per_token_reference(impl, kind, n, block):
-    """Outputs and gradients (x, w, w_gate_up, w_down). 'uneven': one expert gets every token (6 blocks
-    of 4 rows), one gets none; 'same': all tokens on the same K experts; n=2 with 128-row blocks is the
-    decode shape (the block shrinks to the pairs there are). No mesh: expert_parallel is local here."""
+    """Outputs and gradients (x, w, w_gate_up, w_down). 'uneven': one expert gets every token (a full
+    block of 16 rows and a tail block of 8), one gets none, the rest 0-16 rows (tail blocks only);
+    'same': all tokens on the same K experts (blocks of 4, two full and a partial one each); n=2 with
+    128-row blocks is the decode shape (the block shrinks to the pairs there are). No mesh:
+    expert_parallel is local here."""
     rng = np.random.default_rng([n, block, len(kind)])
     idx, w = routing(kind, n, rng)
     wgu, wd = weights(rng)
@@ -143,7 +145,7 @@ def test_matches_per_token_reference(impl, kind, n, block):
 
 
 def test_blocked_dropless_everything_on_one_expert():
-    """K=1 and every token on one expert: one group of all N rows (many blocks plus a partial one)."""
+    """K=1 and every token on one expert: 37 rows = 2 full blocks of 16 + a tail block of 8 holding 5."""
     rng = np.random.default_rng(1)
     n = 37
     idx = np.full((n, 1), 5, np.int32)
@@ -151,7 +153,7 @@ def test_blocked_dropless_everything_on_one_expert():
     wgu, wd = weights(rng)
     x, dy = (rng.normal(size=(n, D)).astype(np.float32) for _ in range(2))
     want_y, want_g = reference(x, idx, w, wgu, wd, dy)
-    cfg = make_cfg(moe_impl="blocked", num_experts_per_tok=1, moe_block_size=8)
+    cfg = make_cfg(moe_impl="blocked", num_experts_per_tok=1, moe_block_size=16)
     y, grads = run_impl(cfg, x, idx, w, wgu, wd, dy)
     close(y, want_y)
     assert np.abs(np.asarray(y)).min(axis=1).max() > 0            # no token came back empty
@@ -285,9 +287,11 @@ def test_exchange_shapes_and_group_limit_bound():
     cfg = make_cfg()
     rng = np.random.default_rng(5)
     _, idx, _ = _group_limited_routing(cfg, 64, rng)
-    s = ep_mod.exchange_shape(cfg, 8, 4, dedup=True)
-    assert s.capacities == (8,) and s.slots == min(K, E // 4)
-    assert ep_mod.exchange_shape(cfg, 8, 4, dedup=False).capacities == (8 * min(K, E // 4),)
+    s = ep_mod.exchange_shape(cfg, 8, 4, dedup=True, capacity_fractions=(1.0,))
+    assert s.capacities == (8,) and s.slots == min(K, E // 4)              # n per destination
+    assert ep_mod.exchange_shape(cfg, 8, 4, dedup=False, capacity_fractions=(1.0,)).capacities == (16,)
+    ladder = ep_mod.exchange_shape(cfg, 64, 4, dedup=True, capacity_fractions=(0.25, 0.5, 1.0))
+    assert ladder.capacities == (16, 32, 64)
     sent = ep_mod.destination_counts(cfg, idx, ep=4, token_shards=8, dedup=True)
     assert sent.sum() <= 64 * cfg.topk_group
     assert ep_mod.destination_counts(cfg, idx, ep=4, token_shards=8, dedup=False).sum() == 64 * K
