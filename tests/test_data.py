@@ -179,11 +179,11 @@ def test_batch_not_divisible_by_processes():
 
 def test_split_train_val():
     t = np.arange(1000, dtype=np.int32)
-    train, val = split_train_val(t, val_fraction=0.1)
-    assert len(val) == 100 and val[0] == 900
-    np.testing.assert_array_equal(np.concatenate([train, val]), t)
+    train, val = split_train_val(t, val_fraction=0.1, chunks=10)
+    assert len(val) == 100 and val[0] == 90 and val[-1] == 999      # held out from across the stream
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), t)   # a partition
     _, val = split_train_val(t, val_fraction=0.001, min_val_tokens=33)
-    assert len(val) == 33
+    assert len(val) == 33 and np.all(np.diff(val) == 1)             # one piece when only one fits
     with pytest.raises(ValueError, match="too small"):
         split_train_val(t, min_val_tokens=1000)
 

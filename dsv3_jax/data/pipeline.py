@@ -201,12 +201,13 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
         )
 
 
-def split_train_val(tokens: np.ndarray, val_fraction: float = 0.01, min_val_tokens: int = 0):
-    """Split off the tail of the stream as validation data: ``(train, val)``.
+def split_train_val(tokens: np.ndarray, val_fraction: float = 0.01, min_val_tokens: int = 0, chunks: int = 100):
+    """Hold out the tail of each of `chunks` equal stretches of the stream: ``(train, val)``.
 
-    A contiguous held-out tail (rather than random windows) keeps the split
-    deterministic and guarantees no train window overlaps a val window.
-    ``min_val_tokens`` (e.g. ``seq_len + 1``) makes sure eval has one window.
+    Contiguous held-out pieces keep the split deterministic and no train window overlaps a val window;
+    taking them from across the whole stream (not only its end, which for the default corpus is a few
+    late stdlib files) keeps validation representative of what is trained on. ``min_val_tokens`` (e.g.
+    ``seq_len + 1``) makes sure each piece holds at least that many tokens, using fewer pieces if needed.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -214,7 +215,14 @@ def split_train_val(tokens: np.ndarray, val_fraction: float = 0.01, min_val_toke
     n_val = max(int(n * val_fraction), min_val_tokens)
     if n_val >= n:
         raise ValueError(f"corpus of {n} tokens is too small to hold out {n_val} validation tokens")
-    return tokens[: n - n_val], tokens[n - n_val :]
+    pieces = max(1, min(chunks, n_val // max(min_val_tokens, 1)))
+    bounds = np.linspace(0, n, pieces + 1).astype(np.int64)
+    per_piece = n_val // pieces
+    train, val = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        train.append(tokens[a:b - per_piece])
+        val.append(tokens[b - per_piece:b])
+    return np.concatenate(train), np.concatenate(val)
 
 
 # ----------------------------------------------------------------------------
