@@ -11,7 +11,7 @@ row decodes at its own offset (see cache.py), so a batch gives the same tokens a
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,24 +121,47 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
                           stream_callback, eos_id=eos_id, cache_dtype=cache_dtype, max_len=max_len)
 
 
-def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
-                   stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None, absorbed: bool = True):
-    """Validated inputs -> (tokens, stats): one jitted decode step per new token (absorbed MLA)."""
+
+class Request(NamedTuple):
+    tokens: np.ndarray          # [B, T] right-padded prompts
+    lengths: np.ndarray         # [B]
+    tok: jax.Array              # first new token of each row (from the prefill)
+    cache: object
+    prefill: object             # the prefill output (h_prev, h_last for speculative decoding)
+    col: "_Collector"
+    key: jax.Array
+    temp: jax.Array
+    top_p: jax.Array
+    t0: float
+    t1: float
+
+
+def start_request(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed, stream_callback,
+                  eos_id, cache_dtype, max_len, mtp: bool) -> Request:
+    """The part plain and speculative decoding share: lay out and pad the prompts, allocate the latent cache,
+    run the jitted prefill (which samples each row's first new token) and hand that token to the collector."""
     t_pad, slots = layout(prompts, max_new_tokens, max_len)
     tokens, lengths = pad_prompts(prompts, t_pad)
-    cache = init_cache(cfg, len(prompts), slots, cache_dtype, mtp=False)
+    cache = init_cache(cfg, len(prompts), slots, cache_dtype, mtp=mtp)
     key = jax.random.PRNGKey(seed)
     temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
     col = _Collector(len(prompts), max_new_tokens, eos_id, stream_callback)
-
     t0 = time.perf_counter()
-    tok, out = jit_prefill(cfg, False)(params, router_state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                                       jax.random.fold_in(key, 0), temp, top_p)
-    cache = out.cache
-    del out
+    tok, out = jit_prefill(cfg, mtp)(params, router_state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                     jax.random.fold_in(key, 0), temp, top_p)
     tok_host = np.asarray(tok)
     t1 = time.perf_counter()
     col.add([[t] for t in tok_host])
+    return Request(tokens, lengths, tok, out.cache, out, col, key, temp, top_p, t0, t1)
+
+
+def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
+                   stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None, absorbed: bool = True):
+    """Validated inputs -> (tokens, stats): one jitted decode step per new token (absorbed MLA)."""
+    req = start_request(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
+                        stream_callback, eos_id, cache_dtype, max_len, mtp=False)
+    tok, cache, col, key, temp, top_p, lengths = req.tok, req.cache, req.col, req.key, req.temp, req.top_p, req.lengths
+    t0, t1 = req.t0, req.t1
 
     step = jit_decode_sample(cfg, absorbed)
     pos = jnp.asarray(lengths)           # position of each row's pending token

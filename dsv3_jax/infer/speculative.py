@@ -32,9 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from .cache import init_cache
-from .decode import (forward, greedy, jit_prefill, layout, main_logits, mtp_forward, pad_prompts, sample,
-                     sample_from, sampling_probs)
+from .decode import forward, greedy, main_logits, mtp_forward, sample, sample_from, sampling_probs
 
 
 class SpecState(NamedTuple):
@@ -117,27 +115,16 @@ def jit_speculative_step(cfg: ModelConfig):
 def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
                          stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None):
     """Validated inputs -> (tokens, stats); see the module docstring and `generate`."""
-    from .generate import _Collector
+    from .generate import start_request
     if cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params:
         raise ValueError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
                          "params['mtp_0']); use speculative=False")
-    t_pad, slots = layout(prompts, max_new_tokens, max_len)
-    tokens, lengths = pad_prompts(prompts, t_pad)
-    cache = init_cache(cfg, len(prompts), slots, cache_dtype, mtp=True)
-    key = jax.random.PRNGKey(seed)
-    temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    col = _Collector(len(prompts), max_new_tokens, eos_id, stream_callback)
-
-    t0 = time.perf_counter()
-    tok, out = jit_prefill(cfg, True)(params, router_state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                                      jax.random.fold_in(key, 0), temp, top_p)
+    req = start_request(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
+                        stream_callback, eos_id, cache_dtype, max_len, mtp=True)
+    col, key, temp, top_p, cache, t0, t1 = req.col, req.key, req.temp, req.top_p, req.cache, req.t0, req.t1
     rows = np.arange(len(prompts))
-    st = SpecState(jnp.asarray(lengths), jnp.asarray(tokens[rows, lengths - 1]), tok, out.h_prev, out.h_last)
-    cache = out.cache
-    del out
-    tok_host = np.asarray(tok)
-    t1 = time.perf_counter()
-    col.add([[t] for t in tok_host])
+    st = SpecState(jnp.asarray(req.lengths), jnp.asarray(req.tokens[rows, req.lengths - 1]), req.tok,
+                   req.prefill.h_prev, req.prefill.h_last)
 
     step = jit_speculative_step(cfg)
     forwards = drafts = accepted_total = 0
