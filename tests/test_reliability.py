@@ -250,11 +250,14 @@ def poisoned_corpus(path: Path, rc: RunConfig, poison_steps: set, n_tokens: int 
         it = make_train_iterator(train_tok, tc.seq_len, tc.global_batch_size, tc.seed)
         return [next(it) for _ in range(n)]
 
-    windows = {tokens[i * tc.seq_len: i * tc.seq_len + tc.seq_len + 1].tobytes(): i
-               for i in range(len(tokens) // tc.seq_len)}
+    # Windows are cut from the training part of the split; map them back to stream positions.
+    train_pos, _ = split_train_val(np.arange(n_tokens), tc.val_fraction, min_val_tokens=tc.seq_len + 1)
+    train_tok = tokens[train_pos]
+    windows = {train_tok[i * tc.seq_len: i * tc.seq_len + tc.seq_len + 1].tobytes(): i
+               for i in range(len(train_tok) // tc.seq_len)}
     for s in poison_steps:
         i = windows[batches(tokens, s)[s - 1][0].tobytes()]
-        tokens[i * tc.seq_len + tc.seq_len // 2] = MARK            # inside the window, not on its edges
+        tokens[train_pos[i * tc.seq_len + tc.seq_len // 2]] = MARK  # inside the window, not on its edges
     hit = {s for s, b in enumerate(batches(tokens, tc.steps), start=1) if (b == MARK).any()}
     assert hit == set(poison_steps), hit
     np.save(path, tokens)
