@@ -28,10 +28,9 @@ import flax.linen as nn
 import numpy as np
 
 from ..config import ModelConfig
-from ..model.dispatch import routed_experts
-from ..model.layers import MLP, RMSNorm, dtype_of
+from ..model.layers import MLP, RMSNorm
 from ..model.mla import MLA
-from ..model.moe import route
+from ..model.moe import MoE
 from ..model.rope import rope_angles
 from .cache import KVCache, LayerCache
 
@@ -52,31 +51,9 @@ def _norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
     return RMSNorm(cfg).apply({"params": p}, x)
 
 
-def _gather_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
-                    w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """Routed experts for a handful of tokens: gather only the chosen experts' weights (decode reads K
-    experts per token instead of all E). x [N,D], idx/w [N,K] -> [N,D]."""
-    dt = dtype_of(cfg.dtype)
-    gu = w_gate_up[idx].astype(dt)                                               # [N,K,D,2,F]
-    h = jnp.einsum("ND,NKDGF->NKGF", x.astype(dt), gu)
-    a = nn.silu(h[:, :, 0]) * h[:, :, 1]                                          # [N,K,F]
-    y = jnp.einsum("NKF,NKFD->NKD", a, w_down[idx].astype(dt))
-    return jnp.einsum("NKD,NK->ND", y, w.astype(dt))
-
-
 def _moe(cfg: ModelConfig, p: dict, router_bias: jax.Array, z: jax.Array) -> jax.Array:
-    """The MoE FFN of `model.moe.MoE` (without its statistics) on z [B,T,D]."""
-    b, t, d = z.shape
-    x2 = z.reshape(b * t, d)
-    r = route(cfg, x2, p["router"], router_bias)
-    if b * t * cfg.num_experts_per_tok <= cfg.n_routed_experts:
-        y = _gather_experts(cfg, x2, r.expert_index, r.gate_weight, p["experts_gate_up"], p["experts_down"])
-    else:
-        y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, p["experts_gate_up"], p["experts_down"])
-    y = y.reshape(b, t, d).astype(z.dtype)
-    if cfg.n_shared_experts:
-        y = y + MLP(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size).apply({"params": p["shared"]}, z)
-    return y
+    """The model's own MoE on z [B,T,D] (its statistics dropped); few tokens take the gather dispatch."""
+    return MoE(cfg).apply({"params": p, "router_state": {"router_bias": router_bias}}, z)[0]
 
 
 def block_step(cfg: ModelConfig, moe: bool, p: dict, rs: Optional[dict], h: jax.Array, cos, sin,

@@ -72,6 +72,17 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
     return impl(cfg, x, idx, w, w_gate_up, w_down)
 
 
+def gather(cfg, x, idx, w, w_gate_up, w_down):
+    """For a handful of tokens (N*K <= E, e.g. one decode step; MoE picks it): gather the chosen experts' weights per
+    token-expert pair, so a step reads K experts per token instead of all E."""
+    dt = dtype_of(cfg.dtype)
+    gu = w_gate_up[idx].astype(dt)                                                # [N,K,D,2,F]
+    h = jnp.einsum("ND,NKDGF->NKGF", x.astype(dt), gu)
+    a = nn.silu(h[:, :, 0]) * h[:, :, 1]                                           # [N,K,F]
+    y = jnp.einsum("NKF,NKFD->NKD", a, w_down[idx].astype(dt))
+    return jnp.einsum("NKD,NK->ND", y, w.astype(dt))
+
+
 def dense(cfg, x, idx, w, w_gate_up, w_down):
     dt = dtype_of(cfg.dtype)
     h = jnp.einsum("ND,EDGF->ENGF", x.astype(dt), w_gate_up.astype(dt))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..config import ModelConfig
-from .dispatch import routed_experts
+from .dispatch import gather, routed_experts
 from .layers import MLP, param
 
 
@@ -76,7 +76,9 @@ class MoE(nn.Module):
 
         x2 = x.reshape(b * t, d)                                                               # [N, D]
         r = route(cfg, x2, router_kernel, router_bias)
-        y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down)          # [N, D]
+        few = b * t * cfg.num_experts_per_tok <= e and cfg.moe_impl != "expert_parallel"
+        dispatch = gather if few else routed_experts          # decode steps read only the chosen experts
+        y = dispatch(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down)                # [N, D]
         y = y.reshape(b, t, d).astype(x.dtype)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * f, name="shared")(x)
