@@ -114,3 +114,9 @@ def test_two_processes_equal_one(straight_run, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     a, b = read_metrics(straight_dir), read_metrics(run_dir)
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+
+
+def test_metrics_line_cut_by_a_crash_counts_as_lost():
+    from dsv3_jax.train.loop import _logged_step
+    assert _logged_step('{"step": 3}\n') == 3
+    assert _logged_step('{"step": 4, "lo') == float("inf") and _logged_step("garbage\n") == float("inf")

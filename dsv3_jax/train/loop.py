@@ -4,6 +4,7 @@ checkpoints. Every process runs this same function; only process 0 writes logs."
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
