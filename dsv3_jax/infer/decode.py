@@ -89,8 +89,12 @@ def _run_stack(cfg, moe, p_stack, rs_stack, h, cos, sin, layers: LayerCache, rea
         return h, (c_kv, k_pe)
 
     xs = (p_stack, rs_stack, layers.c_kv if read_cache else None, layers.k_pe if read_cache else None)
-    h, (c_new, pe_new) = jax.lax.scan(body, h, xs)
+    h, (c_new, pe_new) = jax.lax.scan(body, h, xs, unroll=min(cfg.scan_unroll, _stack_depth(p_stack)))
     return h, c_new, pe_new
+
+
+def _stack_depth(p_stack) -> int:
+    return jax.tree.leaves(p_stack)[0].shape[0]
 
 
 def _masks(cache_len: int, positions: jax.Array, key_valid: Optional[jax.Array]):

@@ -73,14 +73,18 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
 
 
 def gather(cfg, x, idx, w, w_gate_up, w_down):
-    """For a handful of tokens (N*K <= E, e.g. one decode step; MoE picks it): gather the chosen experts' weights per
-    token-expert pair, so a step reads K experts per token instead of all E."""
+    """For a handful of tokens (N*K <= E, e.g. one decode step; MoE picks it): gather the chosen experts'
+    weights per token-expert pair, so a step reads K experts per token instead of all E. Pairs are flattened
+    first: one gather of [P, D, 2F] and 2-D-per-pair matmuls ran 2.5-4x faster on CPU than gathering
+    [N, K, D, 2, F] and contracting with the token axis kept (tiny and small presets, 1-2 tokens)."""
     dt = dtype_of(cfg.dtype)
-    gu = w_gate_up[idx].astype(dt)                                                # [N,K,D,2,F]
-    h = jnp.einsum("ND,NKDGF->NKGF", x.astype(dt), gu)
-    a = nn.silu(h[:, :, 0]) * h[:, :, 1]                                           # [N,K,F]
-    y = jnp.einsum("NKF,NKFD->NKD", a, w_down[idx].astype(dt))
-    return jnp.einsum("NKD,NK->ND", y, w.astype(dt))
+    e, d, _, f = w_gate_up.shape
+    k = idx.shape[1]
+    pairs = idx.reshape(-1)                                                       # [P]
+    h = jnp.einsum("PD,PDF->PF", jnp.repeat(x.astype(dt), k, axis=0),
+                   w_gate_up.reshape(e, d, 2 * f)[pairs].astype(dt))              # [P, 2F]
+    y = jnp.einsum("PF,PFD->PD", nn.silu(h[:, :f]) * h[:, f:], w_down[pairs].astype(dt))
+    return combine(y, jnp.arange(pairs.shape[0]), w)
 
 
 def dense(cfg, x, idx, w, w_gate_up, w_down):
@@ -104,12 +108,20 @@ def sort_by_expert(idx: jax.Array, num_experts: int):
     return order, inverse, group_sizes
 
 
-def combine(y_sorted: jax.Array, inverse: jax.Array, w: jax.Array) -> jax.Array:
-    """Un-sort pair outputs [P,D] (a gather, no scatter) and take the weighted sum over each token's K
-    (an elementwise product and a reduction: an einsum here becomes N tiny batched matmuls on CPU)."""
+def combine(y_sorted: jax.Array, inverse: jax.Array, w: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Un-sort pair outputs [P,D] and take the weighted sum over each token's K: `sum_k w[n,k] *
+    y_sorted[inverse[n,k]]`, written as K row gathers and adds. Gather, no scatter; and no reduction over
+    the small K axis, which XLA:CPU fused into a library call ~6x slower than the adds (an einsum instead
+    becomes N tiny batched matmuls). `valid` [N,K] zeroes pairs no local expert computed."""
     n, k = w.shape
-    y = y_sorted[inverse].reshape(n, k, -1)                                       # [N,K,D]
-    return (y * w.astype(y.dtype)[..., None]).sum(1)
+    inverse = inverse.reshape(n, k)
+    w = w.astype(y_sorted.dtype)
+    if valid is not None:
+        w = jnp.where(valid, w, 0)
+    out = y_sorted[inverse[:, 0]] * w[:, 0, None]
+    for j in range(1, k):
+        out = out + y_sorted[inverse[:, j]] * w[:, j, None]
+    return out
 
 
 def ragged(cfg, x, idx, w, w_gate_up, w_down):
@@ -261,7 +273,7 @@ def _dispatch_rows(x, order, k, block):
     return jnp.concatenate([xs, jnp.zeros((block, xs.shape[1]), xs.dtype)])
 
 
-def _combine_rows(ys, inverse, w, valid):
+def _pair_rows(ys, inverse, w, valid):
     n, k = w.shape
     yp = ys[inverse].reshape(n, k, -1)                                          # gather [N, K, D]
     if valid is not None:                   # pairs no local expert computed: their rows hold leftovers
@@ -273,25 +285,24 @@ def _combine_rows(ys, inverse, w, valid):
 def _blocked_core(block, x, w, w1, w2, order, inverse, sizes, starts, valid):
     n, k = w.shape
     ys, _ = _ffn_blocks_fwd(_dispatch_rows(x, order, k, block), sizes, starts, w1, w2, block, False)
-    return (_combine_rows(ys, inverse, w, valid) * w.astype(ys.dtype)[..., None]).sum(1)
+    return combine(ys, inverse, w, valid)
 
 
 def _blocked_core_fwd(block, x, w, w1, w2, order, inverse, sizes, starts, valid):
     n, k = w.shape
     xs = _dispatch_rows(x, order, k, block)
     ys, hs = _ffn_blocks_fwd(xs, sizes, starts, w1, w2, block, True)
-    y = (_combine_rows(ys, inverse, w, valid) * w.astype(ys.dtype)[..., None]).sum(1)
-    return y, (xs, hs, ys, w, w1, w2, order, inverse, sizes, starts, valid)
+    return combine(ys, inverse, w, valid), (xs, hs, ys, w, w1, w2, order, inverse, sizes, starts, valid)
 
 
 def _blocked_core_bwd(block, res, dy):
     xs, hs, ys, w, w1, w2, order, inverse, sizes, starts, valid = res
     n, k = w.shape
-    dw = (dy[:, None, :] * _combine_rows(ys, inverse, w, valid)).sum(-1).astype(w.dtype)   # [N, K]
+    dw = jnp.einsum("ND,NKD->NK", dy, _pair_rows(ys, inverse, w, valid)).astype(w.dtype)   # [N, K]
     w_sorted = w.reshape(-1)[order].astype(dy.dtype)
     dys = _dispatch_rows(dy, order, k, block) * jnp.pad(w_sorted, (0, block))[:, None]
     dxs, dw1, dw2 = _ffn_blocks_bwd(xs, hs, dys, sizes, starts, w1, w2, block)
-    dx = dxs[inverse].reshape(n, k, -1).sum(1)                                  # gather, no scatter-add
+    dx = combine(dxs, inverse, jnp.ones_like(w, dxs.dtype))                     # gather, no scatter-add
     return (_like_primal(dx, xs), _like_primal(dw, w), _like_primal(dw1, w1), _like_primal(dw2, w2),
             None, None, None, None, None)
 
