@@ -10,7 +10,11 @@ attention 2 x B x T^2 x H x (qk_head_dim + v_head_dim) per layer (full T^2, as i
 The reference is a 2048^3 fp32 matmul timed in the same run. Timings: warm-up, then the median of several
 steps, each ended by block_until_ready. Last printed line: one JSON object.
 
-    python experiments/bench_train.py [--steps 8] [--moe-impl blocked] [key=value overrides]
+    python experiments/bench_train.py [--steps 6] [--rounds 2] [--torch-peer ../shared/peers/torch_peer.py]
+        [--out experiments/results] [--moe-impl blocked] [key=value overrides]
+
+Rounds alternate: ours with MTP on, ours with MTP off, then (with --torch-peer) the torch peer, so that all
+three see the same machine state; the summary takes medians over rounds.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -36,6 +42,9 @@ from dsv3_jax.sharding import activate, make_mesh  # noqa: E402
 from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
 from dsv3_jax.train.state import create_train_state  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
+
+
+MAXTEXT_TOKENS_PER_S = 450     # MaxText 0.2.5 on this config and machine class, best of its MoE paths (issue #4)
 
 
 def model_flops_per_step(rc: RunConfig, mtp: bool) -> float:
@@ -72,7 +81,8 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / time_fn(lambda: f(a), reps)
 
 
-def step_time(rc: RunConfig, steps: int) -> float:
+def make_runner(rc: RunConfig):
+    """A compiled, warmed-up train step on one CPU device; `runner(n)` -> median seconds of n steps."""
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     model, opt = Transformer(rc.model), make_optimizer(rc.train)
     state = create_train_state(model, rc, mesh, opt)
@@ -81,18 +91,65 @@ def step_time(rc: RunConfig, steps: int) -> float:
                         jnp.int32)
     with activate(mesh):
         step = jax.jit(make_train_step(model, rc, opt), donate_argnums=0)
-        holder = [state]
+    holder = [state]
 
-        def run():
+    def one():
+        with activate(mesh):
             holder[0], m = step(holder[0], batch)
-            return m["loss"]
-        return time_fn(run, steps)
+        return m["loss"]
+
+    time_fn(one, 1)                                                    # compile + warm-up
+    return lambda n: time_fn(one, n, warmup=1)
+
+
+def torch_peer_tokens_per_s(path: str, steps: int) -> float:
+    """Run the torch peer script (transformers DeepseekV3ForCausalLM, eager, no MTP) and parse its tokens/s."""
+    out = subprocess.run([sys.executable, path, str(steps)], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"tokens_per_s=([0-9.]+)", out)
+    if not match:
+        raise RuntimeError(f"could not read tokens_per_s from {path}: {out[-500:]}")
+    return float(match.group(1))
+
+
+def write_results(out_dir: str, rows: list, summary: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["# Train-step throughput (bench config, one CPU device, fp32)", "",
+             f"Machine: {os.cpu_count()} CPU cores, jax {jax.__version__}. Each round times our step with MTP "
+             "on, then off" + (", then runs the torch peer" if summary.get("torch_tokens_per_s") else "") +
+             "; medians over rounds. Model FLOPs: see experiments/bench_train.py.", "",
+             "| round | MTP on tok/s | MTP off tok/s | torch (no MTP) tok/s | matmul GFLOP/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        torch_col = f"{r['torch']:.0f}" if r.get("torch") else "-"
+        lines.append(f"| {r['round']} | {r['on']:.0f} | {r['off']:.0f} | {torch_col} | {r['matmul'] / 1e9:.0f} |")
+    lines += ["", "```", json.dumps(summary, indent=1), "```"]
+    with open(os.path.join(out_dir, "bench_train.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = ["ours, MTP on", "ours, MTP off"] + (["torch (no MTP)"] if summary.get("torch_tokens_per_s") else [])
+    vals = [summary["tokens_per_s"], summary["tokens_per_s_no_mtp"]] + (
+        [summary["torch_tokens_per_s"]] if summary.get("torch_tokens_per_s") else [])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, vals, color=["C0", "C0", "C1"][:len(vals)])
+    ax.axhline(MAXTEXT_TOKENS_PER_S, color="C3", ls="--", label=f"MaxText 0.2.5 ({MAXTEXT_TOKENS_PER_S}, issue figure)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("bench config train step, 2-core CPU")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "bench_train.png"), dpi=120)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per round and configuration")
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--moe-impl", default=None)
+    p.add_argument("--torch-peer", default=None, help="path of ../shared/peers/torch_peer.py: run it each round")
+    p.add_argument("--out", default=None, help="write bench_train.{md,png} here (e.g. experiments/results)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     rc = RunConfig(get_preset("bench"), TRAIN_PRESETS["bench"]).override(args.overrides)
@@ -100,21 +157,37 @@ def main() -> None:
         rc = rc.override([f"model.moe_impl={args.moe_impl}"])
     tokens = rc.train.global_batch_size * rc.train.seq_len
     no_mtp = rc.override(["model.num_nextn_predict_layers=0"])
+    run_on, run_off = make_runner(rc), make_runner(no_mtp)
 
-    mm = matmul_flops_per_s()
-    t_mtp = step_time(rc, args.steps)
-    t_no = step_time(no_mtp, args.steps)
-    mm = (mm + matmul_flops_per_s()) / 2          # before and after: the machine is noisy
+    rows = []
+    for r in range(args.rounds):
+        mm = matmul_flops_per_s()
+        row = {"round": r + 1, "on": tokens / run_on(args.steps), "off": tokens / run_off(args.steps), "matmul": mm}
+        if args.torch_peer:
+            row["torch"] = torch_peer_tokens_per_s(args.torch_peer, args.steps + 2)
+        rows.append(row)
+        print(f"round {r + 1}: MTP on {row['on']:.0f} tok/s, MTP off {row['off']:.0f} tok/s"
+              + (f", torch {row['torch']:.0f} tok/s" if "torch" in row else "") + f", matmul {mm / 1e9:.0f} GFLOP/s",
+              flush=True)
+    med = lambda k: statistics.median(row[k] for row in rows)
+    on, off, mm = med("on"), med("off"), med("matmul")
     f_mtp, f_no = model_flops_per_step(rc, True), model_flops_per_step(no_mtp, False)
-    rows = [("MTP on", t_mtp, tokens / t_mtp, f_mtp / t_mtp), ("MTP off", t_no, tokens / t_no, f_no / t_no)]
     print(f"moe_impl={rc.model.moe_impl}  matmul 2048^3 fp32: {mm / 1e9:.1f} GFLOP/s")
     print(f"{'':8} {'s/step':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>9}")
-    for name, t, tps, fps in rows:
-        print(f"{name:8} {t:8.3f} {tps:10.0f} {fps / 1e9:9.1f} {fps / mm:9.1%}")
-    print(json.dumps({"moe_impl": rc.model.moe_impl, "tokens_per_s": tokens / t_mtp,
-                      "tokens_per_s_no_mtp": tokens / t_no, "model_flops_per_s": f_mtp / t_mtp,
-                      "model_flops_per_s_no_mtp": f_no / t_no, "matmul_flops_per_s": mm,
-                      "flops_fraction": f_mtp / t_mtp / mm, "flops_fraction_no_mtp": f_no / t_no / mm}))
+    for name, tps, flops in (("MTP on", on, f_mtp), ("MTP off", off, f_no)):
+        fps = flops * tps / tokens
+        print(f"{name:8} {tokens / tps:8.3f} {tps:10.0f} {fps / 1e9:9.1f} {fps / mm:9.1%}")
+    summary = {"moe_impl": rc.model.moe_impl, "tokens_per_s": on, "tokens_per_s_no_mtp": off,
+               "model_flops_per_s": f_mtp * on / tokens, "model_flops_per_s_no_mtp": f_no * off / tokens,
+               "matmul_flops_per_s": mm, "flops_fraction": f_mtp * on / tokens / mm,
+               "flops_fraction_no_mtp": f_no * off / tokens / mm,
+               "vs_maxtext": on / MAXTEXT_TOKENS_PER_S}
+    if args.torch_peer:
+        summary["torch_tokens_per_s"] = med("torch")
+        summary["no_mtp_vs_torch"] = statistics.median(row["off"] / row["torch"] for row in rows)
+    if args.out:
+        write_results(args.out, rows, summary)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,31 @@ class _Collector:
     def active(self) -> np.ndarray:
         return ~self.done
 
+    @property
+    def count(self) -> int:
+        return sum(len(o) for o in self.out)
+
+
+class DecodeClock:
+    """Decode timing with the first step apart: it compiles the step for a new shape (seconds on CPU), which
+    would otherwise swamp tokens/s of short requests. tokens_per_s is over the steps after the first."""
+
+    def __init__(self, col: _Collector, t_start: float):
+        self.col, self.t_start, self.t_first, self.n_start, self.n_first = col, t_start, None, col.count, 0
+
+    def step_done(self) -> None:
+        if self.t_first is None:
+            self.t_first, self.n_first = time.perf_counter(), self.col.count
+
+    def stats(self) -> dict:
+        t_end, n_end = time.perf_counter(), self.col.count
+        t_first = self.t_first or t_end
+        steady_s, steady_n = t_end - t_first, n_end - self.n_first
+        if steady_n <= 0 or steady_s <= 0:          # a single step: fall back to the whole decode
+            steady_s, steady_n = t_end - self.t_start, n_end - self.n_start
+        return {"new_tokens": n_end, "decode_s": t_end - self.t_start, "first_step_s": t_first - self.t_start,
+                "tokens_per_s": steady_n / steady_s if steady_s > 0 and steady_n > 0 else 0.0}
+
 
 def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, speculative: bool = False,
@@ -103,8 +128,8 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     positions (prompt + new tokens must fit, ValueError otherwise, as for cfg.max_position_embeddings); fixing
     it lets requests of different lengths share compiled steps (default: just enough, in buckets of 16).
 
-    Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, tokens_per_s,
-    main_forwards (decode-step forwards of the main model, batched), tokens_per_forward, and for speculative
+    Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, first_step_s,
+    tokens_per_s (decode steps after the first, which compiles on a new shape; see DecodeClock), main_forwards (decode-step forwards of the main model, batched), tokens_per_forward, and for speculative
     decoding drafts, accepted, acceptance_rate.
     """
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
@@ -165,6 +190,7 @@ def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperatu
 
     step = jit_decode_sample(cfg, absorbed)
     pos = jnp.asarray(lengths)           # position of each row's pending token
+    clock = DecodeClock(col, t1)
     forwards = 0
     while col.active.any():
         active = col.active
@@ -172,11 +198,6 @@ def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperatu
                                temp, top_p)
         forwards += 1
         col.add([[t] if a else [] for t, a in zip(np.asarray(tok), active)])
-    t2 = time.perf_counter()
-    n_new = sum(len(o) for o in col.out)
-    decoded = n_new - len(prompts)       # tokens from decode steps (the first came from the prefill)
-    return col.out, {
-        "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
-        "tokens_per_s": decoded / (t2 - t1) if t2 > t1 and decoded else 0.0,
-        "main_forwards": forwards, "tokens_per_forward": 1.0, "speculative": False,
-    }
+        clock.step_done()
+    return col.out, dict(clock.stats(), prefill_s=t1 - t0, main_forwards=forwards, tokens_per_forward=1.0,
+                         speculative=False)

@@ -24,7 +24,6 @@ the previous tokens); sampling output has exactly the main model's (tempered, to
 from __future__ import annotations
 
 import functools
-import time
 from typing import NamedTuple
 
 import jax
@@ -115,7 +114,7 @@ def jit_speculative_step(cfg: ModelConfig):
 def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
                          stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None):
     """Validated inputs -> (tokens, stats); see the module docstring and `generate`."""
-    from .generate import start_request
+    from .generate import DecodeClock, start_request
     if cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params:
         raise ValueError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
                          "params['mtp_0']); use speculative=False")
@@ -127,6 +126,7 @@ def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, tem
                    req.prefill.h_prev, req.prefill.h_last)
 
     step = jit_speculative_step(cfg)
+    clock = DecodeClock(col, t1)
     forwards = drafts = accepted_total = 0
     while col.active.any():
         active = col.active
@@ -138,13 +138,8 @@ def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, tem
         accepted_total += int(acc.sum())
         col.add([([int(f), int(b)] if a else [int(f)]) if on else []
                  for f, b, a, on in zip(first, bonus, acc, active)])
-    t2 = time.perf_counter()
-    n_new = sum(len(o) for o in col.out)
-    decoded = n_new - len(prompts)
+        clock.step_done()
     rate = accepted_total / drafts if drafts else 0.0
-    return col.out, {
-        "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
-        "tokens_per_s": decoded / (t2 - t1) if t2 > t1 and decoded else 0.0,
-        "main_forwards": forwards, "drafts": drafts, "accepted": accepted_total, "acceptance_rate": rate,
-        "tokens_per_forward": 1.0 + rate, "speculative": True,
-    }
+    return col.out, dict(clock.stats(), prefill_s=t1 - t0, main_forwards=forwards, drafts=drafts,
+                         accepted=accepted_total, acceptance_rate=rate, tokens_per_forward=1.0 + rate,
+                         speculative=True)

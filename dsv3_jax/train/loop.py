@@ -113,6 +113,14 @@ def _flat_max_vio(max_vio: dict) -> list:
             for x in np.atleast_1d(np.asarray(max_vio[k]))]
 
 
+def run_split(rc: RunConfig, tokenizer) -> tuple:
+    """(train tokens, validation tokens) of a run, exactly as its training loop splits them."""
+    tc = rc.train
+    tokens = data_lib.load_tokens(tc.data, tokenizer, max_bytes=tc.max_corpus_bytes or None,
+                                  vocab_size=rc.model.vocab_size)
+    return data_lib.split_train_val(tokens, tc.val_fraction, min_val_tokens=tc.seq_len + 1)
+
+
 def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress: bool = True,
           async_checkpoints: bool = True, stop_after: Optional[int] = None) -> dict:
     """Train until rc.train.steps (or `stop_after` more steps, for tests). Returns a summary."""
@@ -128,9 +136,7 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     tokenizer = data_lib.load_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > mc.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={mc.vocab_size}")
-    tokens = data_lib.load_tokens(tc.data, tokenizer, max_bytes=tc.max_corpus_bytes or None,
-                                  vocab_size=mc.vocab_size)
-    train_tokens, val_tokens = data_lib.split_train_val(tokens, tc.val_fraction, min_val_tokens=tc.seq_len + 1)
+    train_tokens, val_tokens = run_split(rc, tokenizer)
     iterator = data_lib.make_train_iterator(train_tokens, tc.seq_len, tc.global_batch_size, tc.seed,
                                             process_index=proc, process_count=nproc)
     eval_batches = data_lib.make_eval_batches(val_tokens, tc.seq_len, tc.global_batch_size, tc.eval_batches)
