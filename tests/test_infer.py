@@ -178,6 +178,29 @@ def test_speculative_accepts_agreeing_drafts():
     assert stats["main_forwards"] < 63                        # fewer main-model steps than plain decoding
 
 
+def test_eos_stops_rows_inside_a_device_call():
+    """Decoding runs CHUNK steps per device call; rows that emit eos part-way through a call stop there: the
+    output is the eos-free greedy output cut after its first eos, for plain and speculative decoding, and
+    the stream carries exactly the output tokens, in order."""
+    from dsv3_jax.infer.decode import CHUNK
+    prompts = prompts_20()[:4]
+    full, _ = plain_greedy_20()
+    full = full[:4]
+    eos = full[0][CHUNK + 3]                                   # emitted in the middle of the second call
+    expect = [o[:o.index(eos) + 1] if eos in o else o for o in full]
+    assert any(len(e) < 64 for e in expect) and any(len(e) > len(expect[0]) for e in expect)
+    for spec in (False, True):
+        streamed = [[] for _ in prompts]
+
+        def collect(new):
+            for row, toks in zip(streamed, new):
+                row.extend(toks)
+        out, _ = generate(CFG_A, variables(CFG_A), prompts, max_new_tokens=64, eos_id=int(eos),
+                          speculative=spec, stream_callback=collect, max_len=MAX_LEN)
+        assert out == expect, f"speculative={spec}"
+        assert streamed == expect, f"speculative={spec}"
+
+
 # 5. Speculative sampling keeps the target distribution --------------------------------------------------------
 
 def test_acceptance_rule_output_is_distributed_as_p():

@@ -1,6 +1,6 @@
-"""Text generation with the latent KV cache: batched prefill (expanded MLA), then a Python loop over a jitted,
-cache-donating decode step in the absorbed form (so tokens can be streamed), or self-speculative decoding with
-MTP module 1 as the draft (speculative.py).
+"""Text generation with the latent KV cache: batched prefill (expanded MLA), then jitted, cache-donating calls
+that each run up to CHUNK decode steps in the absorbed form on the device (tokens are streamed as each call
+returns), or self-speculative decoding with MTP module 1 as the draft (speculative.py).
 
     tokens, stats = generate(cfg, variables, [[1, 2, 3], [4, 5]], max_new_tokens=32)
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .cache import init_cache
-from .decode import jit_decode_sample, jit_prefill, layout, pad_prompts, split_variables
+from .decode import CHUNK, jit_decode_steps, jit_prefill, layout, pad_prompts, split_variables
 
 StreamCallback = Callable[[list], None]
 
@@ -87,14 +87,18 @@ class _Collector:
     def active(self) -> np.ndarray:
         return ~self.done
 
+    def most_left(self) -> int:
+        """The most tokens any active row may still emit (>= 1 while a row is active)."""
+        return max([self.max_new - len(o) for o, d in zip(self.out, self.done) if not d] or [1])
+
     @property
     def count(self) -> int:
         return sum(len(o) for o in self.out)
 
 
 class DecodeClock:
-    """Decode timing with the first step apart: it compiles the step for a new shape (seconds on CPU), which
-    would otherwise swamp tokens/s of short requests. tokens_per_s is over the steps after the first."""
+    """Decode timing with the first device call apart: it compiles the steps for a new shape (seconds on CPU),
+    which would otherwise swamp tokens/s of short requests. tokens_per_s is over the calls after the first."""
 
     def __init__(self, col: _Collector, t_start: float):
         self.col, self.t_start, self.t_first, self.n_start, self.n_first = col, t_start, None, col.count, 0
@@ -128,9 +132,13 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     positions (prompt + new tokens must fit, ValueError otherwise, as for cfg.max_position_embeddings); fixing
     it lets requests of different lengths share compiled steps (default: just enough, in buckets of 16).
 
-    Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, first_step_s,
-    tokens_per_s (decode steps after the first, which compiles on a new shape; see DecodeClock), main_forwards (decode-step forwards of the main model, batched), tokens_per_forward, and for speculative
-    decoding drafts, accepted, acceptance_rate.
+    Decode steps run CHUNK at a time on the device (one host round trip per call); tokens are streamed per
+    step as each call returns.
+
+    Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, first_step_s (the
+    first device call, which compiles on a new shape), tokens_per_s (after that call; see DecodeClock),
+    main_forwards (decode steps of the main model that some row needed, batched), tokens_per_forward, and
+    for speculative decoding drafts, accepted, acceptance_rate.
     """
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
@@ -182,22 +190,27 @@ def start_request(cfg, params, router_state, prompts, max_new_tokens, temperatur
 
 def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
                    stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None, absorbed: bool = True):
-    """Validated inputs -> (tokens, stats): one jitted decode step per new token (absorbed MLA)."""
+    """Validated inputs -> (tokens, stats): one decode step per new token (absorbed MLA), CHUNK per call."""
     req = start_request(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
                         stream_callback, eos_id, cache_dtype, max_len, mtp=False)
     tok, cache, col, key, temp, top_p, lengths = req.tok, req.cache, req.col, req.key, req.temp, req.top_p, req.lengths
     t0, t1 = req.t0, req.t1
 
-    step = jit_decode_sample(cfg, absorbed)
+    step = jit_decode_steps(cfg, absorbed)
     pos = jnp.asarray(lengths)           # position of each row's pending token
     clock = DecodeClock(col, t1)
     forwards = 0
     while col.active.any():
         active = col.active
-        tok, pos, cache = step(params, router_state, cache, tok, pos, jnp.asarray(active), key, forwards + 1,
-                               temp, top_p)
-        forwards += 1
-        col.add([[t] if a else [] for t, a in zip(np.asarray(tok), active)])
+        n = min(CHUNK, col.most_left())                 # every step of the call is needed by some row
+        tok, pos, cache, outs = step(params, router_state, cache, tok, pos, jnp.asarray(active), key,
+                                     forwards + 1, n, temp, top_p)
+        for row in np.asarray(outs)[:n]:
+            live = col.active
+            if not live.any():
+                break
+            forwards += 1
+            col.add([[t] if a else [] for t, a in zip(row, live)])
         clock.step_done()
     return col.out, dict(clock.stats(), prefill_s=t1 - t0, main_forwards=forwards, tokens_per_forward=1.0,
                          speculative=False)

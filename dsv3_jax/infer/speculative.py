@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from .decode import forward, greedy, main_logits, mtp_forward, sample, sample_from, sampling_probs
+from .decode import (CHUNK, forward, greedy, main_logits, mtp_forward, on_device_steps, sample, sample_from,
+                     sampling_probs)
 
 
 class SpecState(NamedTuple):
@@ -105,10 +106,19 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
 
 
 @functools.lru_cache(maxsize=32)
-def jit_speculative_step(cfg: ModelConfig):
-    """jit(speculative_step): (params, router_state, cache, state, key, step, active, temperature, top_p), cache
-    donated; the step's randomness is fold_in(key, step)."""
-    return jax.jit(functools.partial(speculative_step, cfg), donate_argnums=(2,))
+def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK):
+    """jit(up to n_max speculative steps on the device): (params, router_state, cache, state, key, step, n,
+    active, temperature, top_p) -> (state, cache, (first, bonus, accepted) each [n_max, B]), cache donated;
+    step j's randomness is fold_in(key, step + j)."""
+    def fn(params, router_state, cache, st, key, step, n, active, temperature, top_p):
+        def one(carry, j):
+            st, cache = carry
+            st, cache, emitted = speculative_step(cfg, params, router_state, cache, st, key, step + j, active,
+                                                  temperature, top_p)
+            return (st, cache), emitted
+        (st, cache), outs = on_device_steps(one, n_max)((st, cache), n)
+        return st, cache, outs
+    return jax.jit(fn, donate_argnums=(2,))
 
 
 def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
@@ -125,19 +135,23 @@ def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, tem
     st = SpecState(jnp.asarray(req.lengths), jnp.asarray(req.tokens[rows, req.lengths - 1]), req.tok,
                    req.prefill.h_prev, req.prefill.h_last)
 
-    step = jit_speculative_step(cfg)
+    step = jit_speculative_steps(cfg)
     clock = DecodeClock(col, t1)
     forwards = drafts = accepted_total = 0
     while col.active.any():
         active = col.active
-        st, cache, emitted = step(params, router_state, cache, st, key, forwards + 1, jnp.asarray(active), temp,
-                                  top_p)
-        forwards += 1
-        first, bonus, acc = jax.device_get(emitted)
-        drafts += int(active.sum())
-        accepted_total += int(acc.sum())
-        col.add([([int(f), int(b)] if a else [int(f)]) if on else []
-                 for f, b, a, on in zip(first, bonus, acc, active)])
+        n = min(CHUNK, -(-col.most_left() // 2))         # a step emits at most two tokens per row
+        st, cache, outs = step(params, router_state, cache, st, key, forwards + 1, n, jnp.asarray(active), temp,
+                               top_p)
+        for first, bonus, acc in zip(*[o[:n] for o in jax.device_get(outs)]):
+            live = col.active
+            if not live.any():
+                break
+            forwards += 1
+            drafts += int(live.sum())
+            accepted_total += int((acc & live).sum())
+            col.add([([int(f), int(b)] if a else [int(f)]) if on else []
+                     for f, b, a, on in zip(first, bonus, acc, live)])
         clock.step_done()
     rate = accepted_total / drafts if drafts else 0.0
     return col.out, dict(clock.stats(), prefill_s=t1 - t0, main_forwards=forwards, drafts=drafts,
