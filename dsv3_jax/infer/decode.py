@@ -32,6 +32,7 @@ from ..model.layers import MLP, RMSNorm
 from ..model.mla import MLA
 from ..model.moe import MoE
 from ..model.rope import rope_angles
+from ..model.transformer import output_logits
 from .cache import KVCache, LayerCache
 
 
@@ -120,8 +121,7 @@ def embed(params: dict, tokens: jax.Array) -> jax.Array:
 
 def head(cfg: ModelConfig, params: dict, norm_params: dict, h: jax.Array) -> jax.Array:
     """norm then the shared output head, fp32 logits (as `Transformer.head`)."""
-    hn = _norm(cfg, norm_params, h)
-    return jnp.einsum("...D,DX->...X", hn.astype(jnp.float32), params["lm_head"].astype(jnp.float32))
+    return output_logits(_norm(cfg, norm_params, h), params["lm_head"])
 
 
 def forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, tokens: jax.Array,

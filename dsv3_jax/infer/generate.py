@@ -91,6 +91,16 @@ class _Collector:
         """The most tokens any active row may still emit (>= 1 while a row is active)."""
         return max([self.max_new - len(o) for o, d in zip(self.out, self.done) if not d] or [1])
 
+    def live_steps(self, outs, n: int):
+        """Walk the first n per-step outputs of a device call (a pytree of [n_max, B, ...] host arrays):
+        yields (that step's outputs, the rows still live at it), and stops once every row is done (later
+        steps of the call ran for nothing and are dropped)."""
+        for i in range(n):
+            live = self.active
+            if not live.any():
+                return
+            yield jax.tree.map(lambda o: o[i], outs), live
+
     @property
     def count(self) -> int:
         return sum(len(o) for o in self.out)
@@ -205,10 +215,7 @@ def plain_generate(cfg, params, router_state, prompts, max_new_tokens, temperatu
         n = min(CHUNK, col.most_left())                 # every step of the call is needed by some row
         tok, pos, cache, outs = step(params, router_state, cache, tok, pos, jnp.asarray(active), key,
                                      forwards + 1, n, temp, top_p)
-        for row in np.asarray(outs)[:n]:
-            live = col.active
-            if not live.any():
-                break
+        for row, live in col.live_steps(np.asarray(outs), n):
             forwards += 1
             col.add([[t] if a else [] for t, a in zip(row, live)])
         clock.step_done()

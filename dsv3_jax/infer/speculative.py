@@ -143,10 +143,7 @@ def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, tem
         n = min(CHUNK, -(-col.most_left() // 2))         # a step emits at most two tokens per row
         st, cache, outs = step(params, router_state, cache, st, key, forwards + 1, n, jnp.asarray(active), temp,
                                top_p)
-        for first, bonus, acc in zip(*[o[:n] for o in jax.device_get(outs)]):
-            live = col.active
-            if not live.any():
-                break
+        for (first, bonus, acc), live in col.live_steps(jax.device_get(outs), n):
             forwards += 1
             drafts += int(live.sum())
             accepted_total += int((acc & live).sum())

@@ -100,6 +100,14 @@ class MTPModule(nn.Module):
         return h, RMSNorm(cfg, name="norm")(h), stats
 
 
+def output_logits(h_normed: jax.Array, lm_head: jax.Array) -> jax.Array:
+    """[..., D] -> fp32 logits [..., X]; the head stays in high precision. One 2-D matmul: ~20% faster than
+    the 3-D einsum on CPU (training and decoding both use this)."""
+    lead, d = h_normed.shape[:-1], h_normed.shape[-1]
+    logits = jnp.dot(h_normed.reshape(-1, d).astype(jnp.float32), lm_head.astype(jnp.float32))
+    return logits.reshape(lead + (-1,))
+
+
 class Transformer(nn.Module):
     """DeepSeek-V3. `apply(variables, tokens)` -> ModelOutput (`.logits`, `.mtp_logits`, `.moe_stats`)."""
     cfg: ModelConfig
@@ -120,10 +128,7 @@ class Transformer(nn.Module):
         return constrain(jnp.take(self.embedding, tokens, axis=0), ("batch", "length", "act_embed"))
 
     def head(self, h_normed: jax.Array) -> jax.Array:
-        """[B,T,D] -> fp32 logits [B,T,X]; the head stays in high precision."""
-        b, t, d = h_normed.shape                   # a 2-D matmul: ~20% faster than the 3-D einsum on CPU
-        logits = jnp.dot(h_normed.reshape(b * t, d).astype(jnp.float32), self.lm_head.astype(jnp.float32))
-        return logits.reshape(b, t, -1)
+        return output_logits(h_normed, self.lm_head)
 
     def trunk(self, tokens, positions=None, kv_mask=None):
         """Embedding and every main block: returns (h^0 [B,T,D], stats, (cos, sin, positions))."""
