@@ -39,7 +39,7 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS, ModelConfig
 from dsv3_jax.infer import generate, init_cache, split_variables
-from dsv3_jax.infer.decode import jit_decode_step, random_variables, round_up, unstack_layers
+from dsv3_jax.infer.decode import jit_decode_step, random_variables, round_up
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROMPT = b"The model was trained on a small corpus of text, and "
@@ -54,7 +54,7 @@ def filled_cache(cfg: ModelConfig, context: int, seed: int = 0):
 
     def fill(a):
         x = np.zeros(a.shape, np.float32)
-        x[:, :context] = rng.standard_normal(x[:, :context].shape)              # [B,S,*]
+        x[:, :, :context] = rng.standard_normal(x[:, :, :context].shape)
         return jnp.asarray(x, a.dtype)
 
     return jax.tree_util.tree_map(fill, cache)
@@ -260,7 +260,7 @@ def main(argv=None) -> dict:
     cfg = PRESETS[args.preset]
     cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, max(contexts) + 64), dtype="float32")
     t0 = time.perf_counter()
-    params, rs = unstack_layers(cfg, *split_variables(random_variables(cfg, 0)))   # as generate() does
+    params, rs = split_variables(random_variables(cfg, 0))
     print(f"part 1: preset {args.preset} ({sum(a.size for a in jax.tree_util.tree_leaves(params)) / 1e6:.0f}M "
           f"params, random) ready in {time.perf_counter() - t0:.1f}s", flush=True)
     rows = []

@@ -37,7 +37,7 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS
 from dsv3_jax.infer import init_cache, split_variables
-from dsv3_jax.infer.decode import forward, main_logits, mtp_forward, random_variables, unstack_layers
+from dsv3_jax.infer.decode import forward, main_logits, mtp_forward, random_variables
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONTEXT = 176      # cached tokens the passes attend to (a 48-token prompt + 128 new, as in bench_decode)
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     else:
         cfg = PRESETS["tiny"]
         variables, label = random_variables(cfg, 0), "random tiny"
-    params, rs = unstack_layers(cfg, *split_variables(variables))                # as generate() does
+    params, rs = split_variables(variables)
 
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:

@@ -283,29 +283,11 @@ def test_speculative_needs_mtp():
 
 # 7. Cache sizes, read from the allocated arrays ----------------------------------------------------------------
 
-def test_cache_write_rows_clamps_and_drops():
-    """LayerCache.write: per-row contiguous windows, invalid entries and slots outside [0, S) left as they were
-    (dynamic_update_slice clamps its start; the write must not shift entries or spill into other slots)."""
-    from dsv3_jax.infer.cache import LayerCache
-    s, t = 6, 2
-    old = LayerCache(jnp.full((4, s, 1), -1.0), jnp.full((4, s, 1), -1.0))
-    new = jnp.arange(1.0, 9.0).reshape(4, t, 1)                                 # row b writes 2b+1, 2b+2
-    positions = jnp.array([[2, 3], [-1, 0], [5, 6], [0, 1]])
-    valid = jnp.array([[True, True], [False, True], [True, True], [True, False]])
-    got = np.asarray(old.write(new, new, positions, valid).c_kv[..., 0])
-    want = np.full((4, s), -1.0)
-    want[0, 2:4] = [1, 2]            # in range
-    want[1, 0] = 4                   # start -1: the dummy is dropped, position 0 lands in slot 0
-    want[2, 5] = 5                   # position 6 is past the end: dropped
-    want[3, 0] = 7                   # invalid second entry: slot 1 keeps its value
-    np.testing.assert_array_equal(got, want)
-
-
 def test_cache_bytes_per_token_per_layer():
     cache = init_cache(CFG_A, 2, 48)                                # real arrays, fp32
-    assert len(cache.layers) == CFG_A.num_hidden_layers and cache.layers[0].c_kv.shape == (2, 48, CFG_A.kv_lora_rank)
-    assert cache.layers[-1].k_pe.shape == (2, 48, CFG_A.qk_rope_head_dim)
-    assert len(cache.mtp) == 1 and cache.mtp[0].c_kv.shape == (2, 48, CFG_A.kv_lora_rank)
+    assert cache.dense.c_kv.shape == (1, 2, 48, CFG_A.kv_lora_rank)
+    assert cache.moe.k_pe.shape == (2, 2, 48, CFG_A.qk_rope_head_dim)
+    assert len(cache.mtp) == 1 and cache.mtp[0].c_kv.shape == (1, 2, 48, CFG_A.kv_lora_rank)
     assert bytes_per_token_per_layer(cache) == (CFG_A.kv_lora_rank + CFG_A.qk_rope_head_dim) * 4
     assert cache_bytes(cache) == 3 * 2 * 48 * (64 + 16) * 4
     v3 = PRESETS["v3-671b"]

@@ -8,10 +8,9 @@ and a decode step writes each row at its own offset. Slots at or past a row's va
 attention, so stale entries (prompt padding, rejected speculative drafts) never need clearing; they are
 overwritten by the next write to that slot.
 
-Every layer has its own buffers (a tuple, not one stacked array): a decode step reads each layer's cache in
-place and updates it in place. With one [L,B,S,C] array the per-layer reads became copies of the layer's
-whole cache at every step (XLA:CPU), an O(B*S) cost per layer and token. Each MTP module has its own cache,
-used by self-speculative decoding.
+Main layers are stacked with a leading layer axis, like the scanned params (`params['dense_layers']['layers']`,
+`params['moe_layers']['layers']`), so decoding scans the params and the cache together. Each MTP module has
+its own cache (leading axis of size 1), used by self-speculative decoding.
 
 Logical axis names (for `dsv3_jax.sharding.logical_rules`, which maps 'batch' -> ('data', 'expert') and
 replicates the rest): `C_KV_AXES` for `c_kv`, `K_PE_AXES` for `k_pe`.
@@ -28,73 +27,61 @@ from flax import struct
 
 from ..config import ModelConfig
 
-C_KV_AXES = ("batch", "length", "kv_lora")
-K_PE_AXES = ("batch", "length", "head_dim")
+C_KV_AXES = ("layers", "batch", "length", "kv_lora")
+K_PE_AXES = ("layers", "batch", "length", "head_dim")
 
 
 @struct.dataclass
 class LayerCache:
-    """One layer's cache: c_kv [B,S,C] (normed latent), k_pe [B,S,R] (roped shared key)."""
+    """A stack of layer caches: c_kv [L,B,S,C] (normed latent), k_pe [L,B,S,R] (roped shared key)."""
     c_kv: jax.Array
     k_pe: jax.Array
 
     @property
+    def num_layers(self) -> int:
+        return self.c_kv.shape[0]
+
+    @property
     def max_len(self) -> int:
-        return self.c_kv.shape[1]
+        return self.c_kv.shape[2]
 
     def constrain(self) -> "LayerCache":
         """Logical sharding hint (batch-sharded); a no-op outside a mesh with axis rules."""
         return LayerCache(nn.with_logical_constraint(self.c_kv, C_KV_AXES),
                           nn.with_logical_constraint(self.k_pe, K_PE_AXES))
 
-    def write(self, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array,
-              valid: Optional[jax.Array] = None) -> "LayerCache":
-        """Write new entries c_kv [B,T,C], k_pe [B,T,R] of the contiguous positions [B,T] (row b: positions[b, 0]
-        + 0..T-1) at slot == position; entries with valid False, or outside [0, max_len), leave the slot as it
-        was. One dynamic_update_slice per row, which XLA does in place (a scatter made it copy the buffer)."""
-        return LayerCache(_write_rows(self.c_kv, c_kv, positions[:, 0], valid),
-                          _write_rows(self.k_pe, k_pe, positions[:, 0], valid)).constrain()
+    def write(self, c_kv: jax.Array, k_pe: jax.Array, slots: jax.Array) -> "LayerCache":
+        """Write new entries c_kv [L,B,T,C], k_pe [L,B,T,R] at per-row slots [B,T] (in place under donation).
 
-
-def _write_rows(buf: jax.Array, new: jax.Array, start: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
-    """buf [B,S,X] with new [B,T,X] written at slots start[b] + 0..T-1 per row (see `LayerCache.write`).
-
-    dynamic_update_slice clamps its start into [0, S-T]; entry j of the clamped window is new entry
-    j + (clamped - start), kept when that index exists and is valid, else the window keeps buf's value."""
-    b, t = new.shape[:2]
-    s = buf.shape[1]
-    new = new.astype(buf.dtype)
-    for row in range(b):
-        at = jnp.clip(start[row], 0, s - t)
-        idx = jnp.arange(t) + at - start[row]                                     # new entry per window slot
-        take = (idx >= 0) & (idx < t)
-        src = jnp.clip(idx, 0, t - 1)
-        if valid is not None:
-            take = take & valid[row][src]
-        old = jax.lax.dynamic_slice(buf, (row, at, 0), (1, t, buf.shape[2]))[0]
-        window = jnp.where(take[:, None], new[row][src], old)
-        buf = jax.lax.dynamic_update_slice(buf, window[None], (row, at, 0))
-    return buf
+        Slots outside [0, max_len) are dropped (used for dummy entries)."""
+        s = self.max_len
+        slots = jnp.where((slots >= 0) & (slots < s), slots, s)        # negative would wrap: send past the end
+        rows = jnp.arange(slots.shape[0])[:, None]
+        return LayerCache(
+            self.c_kv.at[:, rows, slots].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+            self.k_pe.at[:, rows, slots].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
+        ).constrain()
 
 
 @struct.dataclass
 class KVCache:
-    """Every layer's latent cache: `layers[i]` for main layer i (dense layers first, as in the model), and
-    `mtp[k]` for MTP module k (an empty tuple when MTP caches were not requested)."""
-    layers: tuple
+    """Every layer's latent cache. `dense`/`moe` follow the scanned stacks (None when a stack is empty);
+    `mtp[k]` is MTP module k's cache (an empty tuple when MTP caches were not requested)."""
+    dense: Optional[LayerCache]
+    moe: Optional[LayerCache]
     mtp: tuple = ()
 
     @property
     def max_len(self) -> int:
-        return self.layers[0].max_len
+        return next(c for c in (self.dense, self.moe) + tuple(self.mtp) if c is not None).max_len
 
     def main_layers(self) -> list[LayerCache]:
-        return list(self.layers)
+        return [c for c in (self.dense, self.moe) if c is not None]
 
 
-def _layer_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> LayerCache:
-    return LayerCache(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
-                      jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype))
+def _layer_cache(cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype) -> LayerCache:
+    return LayerCache(jnp.zeros((layers, batch, max_len, cfg.kv_lora_rank), dtype),
+                      jnp.zeros((layers, batch, max_len, cfg.qk_rope_head_dim), dtype))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, mtp: bool = True) -> KVCache:
@@ -107,8 +94,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, mtp: bool
         raise ValueError(f"init_cache: batch ({batch}) and max_len ({max_len}) must be >= 1")
     dt = jnp.dtype(dtype or cfg.dtype)
     return KVCache(
-        layers=tuple(_layer_cache(cfg, batch, max_len, dt) for _ in range(cfg.num_hidden_layers)),
-        mtp=tuple(_layer_cache(cfg, batch, max_len, dt) for _ in range(cfg.num_nextn_predict_layers if mtp else 0)),
+        dense=_layer_cache(cfg, cfg.num_dense_layers, batch, max_len, dt) if cfg.num_dense_layers else None,
+        moe=_layer_cache(cfg, cfg.num_moe_layers, batch, max_len, dt) if cfg.num_moe_layers else None,
+        mtp=tuple(_layer_cache(cfg, 1, batch, max_len, dt)
+                  for _ in range(cfg.num_nextn_predict_layers if mtp else 0)),
     )
 
 
@@ -121,5 +110,6 @@ def cache_bytes(cache: KVCache, include_mtp: bool = False) -> int:
 def bytes_per_token_per_layer(cache: KVCache) -> float:
     """Main-model cache bytes / (layers * batch * positions), read from the allocated arrays' shapes."""
     layers = cache.main_layers()
-    batch, max_len = layers[0].c_kv.shape[:2]
-    return cache_bytes(cache) / (len(layers) * batch * max_len)
+    n_layers = sum(c.num_layers for c in layers)
+    batch, max_len = layers[0].c_kv.shape[1], layers[0].c_kv.shape[2]
+    return cache_bytes(cache) / (n_layers * batch * max_len)

@@ -2,9 +2,8 @@
 dicts, reusing the model's own Linen modules (`MLA`, `RMSNorm`, `MLP`) through `module.apply` on sliced params
 and `dsv3_jax.model.moe.route` / `dispatch.routed_experts` for the experts.
 
-Layers run as a Python loop (unrolled; compile time grows with depth), layer i's params sliced from the
-stacked trees (`params['dense_layers']['layers']`, `params['moe_layers']['layers']`) and its cache being
-`cache.layers[i]`, read and updated in place (see cache.py for why the cache is not stacked).
+Layer stacks run under `jax.lax.scan` over the stacked params (`params['dense_layers']['layers']`,
+`params['moe_layers']['layers']`) together with the stacked cache, so compile time does not grow with depth.
 
 Positions and masking: slot == position (see cache.py). A forward over new tokens at `positions` [B,T]
 (contiguous per row, starting at `positions[:, 0]`, which may differ between rows) attends to
@@ -79,35 +78,24 @@ def block_step(cfg: ModelConfig, moe: bool, p: dict, rs: Optional[dict], h: jax.
     return h + y, c_kv, k_pe
 
 
-def _layers(stack, n: int) -> list:
-    """Per-layer trees from a stacked tree [L, ...], or the list itself if already unstacked."""
-    if isinstance(stack, (list, tuple)):
-        return list(stack)
-    return [jax.tree.map(lambda a: a[i], stack) for i in range(n)]
+def _run_stack(cfg, moe, p_stack, rs_stack, h, cos, sin, layers: LayerCache, read_cache: bool,
+               ctx_mask, new_mask, absorbed):
+    """Scan block_step over a stack: returns (h, new c_kv [L,B,T,C], new k_pe [L,B,T,R])."""
+    cache_dtype = layers.c_kv.dtype
+
+    def body(h, xs):
+        p, rs, cc, cp = xs
+        ctx = (cc, cp, ctx_mask) if read_cache else None
+        h, c_kv, k_pe = block_step(cfg, moe, p, rs, h, cos, sin, ctx, new_mask, absorbed, cache_dtype)
+        return h, (c_kv, k_pe)
+
+    xs = (p_stack, rs_stack, layers.c_kv if read_cache else None, layers.k_pe if read_cache else None)
+    h, (c_new, pe_new) = jax.lax.scan(body, h, xs, unroll=min(cfg.scan_unroll, _stack_depth(p_stack)))
+    return h, c_new, pe_new
 
 
-def _main_layers(cfg: ModelConfig, params: dict, router_state: dict):
-    """(is_moe, params, router_state) per main layer, dense layers first (the model's order)."""
-    out = [(False, p, None) for p in _layers(params["dense_layers"]["layers"], cfg.num_dense_layers)]
-    if cfg.num_moe_layers:
-        out += list(zip([True] * cfg.num_moe_layers,
-                        _layers(params["moe_layers"]["layers"], cfg.num_moe_layers),
-                        _layers(router_state["moe_layers"]["layers"], cfg.num_moe_layers)))
-    return out
-
-
-def unstack_layers(cfg: ModelConfig, params: dict, router_state: dict) -> tuple[dict, dict]:
-    """(params, router_state) with each layer stack replaced by a list of per-layer trees (new device arrays),
-    which every function here also accepts. Decoding with the stacked trees slices each layer's weights
-    (a copy, experts included) inside every step; `generate` converts once per request instead (the step ran
-    ~2x faster on the tiny preset). Costs a second copy of the layer weights while both are alive."""
-    params, router_state = dict(params), dict(router_state)
-    for name, n in (("dense_layers", cfg.num_dense_layers), ("moe_layers", cfg.num_moe_layers)):
-        if n and name in params:
-            params[name] = {"layers": _layers(params[name]["layers"], n)}
-        if n and name in router_state:
-            router_state[name] = {"layers": _layers(router_state[name]["layers"], n)}
-    return params, router_state
+def _stack_depth(p_stack) -> int:
+    return jax.tree.leaves(p_stack)[0].shape[0]
 
 
 def _masks(cache_len: int, positions: jax.Array, key_valid: Optional[jax.Array]):
@@ -119,6 +107,10 @@ def _masks(cache_len: int, positions: jax.Array, key_valid: Optional[jax.Array])
     if key_valid is not None:
         new = new & key_valid[:, None, :]
     return ctx, new
+
+
+def _write_slots(positions, key_valid):
+    return positions if key_valid is None else jnp.where(key_valid, positions, -1)
 
 
 # Whole-model forwards ----------------------------------------------------------------------------------------
@@ -140,12 +132,17 @@ def forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, 
     cos, sin = rope_angles(cfg, positions)
     h = embed(params, tokens)
     ctx_mask, new_mask = _masks(cache.max_len, positions, key_valid)
-    layers = []
-    for (moe, p, rs), layer in zip(_main_layers(cfg, params, router_state), cache.layers):
-        ctx = (layer.c_kv, layer.k_pe, ctx_mask) if read_cache else None
-        h, c_kv, k_pe = block_step(cfg, moe, p, rs, h, cos, sin, ctx, new_mask, absorbed, layer.c_kv.dtype)
-        layers.append(layer.write(c_kv, k_pe, positions, key_valid))
-    return h, cache.replace(layers=tuple(layers))
+    slots = _write_slots(positions, key_valid)
+    dense, moe = cache.dense, cache.moe
+    if cfg.num_dense_layers:
+        h, c, pe = _run_stack(cfg, False, params["dense_layers"]["layers"], None, h, cos, sin, dense,
+                              read_cache, ctx_mask, new_mask, absorbed)
+        dense = dense.write(c, pe, slots)
+    if cfg.num_moe_layers:
+        h, c, pe = _run_stack(cfg, True, params["moe_layers"]["layers"], router_state["moe_layers"]["layers"],
+                              h, cos, sin, moe, read_cache, ctx_mask, new_mask, absorbed)
+        moe = moe.write(c, pe, slots)
+    return h, cache.replace(dense=dense, moe=moe)
 
 
 def main_logits(cfg: ModelConfig, params: dict, h0: jax.Array) -> jax.Array:
@@ -164,9 +161,9 @@ def mtp_forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCac
     h = jnp.dot(x.astype(cfg.dtype), p["eh_proj"].astype(cfg.dtype)).astype(h_prev.dtype)
     cos, sin = rope_angles(cfg, positions)
     ctx_mask, new_mask = _masks(layer.max_len, positions, key_valid)
-    ctx = (layer.c_kv, layer.k_pe, ctx_mask) if read_cache else None
+    ctx = (layer.c_kv[0], layer.k_pe[0], ctx_mask) if read_cache else None
     h, c_kv, k_pe = block_step(cfg, True, p["block"], rs, h, cos, sin, ctx, new_mask, absorbed, layer.c_kv.dtype)
-    layer = layer.write(c_kv, k_pe, positions, key_valid)
+    layer = layer.write(c_kv[None], k_pe[None], _write_slots(positions, key_valid))
     mtp = tuple(layer if i == k else c for i, c in enumerate(cache.mtp))
     return head(cfg, params, p["norm"], h), h, cache.replace(mtp=mtp)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .cache import init_cache
-from .decode import CHUNK, jit_decode_steps, jit_prefill, layout, pad_prompts, split_variables, unstack_layers
+from .decode import CHUNK, jit_decode_steps, jit_prefill, layout, pad_prompts, split_variables
 
 StreamCallback = Callable[[list], None]
 
@@ -153,7 +153,7 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
-    params, router_state = unstack_layers(cfg, *split_variables(variables))    # once per request: see there
+    params, router_state = split_variables(variables)
     temperature, top_p = float(temperature), float(top_p)
     if speculative:
         from .speculative import speculative_generate
