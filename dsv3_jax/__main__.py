@@ -1,4 +1,9 @@
-"""Command line: `python -m dsv3_jax {train,generate,params,convert} ...` (see --help of each)."""
+"""Command line: `dsv3-jax {train,generate,params,convert} ...` or `python -m dsv3_jax ...` (see --help of each).
+
+Exit status: 0 done; 2 bad input (an InputError: config, paths, data; one line, no traceback); 1 a run that
+failed or stopped with its checkpoints intact (CheckpointError, TrainingStopped). Any other exception is a
+bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+
+from .errors import InputError
 
 
 def _add_distributed(p: argparse.ArgumentParser) -> None:
@@ -25,7 +32,7 @@ def _init_distributed(args) -> None:
     num = args.num_processes if args.num_processes is not None else int(env.get("JAX_NUM_PROCESSES", "0"))
     pid = args.process_id if args.process_id is not None else int(env.get("JAX_PROCESS_ID", "-1"))
     if num < 1 or not 0 <= pid < num:
-        raise SystemExit(f"--coordinator needs --num-processes N >= 1 and --process-id in [0, N), "
+        raise InputError(f"--coordinator needs --num-processes N >= 1 and --process-id in [0, N), "
                          f"got {num} and {pid}")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
@@ -37,7 +44,7 @@ def _parse_mesh(text: str | None) -> list[str]:
     for part in text.split(","):
         name, sep, value = part.partition("=")
         if not sep or name.strip() not in ("data", "expert", "tensor"):
-            raise SystemExit(f"--mesh {text!r}: use data=N,expert=N,tensor=N (N may be -1 for the rest)")
+            raise InputError(f"--mesh {text!r}: use data=N,expert=N,tensor=N (N may be -1 for the rest)")
         out.append(f"mesh.{name.strip()}={value.strip()}")
     return out
 
@@ -88,11 +95,12 @@ def cmd_convert(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsv3_jax", description=__doc__)
+    prog = "dsv3-jax" if os.path.basename(sys.argv[0]) == "dsv3-jax" else "python -m dsv3_jax"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a preset; key=value overrides any config field",
-                       epilog="example: python -m dsv3_jax train --preset tiny --run-dir runs/tiny "
+                       epilog=f"example: {prog} train --preset tiny --run-dir runs/tiny "
                               "model.n_routed_experts=16 train.steps=200")
     t.add_argument("--preset", default="tiny")
     t.add_argument("--run-dir", default=None, help="default: runs/<preset>")
@@ -136,7 +144,7 @@ def main(argv=None) -> int:
         args.run_dir = os.path.join("runs", args.preset)
     try:
         return args.fn(args)
-    except (ValueError, OSError) as e:        # bad input: config, paths, unreadable files, data (exit 2)
+    except InputError as e:                   # bad input: config, paths, unreadable files, data (exit 2)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:                 # the run itself failed or stopped, its checkpoints intact (exit 1)

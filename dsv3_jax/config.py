@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any, Optional
 
+from .errors import InputError, MissingInputError
+
 MOE_IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -110,7 +112,7 @@ class ModelConfig:
             d["rope_scaling"] = RopeScaling(**rs)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+            raise InputError(f"unknown ModelConfig field(s): {sorted(unknown)}")
         return cls(**d)
 
 
@@ -119,11 +121,11 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def _fail(field: str, problem: str, fix: str):
-    raise ValueError(f"ModelConfig.{field}: {problem}; {fix}")
+    raise InputError(f"ModelConfig.{field}: {problem}; {fix}")
 
 
 def validate(c: ModelConfig) -> None:
-    """Every impossible combination raises a ValueError naming the field and the fix."""
+    """Every impossible combination raises an InputError naming the field and the fix."""
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
         v = getattr(c, name)
@@ -223,7 +225,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -239,12 +241,12 @@ def from_hf_dict(hf: dict, **overrides) -> ModelConfig:
 
     Reads the rope block from `rope_scaling` (released) or `rope_parameters` (transformers 5.x)."""
     if hf.get("model_type", "deepseek_v3") not in ("deepseek_v3", "kimi_k2"):
-        raise ValueError(f"config.json is for model_type={hf.get('model_type')!r}, not deepseek_v3")
+        raise InputError(f"config.json is for model_type={hf.get('model_type')!r}, not deepseek_v3")
     for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("hidden_act", "silu")):
         if key in hf and hf[key] != want:
-            raise ValueError(f"config.json {key}={hf[key]!r} is not supported (DeepSeek-V3 uses {want!r})")
+            raise InputError(f"config.json {key}={hf[key]!r} is not supported (DeepSeek-V3 uses {want!r})")
     if hf.get("moe_layer_freq", 1) != 1:
-        raise ValueError(f"config.json moe_layer_freq={hf['moe_layer_freq']} is not supported (V3 uses 1)")
+        raise InputError(f"config.json moe_layer_freq={hf['moe_layer_freq']} is not supported (V3 uses 1)")
     kw: dict[str, Any] = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None}
     if "q_lora_rank" in hf and hf["q_lora_rank"] is None:
         kw["q_lora_rank"] = None                # full-rank queries (V2-Lite style): null is meaningful here
@@ -263,7 +265,7 @@ def from_hf_dict(hf: dict, **overrides) -> ModelConfig:
     elif kind == "default":
         kw["rope_scaling"] = None
     else:
-        raise ValueError(f"config.json rope type {kind!r} is not supported (use yarn or default)")
+        raise InputError(f"config.json rope type {kind!r} is not supported (use yarn or default)")
     for key in ("n_group", "topk_group"):
         kw.setdefault(key, 1)
     kw.update(overrides)
@@ -292,12 +294,12 @@ def load_hf_config(path: str, **overrides) -> ModelConfig:
     """Read `config.json` from a file or a checkpoint directory."""
     f = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(f):
-        raise FileNotFoundError(f"no config.json at {f}")
+        raise MissingInputError(f"no config.json at {f}")
     with open(f) as fh:
         try:
             hf = json.load(fh)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{f} is not valid JSON: {e}") from None
+            raise InputError(f"{f} is not valid JSON: {e}") from None
     return from_hf_dict(hf, **overrides)
 
 
@@ -357,14 +359,14 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "seq_len", "microbatches", "keep_checkpoints",
                      "checkpoint_every", "eval_every", "log_every", "max_consecutive_skips"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.global_batch_size % self.microbatches:
-            raise ValueError(f"TrainConfig.global_batch_size={self.global_batch_size} is not divisible by "
+            raise InputError(f"TrainConfig.global_batch_size={self.global_batch_size} is not divisible by "
                              f"microbatches={self.microbatches}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise InputError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
-            raise ValueError("TrainConfig.learning_rate must be > 0 and warmup_steps >= 0")
+            raise InputError("TrainConfig.learning_rate must be > 0 and warmup_steps >= 0")
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
@@ -404,16 +406,16 @@ class RunConfig:
             key, sep, raw = item.partition("=")
             section, dot, field = key.partition(".")
             if not sep or not dot or section not in sections:
-                raise ValueError(f"override {item!r} must look like model.FIELD=VALUE, train.FIELD=VALUE or "
+                raise InputError(f"override {item!r} must look like model.FIELD=VALUE, train.FIELD=VALUE or "
                                  f"mesh.FIELD=VALUE")
             fields = {f.name: f for f in dataclasses.fields(sections[section])}
             if field not in fields:
-                raise ValueError(f"override {item!r}: {section} has no field {field!r}; "
+                raise InputError(f"override {item!r}: {section} has no field {field!r}; "
                                  f"fields are {sorted(fields)}")
             try:
                 changes[section][field] = _parse_value(raw, getattr(sections[section], field))
-            except ValueError as e:
-                raise ValueError(f"override {item!r}: {e}") from None
+            except (ValueError, TypeError) as e:      # TypeError: a rope_scaling dict with unknown keys
+                raise InputError(f"override {item!r}: {e}") from None
         return RunConfig(*(dataclasses.replace(sections[k], **changes[k]) for k in ("model", "train", "mesh")))
 
 
@@ -426,11 +428,11 @@ def _parse_value(raw: str, current: Any) -> Any:
         value = raw
     if isinstance(current, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"expected true/false, got {raw!r}")
+            raise InputError(f"expected true/false, got {raw!r}")
     elif isinstance(current, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"expected a number, got {raw!r}")
+        raise InputError(f"expected a number, got {raw!r}")
     elif isinstance(current, int) and not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {raw!r}")
+        raise InputError(f"expected an integer, got {raw!r}")
     elif isinstance(current, float) and isinstance(value, int):
         value = float(value)
     elif isinstance(current, tuple) and isinstance(value, list):

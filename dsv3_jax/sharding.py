@@ -16,6 +16,7 @@ import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import MeshConfig, ModelConfig
+from .errors import InputError
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -41,17 +42,17 @@ def logical_rules(zero3: bool = False) -> tuple:
 def mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     sizes = [mc.data, mc.expert, mc.tensor]
     if sum(s == -1 for s in sizes) > 1:
-        raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+        raise InputError(f"mesh {sizes}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+        raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {known} devices, "
+            raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {known} devices, "
                              f"but there are {num_devices}")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {int(np.prod(sizes))} devices, "
+        raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} has {int(np.prod(sizes))} devices, "
                          f"but there are {num_devices} devices")
     return tuple(sizes)
 
@@ -67,18 +68,18 @@ def validate_for_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh, global_batch_si
     """The combinations a mesh makes impossible, each named with its fix."""
     ax = dict(mesh.shape)
     if cfg.num_attention_heads % ax["tensor"]:
-        raise ValueError(f"ModelConfig.num_attention_heads={cfg.num_attention_heads} is not divisible by the "
+        raise InputError(f"ModelConfig.num_attention_heads={cfg.num_attention_heads} is not divisible by the "
                          f"tensor axis ({ax['tensor']}); change mesh.tensor or the number of heads")
     if cfg.n_routed_experts % ax["expert"]:
-        raise ValueError(f"ModelConfig.n_routed_experts={cfg.n_routed_experts} is not divisible by the expert "
+        raise InputError(f"ModelConfig.n_routed_experts={cfg.n_routed_experts} is not divisible by the expert "
                          f"axis ({ax['expert']}); change mesh.expert or n_routed_experts")
     for name, width in (("moe_intermediate_size", cfg.moe_intermediate_size),
                         ("intermediate_size", cfg.intermediate_size), ("vocab_size", cfg.vocab_size)):
         if width and width % ax["tensor"]:
-            raise ValueError(f"ModelConfig.{name}={width} is not divisible by the tensor axis ({ax['tensor']})")
+            raise InputError(f"ModelConfig.{name}={width} is not divisible by the tensor axis ({ax['tensor']})")
     shards = ax["data"] * ax["expert"]
     if global_batch_size is not None and global_batch_size % shards:
-        raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by data x expert = "
+        raise InputError(f"train.global_batch_size={global_batch_size} is not divisible by data x expert = "
                          f"{shards}; use a multiple of {shards}")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from reliability_utils import *  # noqa: F401,F403  (imports, helpers, the corpus fixture)
 
+from dsv3_jax.errors import InputError
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: a clear error before anything is built or compiled, and nothing written
 
@@ -94,8 +96,9 @@ def test_bad_input_is_a_clear_error_before_anything_runs(kind, tmp_path, monkeyp
     train_changes, model_changes, exc, pattern = _input_case(kind, tmp_path, monkeypatch)
     rc = rel_run(model_changes=model_changes, **train_changes)
     run_dir = tmp_path / "run"
-    with pytest.raises(exc, match=pattern):
+    with pytest.raises(exc, match=pattern) as info:
         train(rc, str(run_dir), progress=False)
+    assert isinstance(info.value, InputError), type(info.value)      # what the CLI reports as bad input
     assert main(cli(rc, run_dir)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(pattern, err) and "Traceback" not in err, err
@@ -112,6 +115,41 @@ def test_bad_input_exit_code_of_the_real_cli(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.startswith("error: ") and "values [999]" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Only our validation errors are "bad input": a bug keeps its traceback
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug's ValueError, not bad input"),
+                                 OSError("a bug's OSError, not bad input")])
+def test_a_bug_is_not_reported_as_bad_input(bug, tmp_path, capsys, monkeypatch):
+    """main() maps only InputError to exit 2: a plain ValueError or OSError (a bug, or one raised inside JAX
+    tracing) propagates out of main(), traceback and all."""
+    def fail(*a, **k):
+        raise bug
+    monkeypatch.setattr(loop_lib, "train", fail)
+    with pytest.raises(type(bug), match="a bug"):
+        main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    assert "error: " not in capsys.readouterr().err
+
+
+def test_a_bug_in_the_real_cli_exits_1_with_its_traceback(tmp_path):
+    """The same through the interpreter: a bug's ValueError ends `python -m dsv3_jax`-style runs with
+    Python's traceback and exit status 1, never the bad-input status 2."""
+    code = ("import sys\n"
+            "from dsv3_jax.train import loop\n"
+            "def train(*a, **k):\n"
+            "    raise ValueError('planted bug')\n"
+            "loop.train = train\n"
+            "from dsv3_jax.__main__ import main\n"
+            f"sys.exit(main(['train', '--run-dir', {str(tmp_path / 'run')!r}, '--no-progress']))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" in p.stderr and "ValueError: planted bug" in p.stderr
+    assert not p.stderr.startswith("error: ")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,7 +176,7 @@ def test_impossible_mesh_configs_name_the_field(mesh, model_changes, train_chang
                                                 capsys, no_model):
     rc = rel_run(mesh, model_changes=model_changes, data=corpus, **train_changes)
     run_dir = tmp_path / "run"
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(InputError, match=pattern):
         train(rc, str(run_dir), progress=False)
     axes = ",".join(f"{k}={getattr(mesh, k)}" for k in ("data", "expert", "tensor"))
     assert main(cli(rc, run_dir, mesh=axes)) == 2

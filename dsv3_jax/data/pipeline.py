@@ -26,6 +26,7 @@ import grain
 import numpy as np
 
 from dsv3_jax.data.tokenizer import ByteTokenizer
+from dsv3_jax.errors import InputError, MissingInputError, UnreadableInputError
 
 # Extensions picked up when a *folder* is given. A single file is read as text
 # whatever its extension (unless it is .npy/.bin).
@@ -82,14 +83,14 @@ def _read_text(path: str, limit: int | None) -> str:
             data = f.read() if limit is None else f.read(limit)
             truncated = limit is not None and f.read(1) != b""
     except OSError as e:
-        raise OSError(f"cannot read {path}: {e.strerror or e}") from e
+        raise UnreadableInputError(f"cannot read {path}: {e.strerror or e}") from e
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         # A byte cap may cut a multi-byte character in half: drop the stub.
         if truncated and e.start >= len(data) - 3:
             return data[: e.start].decode("utf-8")
-        raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from e
+        raise InputError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from e
 
 
 def _load_token_file(path: str, max_bytes: int | None) -> np.ndarray:
@@ -98,31 +99,31 @@ def _load_token_file(path: str, max_bytes: int | None) -> np.ndarray:
         if path.endswith(".bin"):
             size = os.path.getsize(path)
             if size % 2:
-                raise ValueError(f"{path}: .bin size {size} is not a multiple of 2 (expected raw uint16 tokens)")
+                raise InputError(f"{path}: .bin size {size} is not a multiple of 2 (expected raw uint16 tokens)")
             if size == 0:
-                raise ValueError(f"{path} has no tokens (empty file)")
+                raise InputError(f"{path} has no tokens (empty file)")
             arr = np.memmap(path, dtype=np.uint16, mode="r")
         else:
             # allow_pickle=False: a .npy must never be able to run code.
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except InputError:
+        raise
     except OSError as e:
-        raise OSError(f"cannot read {path}: {e}") from e
-    except ValueError as e:
-        if str(e).startswith(path):
-            raise
-        raise ValueError(f"cannot load {path}: {e}") from e
+        raise UnreadableInputError(f"cannot read {path}: {e}") from e
+    except ValueError as e:          # numpy's own complaint about the file (a pickled or malformed .npy)
+        raise InputError(f"cannot load {path}: {e}") from e
     if arr.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-D token array, got shape {arr.shape}")
+        raise InputError(f"{path}: expected a 1-D token array, got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
-        raise ValueError(f"{path}: expected an integer token array, got dtype {arr.dtype}")
+        raise InputError(f"{path}: expected an integer token array, got dtype {arr.dtype}")
     if max_bytes is not None:
         arr = arr[: max(max_bytes // arr.dtype.itemsize, 0)]
     if arr.size == 0:
-        raise ValueError(f"{path} has no tokens (empty array)")
+        raise InputError(f"{path} has no tokens (empty array)")
     if arr.dtype.itemsize > 4 or arr.dtype == np.uint32:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > np.iinfo(np.int32).max:
-            raise ValueError(f"{path}: token ids must be in [0, 2**31), found min {lo} max {hi}")
+            raise InputError(f"{path}: token ids must be in [0, 2**31), found min {lo} max {hi}")
     return np.array(arr, dtype=np.int32)  # copy out of the memmap
 
 
@@ -143,7 +144,7 @@ def load_tokens(path=None, tokenizer=None, max_bytes: int | None = None, vocab_s
         path = os.fspath(path)
         where = path
         if not os.path.exists(path):
-            raise FileNotFoundError(f"data path not found: {path}")
+            raise MissingInputError(f"data path not found: {path}")
         if os.path.isfile(path) and path.lower().endswith(_TOKEN_EXTENSIONS):
             tokens = _load_token_file(path, max_bytes)
             if vocab_size is not None:
@@ -151,7 +152,7 @@ def load_tokens(path=None, tokenizer=None, max_bytes: int | None = None, vocab_s
             return tokens
         files = _folder_text_files(path) if os.path.isdir(path) else [path]
         if not files:
-            raise ValueError(
+            raise InputError(
                 f"{path} has no tokens: no text files ({', '.join(sorted(TEXT_EXTENSIONS))}) found in it"
             )
 
@@ -171,7 +172,7 @@ def load_tokens(path=None, tokenizer=None, max_bytes: int | None = None, vocab_s
         pieces = [tokenizer.encode(t) for t in texts]
     pieces = [np.asarray(p, dtype=np.int32) for p in pieces if len(p)]
     if not pieces:
-        raise ValueError(f"{where} has no tokens (all files are empty)")
+        raise InputError(f"{where} has no tokens (all files are empty)")
     sep = document_separator(tokenizer)
     joined = [pieces[0]]
     for p in pieces[1:]:
@@ -183,7 +184,7 @@ def load_tokens(path=None, tokenizer=None, max_bytes: int | None = None, vocab_s
 
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
-    """Raise ValueError if any id is outside [0, vocab_size).
+    """Raise InputError if any id is outside [0, vocab_size).
 
     Must be called on host data before it reaches the model: an embedding
     lookup in JAX clamps bad indices silently instead of failing.
@@ -195,7 +196,7 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
         first = int(np.argmax(flat))
         values = np.unique(tokens.reshape(-1)[flat])
         shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise ValueError(
+        raise InputError(
             f"{where}: {int(flat.sum())} token id(s) out of range for vocab_size {vocab_size}: "
             f"values [{shown}], first at position {first}"
         )
@@ -210,11 +211,11 @@ def split_train_val(tokens: np.ndarray, val_fraction: float = 0.01, min_val_toke
     ``seq_len + 1``) makes sure each piece holds at least that many tokens, using fewer pieces if needed.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n = len(tokens)
     n_val = max(int(n * val_fraction), min_val_tokens)
     if n_val >= n:
-        raise ValueError(f"corpus of {n} tokens is too small to hold out {n_val} validation tokens")
+        raise InputError(f"corpus of {n} tokens is too small to hold out {n_val} validation tokens")
     pieces = max(1, min(chunks, n_val // max(min_val_tokens, 1)))
     bounds = np.linspace(0, n, pieces + 1).astype(np.int64)
     per_piece = n_val // pieces
@@ -239,13 +240,13 @@ class PackedSequences:
 
     def __init__(self, tokens: np.ndarray, seq_len: int):
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise InputError(f"seq_len must be >= 1, got {seq_len}")
         self.tokens = np.asarray(tokens, dtype=np.int32)
         if self.tokens.ndim != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {self.tokens.shape}")
+            raise InputError(f"tokens must be 1-D, got shape {self.tokens.shape}")
         self.seq_len = seq_len
         if len(self.tokens) < seq_len + 1:
-            raise ValueError(
+            raise InputError(
                 f"token stream has {len(self.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1} "
                 "needed for one training sequence; use more data or a shorter seq_len"
             )
@@ -307,10 +308,10 @@ class DataIterator:
         diffs = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
         if diffs:
             desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-            raise ValueError(f"data iterator state does not match this dataset ({desc})")
+            raise InputError(f"data iterator state does not match this dataset ({desc})")
         step = int(state["step"])
         if step < 0:
-            raise ValueError(f"data iterator state has negative step {step}")
+            raise InputError(f"data iterator state has negative step {step}")
         self._step = step
 
 
@@ -332,15 +333,15 @@ def make_train_iterator(
     other's data and together cover the global batch exactly.
     """
     if global_batch_size < 1 or process_count < 1:
-        raise ValueError(f"global_batch_size ({global_batch_size}) and process_count ({process_count}) must be >= 1")
+        raise InputError(f"global_batch_size ({global_batch_size}) and process_count ({process_count}) must be >= 1")
     if global_batch_size % process_count:
-        raise ValueError(
+        raise InputError(
             f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
         )
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        raise InputError(f"process_index {process_index} not in [0, {process_count})")
     if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+        raise InputError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     source = PackedSequences(tokens, seq_len)
     local_batch = global_batch_size // process_count
 
@@ -353,7 +354,7 @@ def make_train_iterator(
         # process stops after the same number of steps.
         num_batches = num_epochs * len(source) // global_batch_size
         if num_batches == 0:
-            raise ValueError(
+            raise InputError(
                 f"{num_epochs} epoch(s) of {len(source)} sequences is less than one global batch "
                 f"of {global_batch_size}"
             )
@@ -375,7 +376,7 @@ def make_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_bat
     source = PackedSequences(tokens, seq_len)
     n = min(max_batches, len(source) // batch_size)
     if n == 0:
-        raise ValueError(
+        raise InputError(
             f"validation stream has {len(source)} sequences of length {seq_len + 1}, "
             f"fewer than one eval batch of {batch_size}"
         )

@@ -19,6 +19,8 @@ from typing import Iterable
 
 import numpy as np
 
+from dsv3_jax.errors import InputError, MissingInputError
+
 # Special tokens tried (in order) to find an end-of-sequence id in a
 # tokenizer.json. The DeepSeek-V3 tokenizer uses the full-width variant.
 _EOS_CANDIDATES = (
@@ -68,7 +70,7 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise MissingInputError(f"tokenizer file not found: {path}")
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -80,7 +82,7 @@ class HFTokenizer:
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:
-            raise ValueError(f"could not parse tokenizer file {path}: {e}") from e
+            raise InputError(f"could not parse tokenizer file {path}: {e}") from e
         self.path = path
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.eos_id = None
@@ -118,11 +120,11 @@ def load_tokenizer(path: str | os.PathLike | None = None):
         return ByteTokenizer()
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer path not found: {path}")
+        raise MissingInputError(f"tokenizer path not found: {path}")
     if os.path.isdir(path):
         candidate = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(candidate):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"tokenizer folder {path} has no tokenizer.json (expected {candidate})"
             )
         path = candidate

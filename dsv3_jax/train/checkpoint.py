@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from ..config import RunConfig
+from ..errors import InputError, MissingInputError
 
 CONFIG_FILE = "config.json"
 CHECKSUM_KEY = "state_checksums"     # in the `data` JSON item, beside the iterator state
@@ -48,14 +49,14 @@ def save_run_config(run_dir: str, rc: RunConfig) -> None:
 def load_run_config(run_dir: str) -> RunConfig:
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise MissingInputError(f"run directory {run_dir} does not exist")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}: it is not a dsv3_jax run directory")
+        raise MissingInputError(f"{run_dir} has no {CONFIG_FILE}: it is not a dsv3_jax run directory")
     with open(path) as fh:
         try:
             return RunConfig.from_dict(json.load(fh))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a valid run config: {e}") from None
+            raise InputError(f"{path} is not a valid run config: {e}") from None
 
 
 _ODD = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646D, 0xFD7046C5, 0xB55A4F09)

@@ -16,6 +16,7 @@ import numpy as np
 from .. import balance
 from .. import data as data_lib
 from ..config import RunConfig
+from ..errors import InputError, MissingInputError, OccupiedPathError
 from ..model import Transformer
 from ..sharding import activate, batch_sharding, make_mesh, validate_for_mesh
 from .checkpoint import Checkpointer, load_run_config, save_run_config
@@ -33,18 +34,18 @@ def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunC
     has_run = os.path.exists(os.path.join(run_dir, "config.json"))
     if resume:
         if not has_run:
-            raise FileNotFoundError(f"--resume: {run_dir} holds no run (no config.json); start it without "
+            raise MissingInputError(f"--resume: {run_dir} holds no run (no config.json); start it without "
                                     f"--resume")
         saved = load_run_config(run_dir)
         if rc is not None and rc.model != saved.model:
             diff = {k: (v, getattr(rc.model, k)) for k, v in saved.model.to_dict().items()
                     if getattr(rc.model, k) != v and not isinstance(v, dict)}
-            raise ValueError(f"--resume: {run_dir} holds a different model (saved vs asked: {diff}); "
+            raise InputError(f"--resume: {run_dir} holds a different model (saved vs asked: {diff}); "
                              f"nothing was changed")
         return rc or saved
     if has_run:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                              f"another --run-dir (nothing was overwritten)")
+        raise OccupiedPathError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
+                                f"another --run-dir (nothing was overwritten)")
     return rc
 
 
@@ -130,12 +131,12 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     mesh = make_mesh(rc.mesh)
     validate_for_mesh(mc, mesh, tc.global_batch_size)
     if tc.seq_len > mc.max_position_embeddings:
-        raise ValueError(f"train.seq_len={tc.seq_len} is longer than model.max_position_embeddings="
+        raise InputError(f"train.seq_len={tc.seq_len} is longer than model.max_position_embeddings="
                          f"{mc.max_position_embeddings}")
 
     tokenizer = data_lib.load_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > mc.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={mc.vocab_size}")
+        raise InputError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={mc.vocab_size}")
     train_tokens, val_tokens = run_split(rc, tokenizer)
     iterator = data_lib.make_train_iterator(train_tokens, tc.seq_len, tc.global_batch_size, tc.seed,
                                             process_index=proc, process_count=nproc)
