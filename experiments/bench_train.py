@@ -1,4 +1,4 @@
-"""Train-step throughput on the shared benchmark config, one CPU device, with and without MTP.
+"""Train-step throughput of a preset (default: the shared benchmark config) on one device, with and without MTP.
 
 Benchmark config (preset `bench`): hidden 512, 8 heads, 4 layers (first 1 dense), dense FFN 1536, 16 routed
 experts of width 256, top-4, 1 shared, n_group 4, topk_group 2, q_lora 128, kv_lora 64, nope 32, rope 16,
@@ -7,11 +7,14 @@ v 32, vocab 1024, MTP depth 1, batch 8 x 256 tokens.
 Model FLOPs per step = 3 x forward (backward = 2 x forward), forward = 2 x tokens x active matmul params
 (routed experts scaled by K/E; the embedding lookup is no matmul; the head counted once per use) plus
 attention 2 x B x T^2 x H x (qk_head_dim + v_head_dim) per layer (full T^2, as in the PaLM MFU convention).
-The reference is a 2048^3 fp32 matmul timed in the same run. Timings: warm-up, then the median of several
-steps, each ended by block_until_ready. Last printed line: one JSON object.
+The reference is an n^3 matmul in the compute dtype (`--matmul-size`, 2048) timed in the same run; with
+`--peak-flops` (the device's dense peak for that dtype, e.g. 989e12 for an H200 in bf16) the summary also
+gives MFU = model FLOP/s / peak. Timings: warm-up, then the median of several steps, each ended by
+block_until_ready. Last printed line: one JSON object. JAX runs on the CPU unless JAX_PLATFORMS says otherwise.
 
-    python experiments/bench_train.py [--steps 6] [--rounds 2] [--torch-peer ../shared/peers/torch_peer.py]
-        [--out experiments/results] [--moe-impl blocked] [key=value overrides]
+    python experiments/bench_train.py [--preset bench] [--dtype float32] [--moe-impl blocked] [--steps 6]
+        [--rounds 2] [--peak-flops F] [--torch-peer ../shared/peers/torch_peer.py] [--out experiments/results]
+        [key=value overrides, e.g. train.global_batch_size=4]
 
 Rounds alternate: ours with MTP on, ours with MTP off, then (with --torch-peer) the torch peer, so that all
 three see the same machine state; the summary takes medians over rounds.
@@ -29,19 +32,20 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv3_jax.config import MeshConfig, RunConfig, get_preset, TRAIN_PRESETS  # noqa: E402
+from dsv3_jax.config import MeshConfig, RunConfig, run_preset  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
 from dsv3_jax.params import count_params  # noqa: E402
 from dsv3_jax.sharding import activate, make_mesh  # noqa: E402
 from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
 from dsv3_jax.train.state import create_train_state  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
+
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 
 
 MAXTEXT_TOKENS_PER_S = 450     # MaxText 0.2.5 on this config and machine class, best of its MoE paths (issue #4)
@@ -75,14 +79,14 @@ def time_fn(fn, n: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+def matmul_flops_per_s(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
     f = jax.jit(lambda x: x @ x)
     return 2 * n ** 3 / time_fn(lambda: f(a), reps)
 
 
 def make_runner(rc: RunConfig):
-    """A compiled, warmed-up train step on one CPU device; `runner(n)` -> median seconds of n steps."""
+    """A compiled, warmed-up train step on one device; `runner(n)` -> median seconds of n steps."""
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     model, opt = Transformer(rc.model), make_optimizer(rc.train)
     state = create_train_state(model, rc, mesh, opt)
@@ -113,14 +117,20 @@ def torch_peer_tokens_per_s(path: str, steps: int) -> float:
 
 def write_results(out_dir: str, rows: list, summary: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["# Train-step throughput (bench config, one CPU device, fp32)", "",
-             f"Machine: {os.cpu_count()} CPU cores, jax {jax.__version__}. Each round times our step with MTP "
+    device = jax.devices()[0].device_kind
+    lines = [f"# Train-step throughput ({summary['preset']} preset, one device: {device}, {summary['dtype']}, "
+             f"moe_impl={summary['moe_impl']})", "",
+             f"Machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}). "
+             f"Batch {summary['batch']} x {summary['seq_len']} tokens. Each round times our step with MTP "
              "on, then off" + (", then runs the torch peer" if summary.get("torch_tokens_per_s") else "") +
              "; medians over rounds. Model FLOPs: see experiments/bench_train.py.", "",
              "| round | MTP on tok/s | MTP off tok/s | torch (no MTP) tok/s | matmul GFLOP/s |", "|---|---|---|---|---|"]
     for r in rows:
         torch_col = f"{r['torch']:.0f}" if r.get("torch") else "-"
         lines.append(f"| {r['round']} | {r['on']:.0f} | {r['off']:.0f} | {torch_col} | {r['matmul'] / 1e9:.0f} |")
+    if summary.get("peak_flops"):
+        lines += ["", f"MFU against a peak of {summary['peak_flops'] / 1e12:.0f} TFLOP/s: MTP on "
+                  f"{summary['mfu']:.1%}, MTP off {summary['mfu_no_mtp']:.1%}."]
     lines += ["", "```", json.dumps(summary, indent=1), "```"]
     with open(os.path.join(out_dir, "bench_train.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -135,33 +145,44 @@ def write_results(out_dir: str, rows: list, summary: dict) -> None:
         [summary["torch_tokens_per_s"]] if summary.get("torch_tokens_per_s") else [])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(names, vals, color=["C0", "C0", "C1"][:len(vals)])
-    ax.axhline(MAXTEXT_TOKENS_PER_S, color="C3", ls="--", label=f"MaxText 0.2.5 ({MAXTEXT_TOKENS_PER_S}, issue figure)")
+    if summary["preset"] == "bench" and jax.default_backend() == "cpu":
+        ax.axhline(MAXTEXT_TOKENS_PER_S, color="C3", ls="--",
+                   label=f"MaxText 0.2.5 ({MAXTEXT_TOKENS_PER_S}, issue figure)")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_ylabel("tokens/s")
-    ax.set_title("bench config train step, 2-core CPU")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"{summary['preset']} train step, {jax.devices()[0].device_kind}, {summary['dtype']}")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "bench_train.png"), dpi=120)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="bench", help="model and train preset (default: bench)")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16 (bf16), float16; params stay "
+                                                 "in the preset's param_dtype (default: the preset's dtype)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per round and configuration")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--moe-impl", default=None)
+    p.add_argument("--moe-impl", default=None, help="MoE dispatch (default: the preset's)")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="the device's dense peak FLOP/s in the compute dtype (H200 bf16: 989e12): adds MFU")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 reference matmul")
     p.add_argument("--torch-peer", default=None, help="path of ../shared/peers/torch_peer.py: run it each round")
     p.add_argument("--out", default=None, help="write bench_train.{md,png} here (e.g. experiments/results)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    rc = RunConfig(get_preset("bench"), TRAIN_PRESETS["bench"]).override(args.overrides)
+    rc = run_preset(args.preset)
+    if args.dtype:
+        rc = rc.override([f"model.dtype={DTYPE_ALIASES.get(args.dtype, args.dtype)}"])
     if args.moe_impl:
         rc = rc.override([f"model.moe_impl={args.moe_impl}"])
+    rc = rc.override(args.overrides)
     tokens = rc.train.global_batch_size * rc.train.seq_len
     no_mtp = rc.override(["model.num_nextn_predict_layers=0"])
     run_on, run_off = make_runner(rc), make_runner(no_mtp)
 
     rows = []
     for r in range(args.rounds):
-        mm = matmul_flops_per_s()
+        mm = matmul_flops_per_s(args.matmul_size, dtype=rc.model.dtype)
         row = {"round": r + 1, "on": tokens / run_on(args.steps), "off": tokens / run_off(args.steps), "matmul": mm}
         if args.torch_peer:
             row["torch"] = torch_peer_tokens_per_s(args.torch_peer, args.steps + 2)
@@ -172,16 +193,23 @@ def main() -> None:
     med = lambda k: statistics.median(row[k] for row in rows)
     on, off, mm = med("on"), med("off"), med("matmul")
     f_mtp, f_no = model_flops_per_step(rc, True), model_flops_per_step(no_mtp, False)
-    print(f"moe_impl={rc.model.moe_impl}  matmul 2048^3 fp32: {mm / 1e9:.1f} GFLOP/s")
+    print(f"preset {args.preset}, moe_impl={rc.model.moe_impl}, {rc.model.dtype}, "
+          f"{jax.devices()[0].device_kind}; matmul {args.matmul_size}^3: {mm / 1e9:.1f} GFLOP/s")
     print(f"{'':8} {'s/step':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>9}")
     for name, tps, flops in (("MTP on", on, f_mtp), ("MTP off", off, f_no)):
         fps = flops * tps / tokens
         print(f"{name:8} {tokens / tps:8.3f} {tps:10.0f} {fps / 1e9:9.1f} {fps / mm:9.1%}")
-    summary = {"moe_impl": rc.model.moe_impl, "tokens_per_s": on, "tokens_per_s_no_mtp": off,
+    summary = {"preset": args.preset, "dtype": rc.model.dtype, "device": jax.devices()[0].device_kind,
+               "batch": rc.train.global_batch_size, "seq_len": rc.train.seq_len,
+               "moe_impl": rc.model.moe_impl, "tokens_per_s": on, "tokens_per_s_no_mtp": off,
                "model_flops_per_s": f_mtp * on / tokens, "model_flops_per_s_no_mtp": f_no * off / tokens,
                "matmul_flops_per_s": mm, "flops_fraction": f_mtp * on / tokens / mm,
-               "flops_fraction_no_mtp": f_no * off / tokens / mm,
-               "vs_maxtext": on / MAXTEXT_TOKENS_PER_S}
+               "flops_fraction_no_mtp": f_no * off / tokens / mm}
+    if args.preset == "bench" and jax.default_backend() == "cpu":
+        summary["vs_maxtext"] = on / MAXTEXT_TOKENS_PER_S
+    if args.peak_flops:
+        summary.update(peak_flops=args.peak_flops, mfu=summary["model_flops_per_s"] / args.peak_flops,
+                       mfu_no_mtp=summary["model_flops_per_s_no_mtp"] / args.peak_flops)
     if args.torch_peer:
         summary["torch_tokens_per_s"] = med("torch")
         summary["no_mtp_vs_torch"] = statistics.median(row["off"] / row["torch"] for row in rows)

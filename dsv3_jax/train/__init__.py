@@ -1,0 +1,11 @@
+"""Training: `loop.train` drives a run (data, mesh, state, the jitted step, logs, evaluation, checkpoints).
+
+    state.py       the train state (params, optimizer state, router biases, RNG) and its shardings
+    optimizer.py   AdamW with the warm-up / constant / cosine learning-rate schedule
+    step.py        one jitted train step (CE, MTP and balance losses, bias update) and the eval step
+    checkpoint.py  orbax checkpoints of the whole run, checksummed, with fallback to the last good step
+    loop.py        the driver that `python -m dsv3_jax train` runs
+
+Submodules are imported explicitly (`from dsv3_jax.train.loop import train`): importing this package
+loads nothing heavy.
+"""
