@@ -1,8 +1,8 @@
 """Training: `loop.train` drives a run (data, mesh, state, the jitted step, logs, evaluation, checkpoints).
 
     state.py       the train state (params, optimizer state, router biases, RNG) and its shardings
-    optimizer.py   AdamW with the warm-up / constant / cosine learning-rate schedule
-    step.py        one jitted train step (CE, MTP and balance losses, bias update) and the eval step
+    optimizer.py   AdamW and the schedules (learning rate, MTP weight lambda, bias rate gamma)
+    step.py        one jitted train step (CE + MTP + sequence-wise balance loss, AdamW, the bias rule)
     checkpoint.py  orbax checkpoints of the whole run, checksummed, with fallback to the last good step
     loop.py        the driver that `python -m dsv3_jax train` runs
 
