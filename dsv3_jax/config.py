@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN context extension (SPEC section 3). `mscale_all_dim` enters the softmax scale; the ratio
+    """YaRN context extension (arXiv 2412.19437 §4.3; docs/architecture.md §3). `mscale_all_dim` enters the softmax scale; the ratio
     `mscale/mscale_all_dim` (1 for V3) scales cos/sin, as in HF transformers."""
     factor: float = 40.0
     original_max_position_embeddings: int = 4096
@@ -69,7 +69,7 @@ class ModelConfig:
     # Layer stacks always keep one stacked parameter tree (same checkpoints either way); `scan_unroll`
     # layers run per loop iteration. 1 = a rolled loop (compile time independent of depth, the choice for
     # deep models); >= the stack's depth = straight-line code, which saves the loop's per-layer slicing
-    # and stacked residual buffers (~8% of a CPU train step on the bench config).
+    # and stacked residual buffers (the measurement: experiments/results/config_choices.md).
     scan_unroll: int = 1
 
     def __post_init__(self):
@@ -90,7 +90,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """`qk_head_dim^-0.5`, times `mscale^2` under YaRN (SPEC section 2)."""
+        """`qk_head_dim^-0.5`, times `mscale^2` under YaRN (docs/architecture.md §2-3)."""
         scale = self.qk_head_dim ** -0.5
         rs = self.rope_scaling
         if rs is not None and rs.mscale_all_dim:
@@ -211,7 +211,7 @@ PRESETS: dict[str, ModelConfig] = {
         q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
         rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1, moe_impl="blocked",
     ),
-    # The shared benchmark config (issue: training at scale), without the batch.
+    # The shared benchmark config of experiments/bench_train.py, without the batch.
     "bench": ModelConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
         num_hidden_layers=4, num_attention_heads=8, first_k_dense_replace=1,
@@ -320,7 +320,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The SPEC section 7 recipe, scaled by the step counts given here."""
+    """The V3 pre-training recipe (arXiv 2412.19437 §4.2; docs/architecture.md §8), scaled by the step
+    counts given here."""
     seed: int = 0
     steps: int = 1000
     global_batch_size: int = 16
@@ -370,9 +371,9 @@ class TrainConfig:
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    # gamma 0.01, not V3's 0.001: this learning rate is 14x V3's, and the router outruns a 0.001 bias
-    # (MaxVio stayed near 3, every token on one expert; with 0.01 it falls under 0.3 within ~100 steps), and
-    # it decays with the lr to 0.001 so that its own +-gamma jitter does not unbalance the last steps.
+    # gamma 0.01, not V3's 0.001: at this learning rate (14x V3's) the router outruns a 0.001 bias and the
+    # load never balances (experiments/results/config_choices.md); it decays with the lr to 0.001 so that
+    # its own +-gamma jitter does not unbalance the last steps.
     "tiny": TrainConfig(steps=300, global_batch_size=32, seq_len=128, learning_rate=3e-3, warmup_steps=30,
                         stable_steps=120, decay_steps=150, final_lr=3e-4, eval_every=50, checkpoint_every=100,
                         bias_update_rate=1e-2, bias_update_rate_final=1e-3, max_corpus_bytes=4_000_000),
