@@ -175,9 +175,9 @@ if os.path.exists(train):
     text = open(train).read()
     s = json.loads(text.split("```")[1])
     print(f"Train step ({s['preset']} preset, {s['dtype']}, moe_impl={s['moe_impl']}, batch {s['batch']} x "
-          f"{s['seq_len']}): MTP on {s['tokens_per_s']:.0f} tok/s, MFU {s['mfu']:.1%}; MTP off "
-          f"{s['tokens_per_s_no_mtp']:.0f} tok/s, MFU {s['mfu_no_mtp']:.1%} (peak {peak / 1e12:.0f} TFLOP/s; "
-          f"the same run's {s['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s matmul reference).")
+          f"{s['seq_len']}): MTP on {s['tokens_per_s']:.0f} tok/s, MFU {s['mfu']:.3g}; MTP off "
+          f"{s['tokens_per_s_no_mtp']:.0f} tok/s, MFU {s['mfu_no_mtp']:.3g} (peak {peak / 1e12:.0f} TFLOP/s; "
+          f"the same run's {s['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s matmul reference).")
     print()
 for name in sorted(os.listdir(out)):
     path = os.path.join(out, name, "bench_decode.json")

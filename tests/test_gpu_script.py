@@ -1,0 +1,56 @@
+"""experiments/gpu_run.sh: the GPU run's script, exercised here by its `--cpu` dry run (tiny sizes, no installs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "gpu_run.sh"
+
+
+def _run(*args, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(OUT=str(out), PYTHON=sys.executable)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=out.parent, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_script_parses_and_refuses_unknown_arguments(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+    p = _run("--help", out=tmp_path / "out", timeout=30)
+    assert p.returncode == 0 and "--cpu" in p.stdout and "989e12" in p.stdout
+    p = _run("--gpu-please", out=tmp_path / "out", timeout=30)
+    assert p.returncode == 2 and "unknown argument" in p.stderr
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_writes_every_result_under_out(tmp_path):
+    """The whole script on the CPU: every step runs and succeeds, and $OUT holds the summary (versions, each
+    step's status, the MFU figure against the stated peak), the log and each benchmark's own files."""
+    out = tmp_path / "out"
+    p = _run("--cpu", out=out, timeout=1500)
+    summary = (out / "summary.md").read_text()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert summary.startswith("# Dry run on the CPU") and "jax: " in summary and "device: cpu" in summary
+    for name in ("tests", "bench_train", "bench_decode_b1"):
+        assert re.search(rf"^\| {name} \| ok \| \d+ \|", summary, re.M), summary
+    assert re.search(r"^\| tests \| ok \| \d+ \| \d+ passed", summary, re.M), summary
+    assert "MFU" in summary and "peak 989 TFLOP/s" in summary, summary
+    assert "speculative / plain decode tokens/s" in summary, summary
+
+    train = json.loads((out / "bench_train" / "bench_train.md").read_text().split("```")[1])
+    assert (train["preset"], train["dtype"], train["moe_impl"]) == ("tiny", "bfloat16", "ragged")
+    assert train["peak_flops"] == 989e12 and 0 < train["mfu"] < 1 and 0 < train["mfu_no_mtp"] < 1
+    assert abs(train["mfu"] - train["model_flops_per_s"] / 989e12) < 1e-12
+    decode = json.loads((out / "bench_decode_b1" / "bench_decode.json").read_text())["summary"]
+    assert decode["preset"] == "tiny" and decode["tokens_per_forward"] >= 1
+    log = (out / "run.log").read_text()
+    assert "install: skipped (--cpu dry run)" in log and "Traceback" not in log
+    assert not list(out.glob(".*")), "temporary files left in $OUT"
