@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .errors import InputError, MissingInputError
 
-MOE_IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
+MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -63,8 +63,12 @@ class ModelConfig:
     # --- not in HF's config ---
     dtype: str = "float32"                  # compute dtype of matmuls; params stay param_dtype
     param_dtype: str = "float32"
-    moe_impl: str = "dense"                 # dispatch implementation, see model/moe.py
-    moe_block_size: int = 128               # rows per block for the blocked dispatch
+    moe_impl: str = "auto"                  # routed-expert dispatch; what "auto" picks: model/dispatch.py
+    moe_block_size: int = 0                 # rows per block of the blocked kernel; 0: 64 when E >= 256, else 128
+    # Expert-parallel exchange: candidate capacities per destination, as fractions of the dropless worst
+    # case (always added); the smallest that holds the busiest destination runs (model/expert_parallel.py).
+    # (1.0,) keeps one branch: less compile time, but the traffic no longer follows the routing.
+    moe_capacity_fractions: tuple = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0)
     remat_policy: str = "none"
     # Layer stacks always keep one stacked parameter tree (same checkpoints either way); `scan_unroll`
     # layers run per loop iteration. 1 = a rolled loop (compile time independent of depth, the choice for
@@ -73,6 +77,8 @@ class ModelConfig:
     scan_unroll: int = 1
 
     def __post_init__(self):
+        if isinstance(self.moe_capacity_fractions, list):          # from JSON
+            object.__setattr__(self, "moe_capacity_fractions", tuple(self.moe_capacity_fractions))
         validate(self)
 
     # Derived sizes ---------------------------------------------------------------------------------
@@ -180,8 +186,14 @@ def validate(c: ModelConfig) -> None:
             _fail(name, f"{getattr(c, name)!r} is not one of {DTYPES}", "pick one of those")
     if c.moe_impl not in MOE_IMPLS:
         _fail("moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}", "pick one of those")
-    if c.moe_block_size < 1:
-        _fail("moe_block_size", "must be >= 1", "use 128 (64 when experts >= 256)")
+    if not isinstance(c.moe_block_size, int) or c.moe_block_size < 0:
+        _fail("moe_block_size", f"must be an integer >= 0, got {c.moe_block_size!r}",
+              "use 0 (auto: 64 when n_routed_experts >= 256, else 128) or a row count")
+    fr = c.moe_capacity_fractions
+    if not isinstance(fr, tuple) or not fr or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in fr):
+        _fail("moe_capacity_fractions", f"must be a non-empty list of numbers in (0, 1], got {fr!r}",
+              "use e.g. [0.25, 0.5, 1.0], or [1.0] for one worst-case buffer")
     if c.scan_unroll < 1:
         _fail("scan_unroll", "must be >= 1", "use 1 (a rolled loop) or the number of layers (unrolled)")
     if c.remat_policy not in REMAT_POLICIES:
@@ -200,8 +212,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=4, num_attention_heads=4, first_k_dense_replace=1,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
         q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        rope_scaling=None, max_position_embeddings=1024, num_nextn_predict_layers=1, moe_impl="blocked",
-        scan_unroll=4,
+        rope_scaling=None, max_position_embeddings=1024, num_nextn_predict_layers=1, scan_unroll=4,
     ),
     # About 258M total / 52M active parameters (44M without the embedding).
     "small": ModelConfig(
@@ -209,7 +220,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=10, num_attention_heads=8, first_k_dense_replace=1,
         n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=6, n_group=8, topk_group=4,
         q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1, moe_impl="blocked",
+        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1,
     ),
     # The shared benchmark config of experiments/bench_train.py, without the batch.
     "bench": ModelConfig(
@@ -217,8 +228,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=4, num_attention_heads=8, first_k_dense_replace=1,
         n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        rope_scaling=None, max_position_embeddings=512, num_nextn_predict_layers=1, moe_impl="blocked",
-        scan_unroll=4,
+        rope_scaling=None, max_position_embeddings=512, num_nextn_predict_layers=1, scan_unroll=4,
     ),
 }
 
@@ -232,8 +242,8 @@ def get_preset(name: str) -> ModelConfig:
 # HF config.json ---------------------------------------------------------------------------------------
 
 _HF_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "remat_policy",
-                                "scan_unroll", "rope_scaling")]
+              if f.name not in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "moe_capacity_fractions",
+                                "remat_policy", "scan_unroll", "rope_scaling")]
 
 
 def from_hf_dict(hf: dict, **overrides) -> ModelConfig:

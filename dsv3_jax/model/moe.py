@@ -1,4 +1,4 @@
-"""DeepSeekMoE (SPEC section 4): sigmoid router with a selection-only bias, group-limited top-k,
+"""DeepSeekMoE (arXiv 2412.19437 §2.1.2, eqs. 12-16): sigmoid router with a selection-only bias, group-limited top-k,
 shared experts, and dropless routed experts through a pluggable dispatch (dispatch.py).
 
 The routing bias lives in the `router_state` collection, not in `params`: it gets no gradient, no optimizer
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..config import ModelConfig
-from .dispatch import gather, routed_experts
+from .dispatch import routed_experts
 from .layers import MLP, param
 
 
@@ -76,9 +76,8 @@ class MoE(nn.Module):
 
         x2 = x.reshape(b * t, d)                                                               # [N, D]
         r = route(cfg, x2, router_kernel, router_bias)
-        few = b * t * cfg.num_experts_per_tok <= e and cfg.moe_impl != "expert_parallel"
-        dispatch = gather if few else routed_experts          # decode steps read only the chosen experts
-        y = dispatch(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down)                # [N, D]
+        # gather_if_few: decode steps read only the chosen experts' weights
+        y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down, gather_if_few=True)   # [N, D]
         y = y.reshape(b, t, d).astype(x.dtype)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * f, name="shared")(x)
