@@ -36,7 +36,8 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS, ModelConfig
 from dsv3_jax.infer import generate, init_cache, split_variables
-from dsv3_jax.infer.decode import jit_decode_step, random_variables, round_up
+from dsv3_jax.infer.decode import jit_decode_step, round_up
+from dsv3_jax.testing import random_variables
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROMPT = b"The model was trained on a small corpus of text, and "

@@ -34,7 +34,8 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS
 from dsv3_jax.infer import init_cache, split_variables
-from dsv3_jax.infer.decode import forward, main_logits, mtp_forward, random_variables
+from dsv3_jax.infer.decode import forward, main_logits, mtp_forward
+from dsv3_jax.testing import random_variables
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONTEXT = 176      # cached tokens the passes attend to (a 48-token prompt + 128 new, as in bench_decode)

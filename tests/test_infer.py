@@ -18,8 +18,9 @@ import pytest
 from dsv3_jax.config import PRESETS, RopeScaling
 from dsv3_jax.infer import (bytes_per_token_per_layer, cache_bytes, generate, init_cache, split_variables,
                             accept_or_resample)
-from dsv3_jax.infer.decode import (jit_decode_step, jit_prefill, mtp_forward, random_variables)
+from dsv3_jax.infer.decode import jit_decode_step, jit_prefill, mtp_forward
 from dsv3_jax.model import Transformer
+from dsv3_jax.testing import random_variables
 
 VOCAB = 64
 BASE = PRESETS["tiny"].replace(hidden_size=64, vocab_size=VOCAB, num_hidden_layers=3, first_k_dense_replace=1,

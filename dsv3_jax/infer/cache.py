@@ -1,4 +1,4 @@
-"""The latent KV cache of MLA decoding (SPEC sections 1-2): per layer and token it holds ONLY
+"""The latent KV cache of MLA decoding (arXiv 2412.19437, section 2.1.1): per layer and token it holds ONLY
 `c_KV` (after `kv_a_norm`) [kv_lora_rank] and `RoPE(k_pe)` [qk_rope_head_dim], exactly what
 `MLA.project` returns, preallocated for `max_len` positions.
 

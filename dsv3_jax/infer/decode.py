@@ -1,9 +1,7 @@
-"""Prefill and cached decoding over the latent KV cache (SPEC section 2), as pure functions of the param
-dicts, reusing the model's own Linen modules (`MLA`, `RMSNorm`, `MLP`) through `module.apply` on sliced params
-and `dsv3_jax.model.moe.route` / `dispatch.routed_experts` for the experts.
-
-Layer stacks run under `jax.lax.scan` over the stacked params (`params['dense_layers']['layers']`,
-`params['moe_layers']['layers']`) together with the stacked cache, so compile time does not grow with depth.
+"""Prefill and cached decoding over the latent KV cache (arXiv 2412.19437, section 2.1.1: only c_KV and
+RoPE(k_pe) are cached), through the model's own modules: `Transformer.trunk` / `main_logits` / `mtp_depth`
+with a `LatentContext` per stack, via `Transformer.apply(..., method=...)`. What stays here is what only
+inference has: the cache's storage and slots, sampling, the jitted entry points and the on-device step loops.
 
 Positions and masking: slot == position (see cache.py). A forward over new tokens at `positions` [B,T]
 (contiguous per row, starting at `positions[:, 0]`, which may differ between rows) attends to
@@ -28,11 +26,8 @@ import flax.linen as nn
 import numpy as np
 
 from ..config import ModelConfig
-from ..model.layers import MLP, RMSNorm
-from ..model.mla import MLA
-from ..model.moe import MoE
-from ..model.rope import rope_angles
-from ..model.transformer import output_logits
+from ..model.mla import LatentContext
+from ..model.transformer import Transformer
 from .cache import KVCache, LayerCache
 
 
@@ -46,82 +41,24 @@ def split_variables(variables: Any) -> tuple[dict, dict]:
     return v["params"], v.get("router_state", {})
 
 
-# One block, one stack ----------------------------------------------------------------------------------------
-
-def _norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
-    return RMSNorm(cfg).apply({"params": p}, x)
-
-
-def _moe(cfg: ModelConfig, p: dict, router_bias: jax.Array, z: jax.Array) -> jax.Array:
-    """The model's own MoE on z [B,T,D] (its statistics dropped); few tokens take the gather dispatch."""
-    return MoE(cfg).apply({"params": p, "router_state": {"router_bias": router_bias}}, z)[0]
-
-
-def block_step(cfg: ModelConfig, moe: bool, p: dict, rs: Optional[dict], h: jax.Array, cos, sin,
-               context: Optional[tuple], new_mask: jax.Array, absorbed: bool, cache_dtype):
-    """`DecoderBlock` over new tokens h [B,T,D] with a cached context.
-
-    context: None or (c_kv [B,S,C], k_pe [B,S,R], mask [B,T,S]). Returns (h, c_kv [B,T,C], k_pe [B,T,R]) with
-    the new latents in the cache dtype (the new tokens attend to their own rounded latents, exactly as later
-    tokens will see them in the cache, so results do not depend on how tokens are grouped into steps)."""
-    mla = MLA(cfg)
-    x = _norm(cfg, p["attn_norm"], h)
-    q_nope, q_pe, c_kv, k_pe = mla.apply({"params": p["attn"]}, x, cos, sin, method=MLA.project)
-    c_kv, k_pe = c_kv.astype(cache_dtype), k_pe.astype(cache_dtype)
-    blocks = ([context] if context is not None else []) + [(c_kv, k_pe, new_mask)]
-    h = h + mla.apply({"params": p["attn"]}, q_nope, q_pe, blocks, absorbed, method=MLA.cached_attention)
-    z = _norm(cfg, p["mlp_norm"], h)
-    if moe:
-        y = _moe(cfg, p["moe"], rs["moe"]["router_bias"], z)
-    else:
-        y = MLP(cfg, cfg.intermediate_size).apply({"params": p["mlp"]}, z)
-    return h + y, c_kv, k_pe
-
-
-def _run_stack(cfg, moe, p_stack, rs_stack, h, cos, sin, layers: LayerCache, read_cache: bool,
-               ctx_mask, new_mask, absorbed):
-    """Scan block_step over a stack: returns (h, new c_kv [L,B,T,C], new k_pe [L,B,T,R])."""
-    cache_dtype = layers.c_kv.dtype
-
-    def body(h, xs):
-        p, rs, cc, cp = xs
-        ctx = (cc, cp, ctx_mask) if read_cache else None
-        h, c_kv, k_pe = block_step(cfg, moe, p, rs, h, cos, sin, ctx, new_mask, absorbed, cache_dtype)
-        return h, (c_kv, k_pe)
-
-    xs = (p_stack, rs_stack, layers.c_kv if read_cache else None, layers.k_pe if read_cache else None)
-    h, (c_new, pe_new) = jax.lax.scan(body, h, xs, unroll=min(cfg.scan_unroll, _stack_depth(p_stack)))
-    return h, c_new, pe_new
-
-
-def _stack_depth(p_stack) -> int:
-    return jax.tree.leaves(p_stack)[0].shape[0]
-
-
-def _masks(cache_len: int, positions: jax.Array, key_valid: Optional[jax.Array]):
-    """Context mask [B,T,S] (slots before the row's first new position) and causal new-token mask [B,T,T]."""
-    b, t = positions.shape
-    slots = jnp.arange(cache_len, dtype=positions.dtype)
-    ctx = jnp.broadcast_to(slots[None, None, :] < positions[:, :1, None], (b, t, cache_len))
-    new = positions[:, :, None] >= positions[:, None, :]
-    if key_valid is not None:
-        new = new & key_valid[:, None, :]
-    return ctx, new
-
-
-def _write_slots(positions, key_valid):
-    return positions if key_valid is None else jnp.where(key_valid, positions, -1)
+def _apply(cfg: ModelConfig, params: dict, router_state: dict, method, *args):
+    return Transformer(cfg).apply({"params": params, "router_state": router_state}, *args, method=method)
 
 
 # Whole-model forwards ----------------------------------------------------------------------------------------
 
-def embed(params: dict, tokens: jax.Array) -> jax.Array:
-    return jnp.take(params["embedding"], tokens, axis=0)
+STACK_CACHES = {"dense_layers": "dense", "moe_layers": "moe"}     # model stack name -> KVCache field
 
 
-def head(cfg: ModelConfig, params: dict, norm_params: dict, h: jax.Array) -> jax.Array:
-    """norm then the shared output head, fp32 logits (as `Transformer.head`)."""
-    return output_logits(_norm(cfg, norm_params, h), params["lm_head"])
+def _context(layers: LayerCache, read_cache: bool, absorbed: bool, layer: Optional[int] = None) -> LatentContext:
+    """The model's view of a cache: the stacked arrays (or one layer of them), unread when read_cache=False."""
+    c_kv, k_pe = (layers.c_kv, layers.k_pe) if layer is None else (layers.c_kv[layer], layers.k_pe[layer])
+    return LatentContext(c_kv if read_cache else None, k_pe if read_cache else None, dtype=layers.c_kv.dtype,
+                         absorbed=absorbed)
+
+
+def _write_slots(positions, key_valid):
+    return positions if key_valid is None else jnp.where(key_valid, positions, -1)
 
 
 def forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, tokens: jax.Array,
@@ -129,43 +66,28 @@ def forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, 
             key_valid: Optional[jax.Array] = None) -> tuple[jax.Array, KVCache]:
     """Main blocks over new tokens [B,T] at `positions` [B,T]: returns (h^0 [B,T,D] before the final norm,
     the cache with the new latents written). read_cache=False ignores the cache's content (prefill)."""
-    cos, sin = rope_angles(cfg, positions)
-    h = embed(params, tokens)
-    ctx_mask, new_mask = _masks(cache.max_len, positions, key_valid)
+    stacks = {name: getattr(cache, field) for name, field in STACK_CACHES.items() if getattr(cache, field) is not None}
+    contexts = {name: _context(layers, read_cache, absorbed) for name, layers in stacks.items()}
+    h0, _, _, latents = _apply(cfg, params, router_state, Transformer.trunk, tokens, positions, key_valid, contexts)
     slots = _write_slots(positions, key_valid)
-    dense, moe = cache.dense, cache.moe
-    if cfg.num_dense_layers:
-        h, c, pe = _run_stack(cfg, False, params["dense_layers"]["layers"], None, h, cos, sin, dense,
-                              read_cache, ctx_mask, new_mask, absorbed)
-        dense = dense.write(c, pe, slots)
-    if cfg.num_moe_layers:
-        h, c, pe = _run_stack(cfg, True, params["moe_layers"]["layers"], router_state["moe_layers"]["layers"],
-                              h, cos, sin, moe, read_cache, ctx_mask, new_mask, absorbed)
-        moe = moe.write(c, pe, slots)
-    return h, cache.replace(dense=dense, moe=moe)
+    return h0, cache.replace(**{STACK_CACHES[name]: stacks[name].write(*latents[name], slots) for name in stacks})
 
 
 def main_logits(cfg: ModelConfig, params: dict, h0: jax.Array) -> jax.Array:
-    return head(cfg, params, params["final_norm"], h0)
+    """h^0 -> fp32 logits through the final norm and the output head (`Transformer.main_logits`)."""
+    return _apply(cfg, params, {}, Transformer.main_logits, h0)
 
 
 def mtp_forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, h_prev: jax.Array,
                 next_tokens: jax.Array, positions: jax.Array, *, k: int = 0, read_cache: bool = True,
                 absorbed: bool = True, key_valid: Optional[jax.Array] = None):
-    """MTP module k (0-based) at positions [B,T]: h' = eh_proj([enorm(Emb(next_tokens)); hnorm(h_prev)]),
-    its block over its own cache, its norm and the shared head. Returns (logits [B,T,X], h^{k+1}, cache)."""
-    p = params[f"mtp_{k}"]
-    rs = router_state[f"mtp_{k}"]["block"]
+    """MTP module k (0-based) at positions [B,T] over its own cache (`Transformer.mtp_depth`): returns
+    (logits [B,T,X], h^{k+1}, cache with the new latents written)."""
     layer = cache.mtp[k]
-    x = jnp.concatenate([_norm(cfg, p["enorm"], embed(params, next_tokens)), _norm(cfg, p["hnorm"], h_prev)], -1)
-    h = jnp.dot(x.astype(cfg.dtype), p["eh_proj"].astype(cfg.dtype)).astype(h_prev.dtype)
-    cos, sin = rope_angles(cfg, positions)
-    ctx_mask, new_mask = _masks(layer.max_len, positions, key_valid)
-    ctx = (layer.c_kv[0], layer.k_pe[0], ctx_mask) if read_cache else None
-    h, c_kv, k_pe = block_step(cfg, True, p["block"], rs, h, cos, sin, ctx, new_mask, absorbed, layer.c_kv.dtype)
+    logits, h, _, (c_kv, k_pe) = _apply(cfg, params, router_state, Transformer.mtp_depth, k, h_prev, next_tokens,
+                                        positions, key_valid, _context(layer, read_cache, absorbed, layer=0))
     layer = layer.write(c_kv[None], k_pe[None], _write_slots(positions, key_valid))
-    mtp = tuple(layer if i == k else c for i, c in enumerate(cache.mtp))
-    return head(cfg, params, p["norm"], h), h, cache.replace(mtp=mtp)
+    return logits, h, cache.replace(mtp=tuple(layer if i == k else c for i, c in enumerate(cache.mtp)))
 
 
 class Prefill(NamedTuple):
@@ -208,6 +130,13 @@ def decode_step(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCac
 # temperature and top_p are traced scalars, so one compiled step serves every setting; temperature == 0 is
 # greedy, selected at run time with lax.cond (only the taken branch runs: greedy draws no random numbers).
 
+class Sampling(NamedTuple):
+    """The traced sampling arguments of a request: step j of a request samples with fold_in(key, j)."""
+    key: jax.Array
+    temperature: jax.Array     # fp32 scalar, 0 = greedy
+    top_p: jax.Array           # fp32 scalar
+
+
 def filtered_logits(logits: jax.Array, temperature, top_p) -> jax.Array:
     """logits / temperature in fp32, with tokens outside the top-p nucleus set to -inf (temperature > 0)."""
     z = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
@@ -225,15 +154,6 @@ def filtered_logits(logits: jax.Array, temperature, top_p) -> jax.Array:
 def sampling_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
     """softmax(logits / temperature) restricted to the top-p nucleus (temperature > 0)."""
     return jax.nn.softmax(filtered_logits(logits, temperature, top_p), axis=-1)
-
-
-def token_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
-    """The sampling distribution [..., X]: tempered top-p softmax, or the one-hot of the argmax when
-    temperature == 0."""
-    z = logits.astype(jnp.float32)
-    return jax.lax.cond(
-        temperature > 0, lambda z: sampling_probs(z, temperature, top_p),
-        lambda z: jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.float32), z)
 
 
 def sample_from(probs: jax.Array, key: jax.Array) -> jax.Array:
@@ -278,8 +198,8 @@ CHUNK = 8   # decode steps per device call: the host reads tokens back (and stre
 def on_device_steps(step, n_max: int):
     """`step(carry, i) -> (carry, out)` (out: a pytree of arrays) -> `run(carry, n) -> (carry, outs)` that runs
     n <= n_max steps in one `lax.fori_loop` on the device (n traced: no recompile per n), stacking the outputs
-    as [n_max, ...] (entries past n stay zero). Per-step host round trips cost ~0.5 ms on CPU, comparable to
-    a small model's whole decode step."""
+    as [n_max, ...] (entries past n stay zero). A host round trip per step would cost about as much as a small
+    model's whole decode step on CPU."""
     def run(carry, n):
         shapes = jax.eval_shape(lambda c: step(c, 0)[1], carry)
         bufs = jax.tree.map(lambda s: jnp.zeros((n_max,) + s.shape, s.dtype), shapes)
@@ -295,15 +215,16 @@ def on_device_steps(step, n_max: int):
 @functools.lru_cache(maxsize=64)
 def jit_decode_steps(cfg: ModelConfig, absorbed: bool = True, n_max: int = CHUNK):
     """jit(up to n_max one-token decode steps + sampling): (params, router_state, cache, tokens [B],
-    positions [B], active [B], key, step, n, temperature, top_p) -> (last tokens [B], positions, cache,
-    tokens of each step [n_max, B]), cache donated. Step j samples with fold_in(key, step + j); rows with
-    active False keep their position (their tokens are ignored)."""
-    def fn(params, router_state, cache, tokens, positions, active, key, step, n, temperature=0.0, top_p=1.0):
+    positions [B], active [B], sampling, step, n) -> (last tokens [B], positions, cache, tokens of each step
+    [n_max, B]), cache donated. Step j samples with fold_in(sampling.key, step + j); rows with active False
+    keep their position (their tokens are ignored)."""
+    def fn(params, router_state, cache, tokens, positions, active, sampling: Sampling, step, n):
         def one(carry, j):
             tokens, positions, cache = carry
             logits, _, cache = decode_step(cfg, params, router_state, cache, tokens[:, None], positions[:, None],
                                            absorbed=absorbed)
-            nxt = sample(logits[:, 0], jax.random.fold_in(key, step + j), temperature, top_p)
+            nxt = sample(logits[:, 0], jax.random.fold_in(sampling.key, step + j), sampling.temperature,
+                         sampling.top_p)
             return (nxt, positions + active.astype(positions.dtype), cache), nxt
         (tokens, positions, cache), outs = on_device_steps(one, n_max)((tokens, positions, cache), n)
         return tokens, positions, cache, outs
@@ -333,23 +254,3 @@ def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.n
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     return tokens, np.array([len(p) for p in prompts], np.int32)
-
-
-def random_variables(cfg: ModelConfig, seed: int = 0, bias_scale: float = 0.1) -> dict:
-    """Random variables shaped like `Transformer(cfg).init(...)`, unboxed, drawn with numpy (no XLA compile):
-    params N(0, initializer_range^2), norms 1, router biases N(0, bias_scale^2) (non-zero, as after training).
-    For tests and benchmarks without a checkpoint."""
-    from ..model import Transformer
-    shapes = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0),
-                                          jnp.zeros((1, 1), jnp.int32)))
-    rng = np.random.default_rng(seed)
-
-    def make(path, s):
-        names = [getattr(k, "key", str(k)) for k in path]
-        if names[0] == "router_state":
-            return jnp.asarray(rng.normal(0, bias_scale, s.shape).astype(np.float32))
-        if names[-1] == "scale":
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(0, cfg.initializer_range, s.shape).astype(s.dtype))
-
-    return jax.tree_util.tree_map_with_path(make, shapes)

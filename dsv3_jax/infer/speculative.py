@@ -1,4 +1,5 @@
-"""Self-speculative decoding with MTP module 1 (`mtp_0`) as the draft model (SPEC section 6).
+"""Self-speculative decoding with MTP module 1 (`mtp_0`) as the draft model (arXiv 2412.19437, section 2.2,
+"MTP in Inference"; acceptance and speed-up in section 5.4.3).
 
 State of a row before a step (L = number of tokens in the main cache, positions 0..L-1):
   tok_pend = t_L        the newest token (emitted, not yet run through the main model)
@@ -31,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from .decode import (CHUNK, forward, greedy, main_logits, mtp_forward, on_device_steps, sample, sample_from,
-                     sampling_probs)
+from .decode import (CHUNK, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps, sample,
+                     sample_from, sampling_probs)
+from .request import DecodeClock, GenerationRequest, start_request
 
 
 class SpecState(NamedTuple):
@@ -59,14 +61,16 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Ar
     return accepted, jnp.where(accepted, draft, alt)
 
 
-def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecState, key, step, active,
-                     temperature, top_p):
-    """One draft-verify-accept step for every row (rows with active False keep their state).
+def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecState, active, sampling: Sampling,
+                     step):
+    """One draft-verify-accept step for every row (rows with active False keep their state); its randomness
+    is fold_in(sampling.key, step).
 
     Greedy (temperature == 0) is the same rule on one-hot distributions, written directly: the draft is
     accepted exactly when it is the main model's argmax, and otherwise that argmax is emitted."""
     b = st.length.shape[0]
-    k_draft, k_acc, k_bonus = jax.random.split(jax.random.fold_in(key, step), 3)
+    temperature, top_p = sampling.temperature, sampling.top_p
+    k_draft, k_acc, k_bonus = jax.random.split(jax.random.fold_in(sampling.key, step), 3)
     # 1. Draft with MTP module 1 on positions (L-2, L-1).
     pair_pos = jnp.stack([st.length - 2, st.length - 1], axis=1)
     q_logits, _, cache = mtp_forward(cfg, params, router_state, cache,
@@ -107,42 +111,38 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
 
 @functools.lru_cache(maxsize=32)
 def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK):
-    """jit(up to n_max speculative steps on the device): (params, router_state, cache, state, key, step, n,
-    active, temperature, top_p) -> (state, cache, (first, bonus, accepted) each [n_max, B]), cache donated;
-    step j's randomness is fold_in(key, step + j)."""
-    def fn(params, router_state, cache, st, key, step, n, active, temperature, top_p):
+    """jit(up to n_max speculative steps on the device): (params, router_state, cache, state, active,
+    sampling, step, n) -> (state, cache, (first, bonus, accepted) each [n_max, B]), cache donated;
+    step j's randomness is fold_in(sampling.key, step + j)."""
+    def fn(params, router_state, cache, st, active, sampling: Sampling, step, n):
         def one(carry, j):
             st, cache = carry
-            st, cache, emitted = speculative_step(cfg, params, router_state, cache, st, key, step + j, active,
-                                                  temperature, top_p)
+            st, cache, emitted = speculative_step(cfg, params, router_state, cache, st, active, sampling, step + j)
             return (st, cache), emitted
         (st, cache), outs = on_device_steps(one, n_max)((st, cache), n)
         return st, cache, outs
     return jax.jit(fn, donate_argnums=(2,))
 
 
-def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
-                         stream_callback=None, *, eos_id=None, cache_dtype=None, max_len=None):
-    """Validated inputs -> (tokens, stats); see the module docstring and `generate`."""
-    from .generate import DecodeClock, start_request
+def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict,
+                         req: GenerationRequest) -> tuple[list[list[int]], dict]:
+    """A validated request -> (tokens, stats); see the module docstring and `generate`."""
     if cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params:
         raise ValueError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
                          "params['mtp_0']); use speculative=False")
-    req = start_request(cfg, params, router_state, prompts, max_new_tokens, temperature, top_p, seed,
-                        stream_callback, eos_id, cache_dtype, max_len, mtp=True)
-    col, key, temp, top_p, cache, t0, t1 = req.col, req.key, req.temp, req.top_p, req.cache, req.t0, req.t1
-    rows = np.arange(len(prompts))
-    st = SpecState(jnp.asarray(req.lengths), jnp.asarray(req.tokens[rows, req.lengths - 1]), req.tok,
-                   req.prefill.h_prev, req.prefill.h_last)
+    run = start_request(cfg, params, router_state, req, mtp=True)
+    col, cache = run.col, run.cache
+    rows = np.arange(len(req.prompts))
+    st = SpecState(jnp.asarray(run.lengths), jnp.asarray(run.tokens[rows, run.lengths - 1]), run.tok,
+                   run.prefill.h_prev, run.prefill.h_last)
 
     step = jit_speculative_steps(cfg)
-    clock = DecodeClock(col, t1)
+    clock = DecodeClock(col, run.t1)
     forwards = drafts = accepted_total = 0
     while col.active.any():
         active = col.active
         n = min(CHUNK, -(-col.most_left() // 2))         # a step emits at most two tokens per row
-        st, cache, outs = step(params, router_state, cache, st, key, forwards + 1, n, jnp.asarray(active), temp,
-                               top_p)
+        st, cache, outs = step(params, router_state, cache, st, jnp.asarray(active), run.sampling, forwards + 1, n)
         for (first, bonus, acc), live in col.live_steps(jax.device_get(outs), n):
             forwards += 1
             drafts += int(live.sum())
@@ -151,6 +151,6 @@ def speculative_generate(cfg, params, router_state, prompts, max_new_tokens, tem
                      for f, b, a, on in zip(first, bonus, acc, live)])
         clock.step_done()
     rate = accepted_total / drafts if drafts else 0.0
-    return col.out, dict(clock.stats(), prefill_s=t1 - t0, main_forwards=forwards, drafts=drafts,
+    return col.out, dict(clock.stats(), prefill_s=run.t1 - run.t0, main_forwards=forwards, drafts=drafts,
                          accepted=accepted_total, acceptance_rate=rate, tokens_per_forward=1.0 + rate,
                          speculative=True)

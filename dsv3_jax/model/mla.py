@@ -1,5 +1,6 @@
-"""Multi-head latent attention (SPEC section 2): expanded form for training and prefill, and
-`cached_attention` (absorbed or expanded) over a latent KV cache for decoding (dsv3_jax/infer).
+"""Multi-head latent attention (arXiv 2412.19437, section 2.1.1, equations 1-11): the expanded form for
+training, and, given a `LatentContext`, attention over a latent KV cache for prefill and decoding
+(`cached_attention`, absorbed or expanded; dsv3_jax/infer owns the cache's storage).
 
 Keys and values are compressed into one latent `c_KV` (kv_lora_rank wide, normed) plus ONE rope key `k_pe`
 shared by all heads; per-head keys/values are expanded from the latent by `kv_b_proj`. Queries go through
@@ -8,17 +9,40 @@ their own low-rank bottleneck when `q_lora_rank` is set. Axis letters: see layer
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax import struct
 
 from ..config import ModelConfig
 from .layers import RMSNorm, constrain, dtype_of, param
 from .rope import apply_rope
 
 NEG_INF = -1e30  # finite, so fully-masked rows (padding) give a uniform softmax, not NaN
+
+
+@struct.dataclass
+class LatentContext:
+    """What a decoding forward's MLA reads: one layer's cached latents (with a leading layer axis when passed
+    to a `Stack`, which scans it with the layers) and how to attend over them.
+
+    c_kv [B,S,C], k_pe [B,S,R]: the cache, slot == position (dsv3_jax/infer/cache.py); row b's context is its
+    slots below its first new position. None: nothing cached is read (prefill).
+    dtype: the cache's storage dtype. The new latents are rounded to it before the new tokens attend to them,
+    exactly as later tokens will see them, so results do not depend on how tokens are grouped into steps.
+    absorbed: the form of `MLA.cached_attention`."""
+    c_kv: Optional[jax.Array]
+    k_pe: Optional[jax.Array]
+    dtype: Any = struct.field(pytree_node=False)
+    absorbed: bool = struct.field(pytree_node=False, default=True)
+
+
+def causal_mask(positions: jax.Array, key_valid: Optional[jax.Array]) -> jax.Array:
+    """[B,T,T]: query t sees key s iff pos_t >= pos_s and key s is valid (key_valid [B,T], None: all)."""
+    mask = positions[:, :, None] >= positions[:, None, :]
+    return mask if key_valid is None else mask & key_valid[:, None, :]
 
 
 class MLA(nn.Module):
@@ -65,14 +89,19 @@ class MLA(nn.Module):
         return q_nope, apply_rope(q_pe, cos, sin), c_kv, apply_rope(k_pe, cos, sin)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 kv_mask: Optional[jax.Array] = None) -> jax.Array:
-        """Expanded form: x [B,T,D] -> [B,T,D]. Causal by position; kv_mask [B,S] marks valid keys."""
+                 kv_mask: Optional[jax.Array] = None, cache: Optional[LatentContext] = None):
+        """Expanded form: x [B,T,D] -> [B,T,D]. Causal by position; kv_mask [B,S] marks valid keys.
+
+        With `cache` (prefill and decoding): the new tokens x at `positions` attend to the cached context
+        and, causally, to themselves (kv_mask [B,T]: which new tokens are valid keys). Returns
+        (out [B,T,D], (c_kv [B,T,C], k_pe [B,T,R])): the new latents, for the caller to write."""
+        if cache is not None:
+            return self.attend_cached(x, cos, sin, positions, kv_mask, cache)
         c = self.cfg
         dt = dtype_of(c.dtype)
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
-        # Heads-major [B,H,T,*] operands for the two attention matmuls: with [B,T,H,*] operands XLA:CPU
-        # picked a transposed layout for the probs x values product that ran ~3x slower (forward of the
-        # bench config's attention core: 46 ms vs 16 ms).
+        # Heads-major [B,H,T,*] operands for the two attention matmuls: with [B,T,H,*] operands XLA:CPU picks
+        # a transposed layout for the probs x values product that runs several times slower.
         kv = jnp.einsum("BSC,CHK->BHSK", c_kv.astype(dt), self.kv_b_proj.astype(dt))
         k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]   # [B,H,S,nope], [B,H,S,V]
         # One score matmul over [nope | rope] (the shared rope key broadcast to every head) instead of two
@@ -81,11 +110,20 @@ class MLA(nn.Module):
         q = jnp.swapaxes(q, 1, 2)                                                        # [B,H,T,K]
         k_pe = jnp.broadcast_to(k_pe[:, None].astype(k_nope.dtype), k_nope.shape[:3] + k_pe.shape[-1:])
         k = jnp.concatenate([k_nope, k_pe], -1)                                          # [B,H,S,K]
-        mask = positions[:, None, :, None] >= positions[:, None, None, :]          # [B,1,T,S]
-        if kv_mask is not None:
-            mask = mask & kv_mask[:, None, None, :]
-        o = attention_core(q, k, v, mask)                                           # [B,H,T,V]
+        o = attention_core(q, k, v, causal_mask(positions, kv_mask)[:, None])      # [B,H,T,V]
         return self.output(jnp.swapaxes(o, 1, 2))
+
+    def attend_cached(self, x, cos, sin, positions, kv_mask, cache: LatentContext):
+        """`__call__` with a cache: project, round the new latents to the cache dtype, attend over the cached
+        context (slots before each row's first new position) and the new tokens in one softmax."""
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        c_kv, k_pe = c_kv.astype(cache.dtype), k_pe.astype(cache.dtype)
+        blocks = [(c_kv, k_pe, causal_mask(positions, kv_mask))]
+        if cache.c_kv is not None:
+            (b, t), s = positions.shape, cache.c_kv.shape[1]
+            before = jnp.arange(s, dtype=positions.dtype)[None, None, :] < positions[:, :1, None]
+            blocks.insert(0, (cache.c_kv, cache.k_pe, jnp.broadcast_to(before, (b, t, s))))
+        return self.cached_attention(q_nope, q_pe, blocks, cache.absorbed), (c_kv, k_pe)
 
     def cached_attention(self, q_nope: jax.Array, q_pe: jax.Array, blocks, absorbed: bool = True) -> jax.Array:
         """Attention of new queries over latent keys held in one or more blocks; returns [B,T,D] after o_proj.
@@ -94,7 +132,8 @@ class MLA(nn.Module):
         `(c_kv [B,S,C], k_pe [B,S,R], mask [B,T,S])`, e.g. the cached context and the new tokens themselves;
         their scores share one fp32 softmax, so no block is ever concatenated (the cache is read in place).
 
-        absorbed=True is the decoding form of SPEC section 2: `kv_b_proj` is split into W_UK [C,H,nope] and
+        absorbed=True is the decoding form (DeepSeek-V2, arXiv 2405.04434, section 2.1.2: W^UK absorbed into
+        the queries, W^UV into the output): `kv_b_proj` is split into W_UK [C,H,nope] and
         W_UV [C,H,V]; `q_abs = q_nope W_UK` [B,T,H,C] meets the latent directly, `o_lat = probs . c_KV`, and
         `o = o_lat W_UV`: per-head keys/values are never materialised. absorbed=False expands every block
         with `kv_b_proj` first (the training form; the decoding baseline that re-expands the cache each step).
@@ -128,7 +167,7 @@ class MLA(nn.Module):
             p = probs[..., start:start + size]
             start += size
             # Heads-major outputs (W_UV or the swap below restores [B,T,H,*]): with a [B,T,H,*] output XLA:CPU
-            # ran the batched probs x latent product ~12x slower (batch 4, one token, 352 cached: 100 vs 8 us).
+            # runs the batched probs x latent product an order of magnitude slower (experiments/results/).
             part = (jnp.einsum("BHTS,BSC->BHTC", p, val) if absorbed                     # o_lat [B,H,T,C]
                     else jnp.einsum("BHTS,BSHV->BHTV", p, val))
             o = part if o is None else o + part
@@ -150,8 +189,8 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     v [B,H,S,V], mask [B,1,T,S] -> [B,H,T,V]. Scores and softmax in fp32.
 
     The backward is written out (dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = dS K,
-    dK = dS^T Q) so that every product keeps the heads-major layout; XLA:CPU's autodiff version of the same
-    math took 62 ms against 41 ms for this one (fwd+bwd, bench config attention core)."""
+    dK = dS^T Q) so that every product keeps the heads-major layout, which XLA:CPU's autodiff version of the
+    same math does not (slower; experiments/results/bench_train.md)."""
     return _attention_core_fwd(q, k, v, mask)[0]
 
 
@@ -178,5 +217,5 @@ attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def attention_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked softmax in fp32 (SPEC: softmax is kept in high precision)."""
+    """Masked softmax in fp32 (attention is kept in high precision: arXiv 2412.19437, section 3.3.1)."""
     return jax.nn.softmax(jnp.where(mask, scores.astype(jnp.float32), NEG_INF), axis=-1)

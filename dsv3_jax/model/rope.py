@@ -1,4 +1,5 @@
-"""Rotary position embedding with YaRN (SPEC section 3).
+"""Rotary position embedding with YaRN (arXiv 2309.00071; used for V3's context extension, arXiv 2412.19437,
+section 4.3).
 
 Layout: INTERLEAVED pairs `(x[2j], x[2j+1])` rotated by frequency j, exactly as the released checkpoint and
 DeepSeek's own code expect, so HF weights load with no permutation. (transformers rotates the same pairs and

@@ -20,7 +20,7 @@ from flax import struct
 
 from ..config import ModelConfig
 from .layers import MLP, RMSNorm, constrain, param
-from .mla import MLA
+from .mla import MLA, LatentContext
 from .moe import MoE
 from .rope import rope_angles
 
@@ -41,21 +41,26 @@ class ModelOutput:
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: h + MLA(norm(h)), then h + FFN(norm(h)) with FFN dense or MoE."""
+    """Pre-norm residual block: h + MLA(norm(h)), then h + FFN(norm(h)) with FFN dense or MoE.
+
+    Returns (h, (stats, latents)): the MoE statistics (None for a dense FFN) and, when decoding with a
+    `LatentContext` `cache`, the new tokens' latents (c_kv, k_pe) for the cache (None otherwise)."""
     cfg: ModelConfig
     moe: bool
 
     @nn.compact
-    def __call__(self, h, cos, sin, positions, kv_mask):
+    def __call__(self, h, cos, sin, positions, kv_mask, cache: Optional[LatentContext] = None):
         cfg = self.cfg
-        h = h + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(h), cos, sin, positions, kv_mask)
+        a = MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(h), cos, sin, positions, kv_mask, cache)
+        a, latents = a if cache is not None else (a, None)
+        h = h + a
         z = RMSNorm(cfg, name="mlp_norm")(h)
         if self.moe:
             y, stats = MoE(cfg, name="moe")(z)
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(z), None
         h = constrain(h + y, ("batch", "length", "act_embed"))
-        return h, stats
+        return h, (stats, latents)
 
 
 def block_class(cfg: ModelConfig):
@@ -65,51 +70,61 @@ def block_class(cfg: ModelConfig):
 
 
 class Stack(nn.Module):
-    """`length` DecoderBlocks under nn.scan: one compiled body whatever the depth."""
+    """`length` DecoderBlocks under nn.scan: one compiled body whatever the depth. A decoding `cache`
+    (a `LatentContext` with a leading layer axis) is scanned with the layers; returns (h, stats [L,...] or
+    None, new latents [L,B,T,*] or None)."""
     cfg: ModelConfig
     moe: bool
     length: int
 
     @nn.compact
-    def __call__(self, h, cos, sin, positions, kv_mask):
+    def __call__(self, h, cos, sin, positions, kv_mask, cache: Optional[LatentContext] = None):
         scanned = nn.scan(
             block_class(self.cfg),
             variable_axes={"params": 0, "router_state": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4,
+            in_axes=(nn.broadcast,) * 4 + (0,),
             length=self.length,
             unroll=min(self.cfg.scan_unroll, self.length),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        return scanned(self.cfg, self.moe, name="layers")(h, cos, sin, positions, kv_mask)
+        h, (stats, latents) = scanned(self.cfg, self.moe, name="layers")(h, cos, sin, positions, kv_mask, cache)
+        return h, stats, latents
 
 
 class MTPModule(nn.Module):
-    """Multi-token prediction depth k: h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a full
-    MoE block. Returns (h^k, norm(h^k) for the shared head, stats)."""
+    """Multi-token prediction depth k (arXiv 2412.19437, section 2.2, equations 21-22):
+    h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a full MoE block (with a decoding `cache`,
+    a `LatentContext` of one layer). Returns (h^k, norm(h^k) for the shared head, stats, new latents or None)."""
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h_prev, emb_next, cos, sin, positions, kv_mask):
+    def __call__(self, h_prev, emb_next, cos, sin, positions, kv_mask, cache: Optional[LatentContext] = None):
         cfg = self.cfg
         d = cfg.hidden_size
         w = param(self, "eh_proj", (2 * d, d), (None, "embed"), cfg)
         x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_next), RMSNorm(cfg, name="hnorm")(h_prev)], -1)
         h = jnp.dot(x.astype(cfg.dtype), w.astype(cfg.dtype)).astype(h_prev.dtype)             # [B,T,D]
-        h, stats = block_class(cfg)(cfg, True, name="block")(h, cos, sin, positions, kv_mask)
-        return h, RMSNorm(cfg, name="norm")(h), stats
+        h, (stats, latents) = block_class(cfg)(cfg, True, name="block")(h, cos, sin, positions, kv_mask, cache)
+        return h, RMSNorm(cfg, name="norm")(h), stats, latents
 
 
 def output_logits(h_normed: jax.Array, lm_head: jax.Array) -> jax.Array:
-    """[..., D] -> fp32 logits [..., X]; the head stays in high precision. One 2-D matmul: ~20% faster than
-    the 3-D einsum on CPU (training and decoding both use this)."""
+    """[..., D] -> fp32 logits [..., X]; the head stays in high precision. One 2-D matmul (faster than the
+    3-D einsum on CPU)."""
     lead, d = h_normed.shape[:-1], h_normed.shape[-1]
     logits = jnp.dot(h_normed.reshape(-1, d).astype(jnp.float32), lm_head.astype(jnp.float32))
     return logits.reshape(lead + (-1,))
 
 
+STACKS = ("dense_layers", "moe_layers")     # the main layer stacks, in order (names in the param tree)
+
+
 class Transformer(nn.Module):
-    """DeepSeek-V3. `apply(variables, tokens)` -> ModelOutput (`.logits`, `.mtp_logits`, `.moe_stats`)."""
+    """DeepSeek-V3. `apply(variables, tokens)` -> ModelOutput (`.logits`, `.mtp_logits`, `.moe_stats`).
+
+    Decoding (dsv3_jax/infer) runs the same modules through `apply(..., method=...)`: `trunk` with one
+    `LatentContext` per stack, `main_logits`, and `mtp_depth` with its module's `LatentContext`."""
     cfg: ModelConfig
 
     def setup(self):
@@ -130,32 +145,54 @@ class Transformer(nn.Module):
     def head(self, h_normed: jax.Array) -> jax.Array:
         return output_logits(h_normed, self.lm_head)
 
-    def trunk(self, tokens, positions=None, kv_mask=None):
-        """Embedding and every main block: returns (h^0 [B,T,D], stats, (cos, sin, positions))."""
+    def main_logits(self, h0: jax.Array) -> jax.Array:
+        """h^0 [..., D] (before the final norm) -> fp32 logits [..., X]."""
+        return self.head(self.final_norm(h0))
+
+    def trunk(self, tokens, positions=None, kv_mask=None, caches: Optional[dict] = None):
+        """Embedding and every main block: returns (h^0 [B,T,D], stats, (cos, sin, positions), latents).
+
+        caches: None (training), or for decoding {stack name: LatentContext with a leading layer axis};
+        latents then holds each stack's new (c_kv [L,B,T,C], k_pe [L,B,T,R]) ({} without caches)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_angles(self.cfg, positions)
         h = self.embed(tokens)
         stats: dict[str, Any] = {}
-        if self.cfg.num_dense_layers:
-            h, _ = self.dense_layers(h, cos, sin, positions, kv_mask)
-        if self.cfg.num_moe_layers:
-            h, stats["moe_layers"] = self.moe_layers(h, cos, sin, positions, kv_mask)
-        return h, stats, (cos, sin, positions)
+        latents: dict[str, Any] = {}
+        depths = {"dense_layers": self.cfg.num_dense_layers, "moe_layers": self.cfg.num_moe_layers}
+        for name in (n for n in STACKS if depths[n]):
+            cache = None if caches is None else caches[name]
+            h, stack_stats, new = getattr(self, name)(h, cos, sin, positions, kv_mask, cache)
+            if stack_stats is not None:
+                stats[name] = stack_stats
+            if new is not None:
+                latents[name] = new
+        return h, stats, (cos, sin, positions), latents
+
+    def mtp_depth(self, k: int, h_prev, next_tokens, positions, kv_mask=None, cache: Optional[LatentContext] = None,
+                  rope=None):
+        """MTP module k (0-based) on h^k [B,T,D] and the tokens one further ahead [B,T] at positions [B,T]:
+        returns (logits [B,T,X] through the shared head, h^{k+1}, stats, new latents or None)."""
+        cos, sin = rope if rope is not None else rope_angles(self.cfg, positions)
+        h, h_normed, stats, latents = self.mtp[k](h_prev, self.embed(next_tokens), cos, sin, positions, kv_mask,
+                                                  cache)
+        return self.head(h_normed), h, stats, latents
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                  kv_mask: Optional[jax.Array] = None, *, mtp: bool = True) -> ModelOutput:
         """tokens [B,T] int32. positions [B,T] (default 0..T-1); kv_mask [B,T] marks real (non-pad) tokens.
         mtp=False skips the MTP chain (its logits come back empty)."""
-        h0, stats, (cos, sin, positions) = self.trunk(tokens, positions, kv_mask)
-        logits = self.head(self.final_norm(h0))
+        h0, stats, (cos, sin, positions), _ = self.trunk(tokens, positions, kv_mask)
+        logits = self.main_logits(h0)
         mtp_logits = []
         h = h0
-        for k, module in enumerate(self.mtp if mtp else []):
+        for k in range(len(self.mtp) if mtp else 0):
             # Depth k+1 at position i sees token i+k+1; the last k+1 positions see padding and are masked
             # in the loss, which keeps shapes static. Original positions, causal chain unchanged.
             shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
-            h, h_normed, stats[f"mtp_{k}"] = module(h, self.embed(shifted), cos, sin, positions, kv_mask)
-            mtp_logits.append(self.head(h_normed))
+            depth_logits, h, stats[f"mtp_{k}"], _ = self.mtp_depth(k, h, shifted, positions, kv_mask,
+                                                                   rope=(cos, sin))
+            mtp_logits.append(depth_logits)
         return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), hidden=h0, moe_stats=stats)

@@ -1,0 +1,132 @@
+"""What plain and speculative decoding share (generate.py, speculative.py): the validated request, the
+per-row collector of emitted tokens, the decode clock, and the start of a request (layout, cache, prefill).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from .cache import KVCache, init_cache
+from .decode import Prefill, Sampling, jit_prefill, layout, pad_prompts
+
+StreamCallback = Callable[[list], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """A validated generation request (see `generate` for the meaning of each field)."""
+    prompts: list                                  # token-id lists
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stream_callback: Optional[StreamCallback] = None
+    eos_id: Optional[int] = None
+    cache_dtype: Any = None
+    max_len: Optional[int] = None
+
+
+class Collector:
+    """Per-row output lists with max_new_tokens / eos stopping and streaming."""
+
+    def __init__(self, n_rows: int, max_new: int, eos_id: Optional[int], callback: Optional[StreamCallback]):
+        self.out = [[] for _ in range(n_rows)]
+        self.max_new, self.eos_id, self.callback = max_new, eos_id, callback
+        self.done = np.zeros(n_rows, bool)
+
+    def add(self, new: list[list[int]]) -> None:
+        emitted = []
+        for i, toks in enumerate(new):
+            got = []
+            for t in toks:
+                if self.done[i]:
+                    break
+                self.out[i].append(int(t))
+                got.append(int(t))
+                if len(self.out[i]) >= self.max_new or (self.eos_id is not None and t == self.eos_id):
+                    self.done[i] = True
+            emitted.append(got)
+        if self.callback is not None and any(emitted):
+            self.callback(emitted)
+
+    @property
+    def active(self) -> np.ndarray:
+        return ~self.done
+
+    def most_left(self) -> int:
+        """The most tokens any active row may still emit (>= 1 while a row is active)."""
+        return max([self.max_new - len(o) for o, d in zip(self.out, self.done) if not d] or [1])
+
+    def live_steps(self, outs, n: int):
+        """Walk the first n per-step outputs of a device call (a pytree of [n_max, B, ...] host arrays):
+        yields (that step's outputs, the rows still live at it), and stops once every row is done (later
+        steps of the call ran for nothing and are dropped)."""
+        for i in range(n):
+            live = self.active
+            if not live.any():
+                return
+            yield jax.tree.map(lambda o: o[i], outs), live
+
+    @property
+    def count(self) -> int:
+        return sum(len(o) for o in self.out)
+
+
+class DecodeClock:
+    """Decode timing with the first device call apart: it compiles the steps for a new shape (seconds on CPU),
+    which would otherwise swamp tokens/s of short requests. tokens_per_s is over the calls after the first."""
+
+    def __init__(self, col: Collector, t_start: float):
+        self.col, self.t_start, self.t_first, self.n_start, self.n_first = col, t_start, None, col.count, 0
+
+    def step_done(self) -> None:
+        if self.t_first is None:
+            self.t_first, self.n_first = time.perf_counter(), self.col.count
+
+    def stats(self) -> dict:
+        t_end, n_end = time.perf_counter(), self.col.count
+        t_first = self.t_first or t_end
+        steady_s, steady_n = t_end - t_first, n_end - self.n_first
+        if steady_n <= 0 or steady_s <= 0:          # a single step: fall back to the whole decode
+            steady_s, steady_n = t_end - self.t_start, n_end - self.n_start
+        return {"new_tokens": n_end, "decode_s": t_end - self.t_start, "first_step_s": t_first - self.t_start,
+                "tokens_per_s": steady_n / steady_s if steady_s > 0 and steady_n > 0 else 0.0}
+
+
+class Started(NamedTuple):
+    """A request after its prefill."""
+    tokens: np.ndarray          # [B, T] right-padded prompts
+    lengths: np.ndarray         # [B]
+    tok: jax.Array              # first new token of each row (from the prefill)
+    cache: KVCache
+    prefill: Prefill            # the prefill output (h_prev, h_last for speculative decoding)
+    col: Collector
+    sampling: Sampling
+    t0: float                   # prefill start and end (perf_counter)
+    t1: float
+
+
+def start_request(cfg: ModelConfig, params: dict, router_state: dict, req: GenerationRequest, *,
+                  mtp: bool) -> Started:
+    """The part plain and speculative decoding share: lay out and pad the prompts, allocate the latent cache
+    (with MTP caches when mtp), run the jitted prefill (which samples each row's first new token) and hand
+    that token to the collector."""
+    t_pad, slots = layout(req.prompts, req.max_new_tokens, req.max_len)
+    tokens, lengths = pad_prompts(req.prompts, t_pad)
+    cache = init_cache(cfg, len(req.prompts), slots, req.cache_dtype, mtp=mtp)
+    sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))
+    col = Collector(len(req.prompts), req.max_new_tokens, req.eos_id, req.stream_callback)
+    t0 = time.perf_counter()
+    tok, out = jit_prefill(cfg, mtp)(params, router_state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                     jax.random.fold_in(sampling.key, 0), sampling.temperature, sampling.top_p)
+    tok_host = np.asarray(tok)
+    t1 = time.perf_counter()
+    col.add([[t] for t in tok_host])
+    return Started(tokens, lengths, tok, out.cache, out, col, sampling, t0, t1)

@@ -1,0 +1,140 @@
+"""Decode speed of two source trees, measured in alternation on one machine (A B A B ...): for checking that a
+change to the model or to dsv3_jax/infer does not slow decoding down.
+
+Each round runs one child process per tree (`PYTHONPATH=<tree>`, so each child imports that tree's dsv3_jax),
+the trees alternating. A child measures, after compiling (the first call's seconds are kept as compile time):
+  * the small preset (random weights, fp32, batch 1): one absorbed decode step (`jit_decode_step`) at 1024 and
+    4096 cached tokens, the median over 7 runs of 5 steps;
+  * the tiny preset (random weights): `generate` of 128 new tokens, plain and speculative, at batch 1 and 8,
+    the median decode tokens/s (stats['tokens_per_s']) over 5 requests.
+The report gives each tree's median over the rounds and the median of the per-round ratios to the first tree.
+
+    PYTHONPATH=$PWD python experiments/decode_ab.py --tree base=/path/to/main --tree new=. [--rounds 3]
+Writes experiments/results/decode_ab.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CONTEXTS = (1024, 4096)
+BATCHES = (1, 8)
+PROMPT = b"The model was trained on a small corpus of text, and "
+
+
+def child(parts: list[str]) -> dict:
+    """The measurements of the tree on sys.path (run in a subprocess)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dsv3_jax.config import PRESETS
+    from dsv3_jax.infer import generate, init_cache, split_variables
+    from dsv3_jax.infer.decode import jit_decode_step, round_up
+    try:
+        from dsv3_jax.testing import random_variables
+    except ImportError:                                    # trees before dsv3_jax/testing.py (main at c81abdb)
+        from dsv3_jax.infer.decode import random_variables
+
+    out: dict = {}
+    if "small" in parts:
+        cfg = PRESETS["small"].replace(dtype="float32", max_position_embeddings=max(CONTEXTS) + 64)
+        params, rs = split_variables(random_variables(cfg, 0))
+        step = jit_decode_step(cfg, True)
+        rng = np.random.default_rng(0)
+        for ctx in CONTEXTS:
+            cache = init_cache(cfg, 1, round_up(ctx + 1, 16), mtp=False)
+            fill = lambda a: jnp.asarray(np.where(np.arange(a.shape[2])[None, None, :, None] < ctx,
+                                                  rng.standard_normal(a.shape), 0.0), a.dtype)
+            cache = jax.tree_util.tree_map(fill, cache)
+            tok, pos = jnp.array([[1]], jnp.int32), jnp.array([[ctx]], jnp.int32)   # rewrites slot ctx
+            t0 = time.perf_counter()
+            logits, _, cache = step(params, rs, cache, tok, pos)
+            jax.block_until_ready(logits)
+            out[f"small_first_call_s_{ctx}"] = time.perf_counter() - t0
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    logits, _, cache = step(params, rs, cache, tok, pos)
+                jax.block_until_ready((logits, cache))
+                times.append((time.perf_counter() - t0) / 5 * 1e3)
+            out[f"small_absorbed_ms_{ctx}"] = statistics.median(times)
+            del cache
+        del params, rs
+    if "tiny" in parts:
+        cfg = PRESETS["tiny"]
+        variables = random_variables(cfg, 0)
+        for batch in BATCHES:
+            prompts = [list(PROMPT)[i:] for i in range(batch)]
+            for spec in (False, True):
+                name = f"tiny_{'spec' if spec else 'plain'}_b{batch}"
+                run = lambda: generate(cfg, variables, prompts, 128, speculative=spec, max_len=256)[1]
+                t0 = time.perf_counter()
+                run()
+                out[f"{name}_first_s"] = time.perf_counter() - t0
+                out[f"{name}_tok_s"] = statistics.median(run()["tokens_per_s"] for _ in range(5))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tree", action="append", default=[], help="NAME=PATH of a source tree (give two or more)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parts", default="small,tiny")
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    parts = args.parts.split(",")
+    if args.child:
+        print(json.dumps(child(parts)))
+        return {}
+    trees = [t.split("=", 1) for t in args.tree]
+    if len(trees) < 2 or any(len(t) != 2 for t in trees):
+        ap.error("give at least two --tree NAME=PATH")
+    runs: dict = {name: [] for name, _ in trees}
+    for r in range(args.rounds):
+        for name, path in trees:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(path), JAX_PLATFORMS="cpu")
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--parts", args.parts],
+                                  env=env, capture_output=True, text=True, cwd=os.path.abspath(path))
+            if proc.returncode != 0:
+                sys.exit(f"tree {name} failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
+    base = trees[0][0]
+    keys = list(runs[base][0])
+    lines = ["# Decode speed of two trees, alternating", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), 1-min load average "
+             f"{os.getloadavg()[0]:.1f} at the end. {args.rounds} rounds, trees alternating; each tree's median over "
+             f"the rounds, and the median of the per-round ratios to `{base}`. `_s` rows are first calls (compile "
+             "included); `ms` lower is better, `tok_s` higher is better.", "",
+             "| measure | " + " | ".join(n for n, _ in trees) + " | " +
+             " | ".join(f"{n} / {base}" for n, _ in trees[1:]) + " |",
+             "|---" * (2 * len(trees)) + "|"]
+    summary = {}
+    for k in keys:
+        meds = [statistics.median(r[k] for r in runs[n]) for n, _ in trees]
+        ratios = [statistics.median(b[k] / a[k] for a, b in zip(runs[base], runs[n])) for n, _ in trees[1:]]
+        summary[k] = {"median": dict(zip([n for n, _ in trees], meds)), "ratio": ratios}
+        lines.append(f"| {k} | " + " | ".join(f"{m:.2f}" for m in meds) + " | " +
+                     " | ".join(f"{x:.3f}" for x in ratios) + " |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode_ab.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "decode_ab.json"), "w") as f:
+        json.dump({"trees": dict(trees), "summary": summary, "runs": runs}, f, indent=2)
+    print("\n".join(lines))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
