@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -27,6 +29,42 @@ from .step import make_eval_step, make_train_step
 
 class TrainingStopped(RuntimeError):
     """Raised when the run stops on purpose (too many non-finite steps); a good checkpoint was saved."""
+
+
+PREEMPT_SYNC_EVERY = 4      # multi-process runs agree on a SIGTERM every this many steps (one tiny all-gather)
+
+
+class Preemption:
+    """SIGTERM (what TPU VMs and schedulers send before they take a machine) sets a flag; the loop finishes
+    the step it is in, saves a checkpoint and returns. With several processes the flag is all-gathered every
+    PREEMPT_SYNC_EVERY steps, so every process stops after the same step even if the signal reached only some
+    of them, or reached them at different steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():    # signals only reach the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop after `step`: the same answer on every process."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % PREEMPT_SYNC_EVERY:
+            return False
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
 
 
 def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunConfig:
@@ -191,6 +229,7 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     summary: dict = {"start_step": start}
     tokens_per_step = tc.global_batch_size * tc.seq_len
     step, tick, last_logged = start, time.perf_counter(), start
+    preemption = Preemption().__enter__()
     try:
         while step < end:
             batch = global_batch(next(iterator), mesh, tc.global_batch_size)
@@ -223,9 +262,18 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
                 ckpt.wait()
                 raise TrainingStopped(f"{tc.max_consecutive_skips} consecutive steps had a non-finite loss or "
                                       f"gradient; stopped at step {step} with the last good state saved")
-            if step % tc.checkpoint_every == 0 or step == end:
-                ckpt.save(step, state, iterator.get_state(), force=step == end)
+            preempted = step < end and preemption.should_stop(step)
+            if preempted or step % tc.checkpoint_every == 0 or step == end:
+                ckpt.save(step, state, iterator.get_state(), force=preempted or step == end)
+            if preempted:
+                ckpt.wait()
+                summary["preempted"] = True
+                if proc == 0:
+                    print(f"\nSIGTERM: stopped after step {step} with its checkpoint saved; continue with --resume",
+                          file=sys.stderr, flush=True)
+                break
     finally:
+        preemption.__exit__()
         # Close everything even when one fails (a full disk fails them all); an error already on its way out
         # says more than one raised while closing, so it wins; otherwise the checkpoint's error does.
         failing, errors = sys.exc_info()[1], []
