@@ -353,9 +353,10 @@ def variable_shardings(cfg: ModelConfig, mesh, zero3: bool = False) -> dict:
 
 
 def _read_sharded(ck: _Checkpoint, dtype: np.dtype, mesh, zero3: bool) -> dict:
-    """Each leaf as a jax.Array built shard by shard: a shard's callback reads only the HF slices that
-    cover it, so a process reads what its devices hold (a shard replicated on several local devices is read
-    once). The MTP copies of embedding and head are not read (the unsharded load checks them)."""
+    """Each leaf as a jax.Array built from its addressable shards: a shard reads only the HF slices that
+    cover it (so a process reads what its devices hold), is read once however many local devices hold it,
+    and its host buffer is dropped once placed, so host memory beyond the placed arrays is one shard of one
+    leaf. The MTP copies of embedding and head are not read (the unsharded load checks them)."""
     import jax
     from flax import traverse_util
 
@@ -366,24 +367,30 @@ def _read_sharded(ck: _Checkpoint, dtype: np.dtype, mesh, zero3: bool) -> dict:
             entries.setdefault(e.leaf, []).append((name, e))
     out = {}
     for leaf, sd in ck.template.items():
-        shape, dt, done = tuple(sd.shape), hl.leaf_dtype(leaf, dtype), {}
-
-        def shard(index, leaf=leaf, shape=shape, dt=dt, done=done):
-            region = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
-            key = tuple((r.start, r.stop) for r in region)
-            if key not in done:
-                buf = np.empty(tuple(r.stop - r.start for r in region), dt)
-                for name, e in entries[leaf]:
-                    hit = hl.entry_overlap(e, shape, region)
-                    if hit is not None:
-                        w = hl.read_block(ck.read_slice, name, e, hl.block_shape(shape, e.index), hit[1])
-                        buf[hit[0]] = w.astype(dt, copy=False)
-                done[key] = buf
-            return done[key]
-
-        out[leaf] = jax.make_array_from_callback(shape, shardings[leaf], shard)
-        done.clear()
+        shape, dt = tuple(sd.shape), hl.leaf_dtype(leaf, dtype)
+        regions = {d: tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+                   for d, index in shardings[leaf].addressable_devices_indices_map(shape).items()}
+        order = sorted(regions, key=lambda d: (tuple((r.start, r.stop) for r in regions[d]), d.id))
+        arrays, host, key = [], None, None
+        for d in order:                          # devices holding the same region are adjacent
+            k = tuple((r.start, r.stop) for r in regions[d])
+            if k != key:
+                host, key = _read_region(ck, entries[leaf], shape, regions[d], dt), k
+            arrays.append(jax.device_put(host, d))
+        del host
+        out[leaf] = jax.make_array_from_single_device_arrays(shape, shardings[leaf], arrays)
     return traverse_util.unflatten_dict(out)
+
+
+def _read_region(ck: _Checkpoint, entries: list, shape: tuple, region: tuple, dt: np.dtype) -> np.ndarray:
+    """`leaf[region]` assembled from the HF slices of the entries that meet it."""
+    buf = np.empty(tuple(r.stop - r.start for r in region), dt)
+    for name, e in entries:
+        hit = hl.entry_overlap(e, shape, region)
+        if hit is not None:
+            w = hl.read_block(ck.read_slice, name, e, hl.block_shape(shape, e.index), hit[1])
+            buf[hit[0]] = w.astype(dt, copy=False)
+    return buf
 
 
 # ----------------------------------------------------------------------------------------------------------
