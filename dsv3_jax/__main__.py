@@ -49,6 +49,16 @@ def _parse_mesh(text: str | None) -> list[str]:
     return out
 
 
+def _mesh_sizes(text: str | None) -> dict | None:
+    """`data=2,expert=2,tensor=2` -> {'data': 2, ...} (generate's --mesh)."""
+    if not text:
+        return None
+    try:
+        return {k.split(".", 1)[1]: int(v) for k, v in (o.split("=", 1) for o in _parse_mesh(text))}
+    except ValueError:
+        raise SystemExit(f"--mesh {text!r}: sizes must be integers") from None
+
+
 def cmd_train(args) -> int:
     _init_distributed(args)
     from .config import RunConfig, run_preset
@@ -57,12 +67,26 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + _parse_mesh(args.mesh)
     if args.data:
         overrides.append(f"train.data={json.dumps(args.data)}")
-    if args.resume and os.path.exists(os.path.join(args.run_dir, "config.json")):
+    init = None
+    if args.init_from:
+        from .config import ModelConfig, TrainConfig
+        from .errors import InputError
+        from .runs import init_from_config, init_variables
+        if args.preset is not None:
+            raise InputError("--init-from takes the model from the checkpoint's config.json; drop --preset "
+                             "(train.* and model.* overrides still apply)")
+        if args.resume:
+            raise InputError("--init-from starts a new run from the checkpoint; to continue a fine-tune that "
+                             "has checkpoints, use --resume without --init-from")
+        rc = init_from_config(args.init_from, RunConfig(ModelConfig(), TrainConfig()))
+        init = lambda r, mesh, fresh: init_variables(args.init_from, r, mesh, fresh)  # noqa: E731
+    elif args.resume and os.path.exists(os.path.join(args.run_dir, "config.json")):
         rc: RunConfig = load_run_config(args.run_dir)   # the saved run, plus what the command line changes
     else:
-        rc = run_preset(args.preset)
+        rc = run_preset(args.preset or "tiny")
     rc = rc.override(overrides)
-    summary = train(rc, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    summary = train(rc, args.run_dir, resume=args.resume, progress=not args.no_progress,
+                    **({"init_variables": init} if init is not None else {}))
     last = summary.get("last", {})
     print(json.dumps({k: last.get(k) for k in ("step", "loss", "val_loss", "tokens_per_s", "max_vio", "val_max_vio")}))
     return 0
@@ -82,14 +106,27 @@ def cmd_params(args) -> int:
 
 def cmd_generate(args) -> int:
     from .infer.cli import run_generate
+    _init_distributed(args)
+    args.mesh = _mesh_sizes(args.mesh)
     return run_generate(args)
 
 
 def cmd_convert(args) -> int:
-    """HF checkpoint directory -> HF checkpoint directory (e.g. FP8 -> fp32/bf16), through our variables."""
-    from .hf import load_checkpoint, save_checkpoint
+    """A run's newest checkpoint, or an HF directory (e.g. FP8 -> bf16), -> an HF checkpoint directory."""
+    from .errors import InputError
+    if bool(args.run_dir) == bool(args.hf_dir):
+        raise InputError("give exactly one of --run-dir or --hf-dir")
+    if args.run_dir:
+        from .runs import export_run
+        step = export_run(args.run_dir, args.out, dtype=args.dtype)
+        print(f"wrote {args.out} (step {step} of {args.run_dir})")
+        return 0
+    from .hf import load_checkpoint, save_checkpoint, write_fp8_checkpoint
     cfg, variables = load_checkpoint(args.hf_dir)
-    save_checkpoint(args.out, cfg, variables, dtype=args.dtype)
+    if args.dtype == "fp8":
+        write_fp8_checkpoint(args.out, cfg, variables)
+    else:
+        save_checkpoint(args.out, cfg, variables, dtype=args.dtype)
     print(f"wrote {args.out}")
     return 0
 
@@ -102,11 +139,13 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train a preset; key=value overrides any config field",
                        epilog=f"example: {prog} train --preset tiny --run-dir runs/tiny "
                               "model.n_routed_experts=16 train.steps=200")
-    t.add_argument("--preset", default="tiny")
+    t.add_argument("--preset", default=None, help="default: tiny")
     t.add_argument("--run-dir", default=None, help="default: runs/<preset>")
     t.add_argument("--data", help="text file, folder, .npy or .bin tokens (default: the embedded corpus)")
     t.add_argument("--mesh", help="e.g. data=2,expert=2,tensor=2")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--init-from", metavar="HF_DIR", help="fine-tune released weights: model config, params and "
+                   "router biases from an HF DeepSeek-V3 directory (fresh optimizer; its tokenizer.json if any)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("overrides", nargs="*", metavar="section.field=value")
     _add_distributed(t)
@@ -121,6 +160,9 @@ def main(argv=None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--speculative", action="store_true", help="MTP module 1 drafts, the main model verifies")
+    g.add_argument("--mesh", help="e.g. data=2,expert=2,tensor=2: weights and latent cache sharded by the "
+                   "training rules (default: one device)")
+    _add_distributed(g)
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("params", help="parameter counts from the model's abstract init")
@@ -128,10 +170,13 @@ def main(argv=None) -> int:
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_params)
 
-    v = sub.add_parser("convert", help="re-save an HF DeepSeek-V3 checkpoint (dequantising FP8)")
-    v.add_argument("--hf-dir", required=True)
+    v = sub.add_parser("convert", help="export a run's newest checkpoint, or re-save an HF checkpoint, as an HF "
+                       "DeepSeek-V3 directory")
+    v.add_argument("--run-dir", help="a training run (params and router biases; no optimizer state is read)")
+    v.add_argument("--hf-dir", help="an HF DeepSeek-V3 directory (e.g. FP8 -> bfloat16)")
     v.add_argument("--out", required=True)
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "fp8"],
+                   help="default: bfloat16 for --run-dir, float32 for --hf-dir")
     v.set_defaults(fn=cmd_convert)
 
     # Overrides may come after flags (`train --resume train.steps=20`): argparse leaves those as extras.
@@ -141,7 +186,9 @@ def main(argv=None) -> int:
     if args.command == "train":
         args.overrides = list(args.overrides) + extra
     if args.command == "train" and args.run_dir is None:
-        args.run_dir = os.path.join("runs", args.preset)
+        args.run_dir = os.path.join("runs", args.preset or ("finetune" if args.init_from else "tiny"))
+    if args.command == "convert" and args.dtype is None:
+        args.dtype = "bfloat16" if args.run_dir else "float32"
     try:
         return args.fn(args)
     except InputError as e:                   # bad input: config, paths, unreadable files, data (exit 2)

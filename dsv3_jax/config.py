@@ -246,22 +246,56 @@ _HF_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
                                 "remat_policy", "scan_unroll", "rope_scaling")]
 
 
-def from_hf_dict(hf: dict, **overrides) -> ModelConfig:
-    """Map an HF DeepSeek-V3 config (the released `config.json`, or what transformers 5.x writes) onto ours.
+# config.json keys that carry no model math (file metadata, generation defaults, parallelism hints, the
+# training recipe's aux-loss settings, derived sizes) or that the checkpoint loader reads itself
+# (quantization_config): accepted without a word. Any other key we do not model gets a warning naming it.
+_HF_IGNORED = {"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+               "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "pretraining_tp", "ep_size",
+               "aux_loss_alpha", "seq_aux", "output_router_logits", "quantization_config", "head_dim",
+               "_name_or_path", "return_dict", "output_hidden_states", "output_attentions", "tie_word_embeddings",
+               "num_mtp_layers", "rope_scaling", "rope_parameters", "rope_theta"}
+# Keys whose value decides the math: {key: (the one value we implement, why)}. Anything else is an InputError.
+_HF_FIXED = {
+    "scoring_func": ("sigmoid", "V3 gates with sigmoid affinities (paper section 2.1.2); V2's softmax is not implemented"),
+    "topk_method": ("noaux_tc", "V3 routes by bias-adjusted top-k within the best groups (paper section 2.1.2)"),
+    "hidden_act": ("silu", "the experts and dense MLPs are SwiGLU"),
+    "moe_layer_freq": (1, "every layer after first_k_dense_replace is MoE"),
+    "attention_bias": (False, "MLA's projections have no bias"),
+    "rope_interleave": (True, "RoPE rotates interleaved pairs, as DeepSeek's weights are laid out"),
+    "attention_dropout": (0.0, "no dropout is implemented"),
+}
 
-    Reads the rope block from `rope_scaling` (released) or `rope_parameters` (transformers 5.x)."""
+
+def from_hf_dict(hf: dict, **overrides) -> ModelConfig:
+    """Map an HF DeepSeek-V3 config (the released `config.json` of V3/R1/V3.1, Moonlight, Kimi-K2, or what
+    transformers 5.x writes) onto ours.
+
+    Reads the rope block from `rope_scaling` (released) or `rope_parameters` (transformers 5.x). An absent
+    `num_nextn_predict_layers` means no MTP module (Moonlight). A key we do not model gets a warning naming
+    it; a value we cannot honour (`scoring_func: softmax`, say) an InputError naming key and value."""
+    import warnings
     if hf.get("model_type", "deepseek_v3") not in ("deepseek_v3", "kimi_k2"):
-        raise InputError(f"config.json is for model_type={hf.get('model_type')!r}, not deepseek_v3")
-    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("hidden_act", "silu")):
-        if key in hf and hf[key] != want:
-            raise InputError(f"config.json {key}={hf[key]!r} is not supported (DeepSeek-V3 uses {want!r})")
-    if hf.get("moe_layer_freq", 1) != 1:
-        raise InputError(f"config.json moe_layer_freq={hf['moe_layer_freq']} is not supported (V3 uses 1)")
+        raise InputError(f"config.json is for model_type={hf.get('model_type')!r}, not deepseek_v3 (or kimi_k2)")
+    for key, (want, why) in _HF_FIXED.items():
+        if key in hf and hf[key] is not None and hf[key] != want:
+            raise InputError(f"config.json {key}={hf[key]!r} is not supported: only {want!r} ({why})")
+    heads = hf.get("num_attention_heads", ModelConfig.num_attention_heads)
+    if hf.get("num_key_value_heads") not in (None, heads):
+        raise InputError(f"config.json num_key_value_heads={hf['num_key_value_heads']} differs from "
+                         f"num_attention_heads={heads}: MLA has one key/value head per query head")
+    qk = hf.get("qk_nope_head_dim", ModelConfig.qk_nope_head_dim) + hf.get("qk_rope_head_dim",
+                                                                            ModelConfig.qk_rope_head_dim)
+    if hf.get("qk_head_dim") not in (None, qk):
+        raise InputError(f"config.json qk_head_dim={hf['qk_head_dim']} is not qk_nope_head_dim + qk_rope_head_dim = {qk}")
+    unknown = sorted(set(hf) - set(_HF_FIELDS) - _HF_IGNORED - set(_HF_FIXED) - {"num_key_value_heads", "qk_head_dim"})
+    if unknown:
+        warnings.warn(f"config.json field(s) {', '.join(unknown)} are not modelled by dsv3_jax and are ignored",
+                      stacklevel=2)
     kw: dict[str, Any] = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None}
     if "q_lora_rank" in hf and hf["q_lora_rank"] is None:
-        kw["q_lora_rank"] = None                # full-rank queries (V2-Lite style): null is meaningful here
-    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
-        kw["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+        kw["q_lora_rank"] = None                # full-rank queries (V2-Lite, Moonlight): null is meaningful here
+    if "num_nextn_predict_layers" not in hf:
+        kw["num_nextn_predict_layers"] = int(hf.get("num_mtp_layers") or 0)
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if "rope_theta" in rope:
         kw["rope_theta"] = rope["rope_theta"]
@@ -279,7 +313,12 @@ def from_hf_dict(hf: dict, **overrides) -> ModelConfig:
     for key in ("n_group", "topk_group"):
         kw.setdefault(key, 1)
     kw.update(overrides)
-    return ModelConfig(**kw)
+    try:
+        return ModelConfig(**kw)
+    except InputError:
+        raise
+    except ValueError as e:                     # validate() names the field; it came from config.json
+        raise InputError(f"config.json: {e}") from None
 
 
 def to_hf_dict(c: ModelConfig) -> dict:

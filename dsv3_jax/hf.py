@@ -1,8 +1,9 @@
-"""Hugging Face DeepSeek-V3 checkpoints (SPEC section 8) <-> our variables.
+"""Hugging Face DeepSeek-V3 checkpoints <-> our variables (the name map is in hf_layout.py).
 
 `load_checkpoint(dir)` reads `config.json` and one or many `*.safetensors` shards (with or without
 `model.safetensors.index.json`), one tensor at a time, into preallocated numpy arrays shaped exactly like
-`Transformer(cfg).init(...)` (unboxed), so a checkpoint is never held twice. It accepts:
+`Transformer(cfg).init(...)` (unboxed), so a checkpoint is never held twice; or, given a mesh, straight into
+sharded jax.Arrays, each process reading only the slices its devices hold. It accepts:
   * the released layout: per-expert `mlp.experts.E.{gate,up,down}_proj.weight`, layer `num_hidden_layers+k`
     holding MTP module k (with copies of `embed_tokens` and `shared_head.head`, checked and dropped);
   * transformers-5.x fused expert tensors `mlp.experts.gate_up_proj [E, 2F, D]` / `mlp.experts.down_proj
@@ -11,17 +12,12 @@
     or `quantization_config.weight_block_size`), dequantised as `W[i,j] = float(W8[i,j]) * S[i//B, j//B]`;
   * bf16 / fp16 / fp32 tensors.
 Every problem (missing, unexpected, wrong shape, wrong dtype, config mismatch) is collected first and raised
-as ONE ValueError listing them all, before any tensor data is read.
+as ONE InputError listing them all, before any tensor data is read.
 
 `save_checkpoint` writes `config.json` plus safetensors shards with the released per-expert names (and an
 index json when sharded). `write_fp8_checkpoint` writes the same with projection weights quantised to e4m3
 in 128x128 blocks (for tests; DeepSeek's own FP8 layout).
 
-Layout conventions (ours vs HF): kernels are [in, out] (HF Linear weights [out, in]); RoPE is interleaved on
-both sides, so no permutation; `q_a_proj` and `kv_a_proj_with_mqa` are fused into `attn/q_kv_a_proj`;
-`q_b_proj` [q_lora, H, nope+rope], `kv_b_proj` [kv_lora, H, nope+v], `o_proj` [H, v, D]; MLPs `gate_up`
-[D, 2, F] (0 = gate, 1 = up) and `down` [F, D]; experts `[E, D, 2, F]` / `[E, F, D]`; router `[D, E]` fp32;
-the routing bias `e_score_correction_bias` goes to `router_state/.../moe/router_bias` (always fp32).
 """
 
 from __future__ import annotations
@@ -38,197 +34,19 @@ from typing import Any, Optional
 import ml_dtypes
 import numpy as np
 
-from .config import ModelConfig, load_hf_config, save_hf_config
-from .safetensors_io import (FP8_BLOCK, _BIAS_DTYPES, _FLOAT_DTYPES, _Shard, _np_dtype, _write_safetensors, dequantize_fp8, quantize_fp8,
-                             read_safetensors_header)
+from . import hf_layout as hl
+from .config import ModelConfig, from_hf_dict, save_hf_config
+from .errors import InputError, MissingInputError
+from .hf_layout import hf_tensor_names
+from .safetensors_io import (BIAS_DTYPES, FLOAT_DTYPES, FP8_BLOCK, SafetensorsFile, dequantize_fp8,
+                             dequantize_fp8_slice, np_dtype, quantize_fp8, read_safetensors_header, scale_blocks,
+                             write_safetensors)
 
 __all__ = ["load_checkpoint", "save_checkpoint", "write_fp8_checkpoint", "dequantize_fp8", "quantize_fp8",
-           "hf_tensor_names", "read_safetensors_header"]
+           "hf_tensor_names", "read_safetensors_header", "variable_shardings"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-# ----------------------------------------------------------------------------------------------------------
-# The name map: one entry per HF tensor, saying where in which leaf it lives and how it is laid out.
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    leaf: tuple            # path into the variables, e.g. ('params', 'moe_layers', 'layers', 'attn', 'o_proj')
-    index: tuple           # numpy index into that leaf selecting this tensor's block
-    hf_shape: tuple        # shape stored in the checkpoint
-    kind: str              # 'copy' | 'linear' (HF [out,in] -> ours W.T reshaped) | 'fused_gate_up' | 'fused_down'
-    fp8_ok: bool = False   # a projection weight: may be stored as FP8 e4m3 with a _scale_inv
-    bias: bool = False     # the routing bias: fp32 only
-    dup_of: Optional[str] = None  # MTP copies of embed_tokens / lm_head: checked against this main tensor
-
-
-_ALL = slice(None)
-
-
-def _block_entries(cfg: ModelConfig, hf: str, params: tuple, state: tuple, lead: tuple, moe: bool,
-                   out: dict) -> None:
-    """Entries of one decoder block: `hf` is 'model.layers.N.', `params`/`state` the leaf prefixes of the
-    block in params / router_state, `lead` the leading index (the layer slot of a scanned stack, or ())."""
-    c = cfg
-    d, h = c.hidden_size, c.num_attention_heads
-    lat = c.kv_lora_rank + c.qk_rope_head_dim
-
-    def add(name, leaf, index, shape, kind="copy", **kw):
-        out[hf + name] = _Entry(leaf, lead + tuple(index), tuple(shape), kind, **kw)
-
-    a = params + ("attn",)
-    add("input_layernorm.weight", params + ("attn_norm", "scale"), (), (d,))
-    add("post_attention_layernorm.weight", params + ("mlp_norm", "scale"), (), (d,))
-    if c.q_lora_rank is not None:
-        q = c.q_lora_rank
-        add("self_attn.q_a_proj.weight", a + ("q_kv_a_proj",), (_ALL, slice(0, q)), (q, d), "linear", fp8_ok=True)
-        add("self_attn.kv_a_proj_with_mqa.weight", a + ("q_kv_a_proj",), (_ALL, slice(q, q + lat)), (lat, d),
-            "linear", fp8_ok=True)
-        add("self_attn.q_a_layernorm.weight", a + ("q_a_norm", "scale"), (), (q,))
-        add("self_attn.q_b_proj.weight", a + ("q_b_proj",), (), (h * c.qk_head_dim, q), "linear", fp8_ok=True)
-    else:
-        add("self_attn.q_proj.weight", a + ("q_proj",), (), (h * c.qk_head_dim, d), "linear", fp8_ok=True)
-        add("self_attn.kv_a_proj_with_mqa.weight", a + ("kv_a_proj",), (), (lat, d), "linear", fp8_ok=True)
-    add("self_attn.kv_a_layernorm.weight", a + ("kv_a_norm", "scale"), (), (c.kv_lora_rank,))
-    add("self_attn.kv_b_proj.weight", a + ("kv_b_proj",), (),
-        (h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), "linear", fp8_ok=True)
-    add("self_attn.o_proj.weight", a + ("o_proj",), (), (d, h * c.v_head_dim), "linear", fp8_ok=True)
-    if moe:
-        m = params + ("moe",)
-        e, f = c.n_routed_experts, c.moe_intermediate_size
-        add("mlp.gate.weight", m + ("router",), (), (e, d), "linear")
-        add("mlp.gate.e_score_correction_bias", state + ("moe", "router_bias"), (), (e,), bias=True)
-        for i in range(e):
-            add(f"mlp.experts.{i}.gate_proj.weight", m + ("experts_gate_up",), (i, _ALL, 0, _ALL), (f, d),
-                "linear", fp8_ok=True)
-            add(f"mlp.experts.{i}.up_proj.weight", m + ("experts_gate_up",), (i, _ALL, 1, _ALL), (f, d),
-                "linear", fp8_ok=True)
-            add(f"mlp.experts.{i}.down_proj.weight", m + ("experts_down",), (i,), (d, f), "linear", fp8_ok=True)
-        if c.n_shared_experts:
-            fs = c.n_shared_experts * f
-            s = m + ("shared",)
-            add("mlp.shared_experts.gate_proj.weight", s + ("gate_up",), (_ALL, 0, _ALL), (fs, d), "linear",
-                fp8_ok=True)
-            add("mlp.shared_experts.up_proj.weight", s + ("gate_up",), (_ALL, 1, _ALL), (fs, d), "linear",
-                fp8_ok=True)
-            add("mlp.shared_experts.down_proj.weight", s + ("down",), (), (d, fs), "linear", fp8_ok=True)
-    else:
-        fd = c.intermediate_size
-        m = params + ("mlp",)
-        add("mlp.gate_proj.weight", m + ("gate_up",), (_ALL, 0, _ALL), (fd, d), "linear", fp8_ok=True)
-        add("mlp.up_proj.weight", m + ("gate_up",), (_ALL, 1, _ALL), (fd, d), "linear", fp8_ok=True)
-        add("mlp.down_proj.weight", m + ("down",), (), (d, fd), "linear", fp8_ok=True)
-
-
-def _fused_expert_entries(cfg: ModelConfig, hf: str, params: tuple, lead: tuple) -> dict:
-    """transformers-5.x in-memory expert layout, accepted on load in place of the per-expert names."""
-    e, f, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-    m = params + ("moe",)
-    return {hf + "mlp.experts.gate_up_proj": _Entry(m + ("experts_gate_up",), lead, (e, 2 * f, d), "fused_gate_up"),
-            hf + "mlp.experts.down_proj": _Entry(m + ("experts_down",), lead, (e, d, f), "fused_down")}
-
-
-def _block_prefixes(cfg: ModelConfig):
-    """(hf prefix, params prefix, router_state prefix, lead index, is_moe) for every decoder block, MTP
-    blocks included, in HF layer order."""
-    for i in range(cfg.num_hidden_layers):
-        if i < cfg.first_k_dense_replace:
-            yield f"model.layers.{i}.", ("params", "dense_layers", "layers"), None, (i,), False
-        else:
-            j = i - cfg.first_k_dense_replace
-            yield (f"model.layers.{i}.", ("params", "moe_layers", "layers"),
-                   ("router_state", "moe_layers", "layers"), (j,), True)
-    for k in range(cfg.num_nextn_predict_layers):
-        yield (f"model.layers.{cfg.num_hidden_layers + k}.", ("params", f"mtp_{k}", "block"),
-               ("router_state", f"mtp_{k}", "block"), (), True)
-
-
-def _layout(cfg: ModelConfig) -> dict[str, _Entry]:
-    """Every tensor of the released layout (MTP copies of embedding and head included, marked dup_of)."""
-    d, x = cfg.hidden_size, cfg.vocab_size
-    out: dict[str, _Entry] = {
-        "model.embed_tokens.weight": _Entry(("params", "embedding"), (), (x, d), "copy"),
-    }
-    for hf, params, state, lead, moe in _block_prefixes(cfg):
-        _block_entries(cfg, hf, params, state, lead, moe, out)
-    for k in range(cfg.num_nextn_predict_layers):
-        hf, p = f"model.layers.{cfg.num_hidden_layers + k}.", ("params", f"mtp_{k}")
-        out[hf + "enorm.weight"] = _Entry(p + ("enorm", "scale"), (), (d,), "copy")
-        out[hf + "hnorm.weight"] = _Entry(p + ("hnorm", "scale"), (), (d,), "copy")
-        out[hf + "eh_proj.weight"] = _Entry(p + ("eh_proj",), (), (d, 2 * d), "linear", fp8_ok=True)
-        out[hf + "shared_head.norm.weight"] = _Entry(p + ("norm", "scale"), (), (d,), "copy")
-        out[hf + "embed_tokens.weight"] = _Entry(("params", "embedding"), (), (x, d), "copy",
-                                                 dup_of="model.embed_tokens.weight")
-        out[hf + "shared_head.head.weight"] = _Entry(("params", "lm_head"), (), (x, d), "linear",
-                                                     dup_of="lm_head.weight")
-    out["model.norm.weight"] = _Entry(("params", "final_norm", "scale"), (), (d,), "copy")
-    out["lm_head.weight"] = _Entry(("params", "lm_head"), (), (x, d), "linear")
-    return out
-
-
-def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """The tensor names `save_checkpoint` writes for this config (the released layout)."""
-    return list(_layout(cfg))
-
-
-def _to_ours(w: np.ndarray, e: _Entry, block_shape: tuple) -> np.ndarray:
-    if e.kind == "copy":
-        return w.reshape(block_shape)
-    if e.kind == "linear":
-        return w.T.reshape(block_shape)
-    if e.kind == "fused_gate_up":                                     # [E, 2F, D] -> [E, D, 2, F]
-        n, f2, d = w.shape
-        return w.reshape(n, 2, f2 // 2, d).transpose(0, 3, 1, 2)
-    if e.kind == "fused_down":                                        # [E, D, F] -> [E, F, D]
-        return w.transpose(0, 2, 1)
-    raise AssertionError(e.kind)
-
-
-def _to_hf(x: np.ndarray, e: _Entry) -> np.ndarray:
-    if e.kind == "copy":
-        return x.reshape(e.hf_shape)
-    if e.kind == "linear":
-        return x.reshape(e.hf_shape[1], e.hf_shape[0]).T
-    raise AssertionError(e.kind)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Expected variables (shapes of `Transformer(cfg).init`, unboxed).
-
-def _template(cfg: ModelConfig) -> dict[tuple, Any]:
-    """Flat {path: ShapeDtypeStruct} of `Transformer(cfg).init(...)` with partitioning boxes removed."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-    from flax.core import meta
-    from .model import Transformer
-
-    shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
-    return traverse_util.flatten_dict(meta.unbox(shapes))
-
-
-def _block_shape(shape: tuple, index: tuple) -> tuple:
-    return np.broadcast_to(np.empty((), np.uint8), shape)[index].shape
-
-
-def _check_coverage(layout: dict[str, _Entry], template: dict[tuple, Any]) -> None:
-    """Every element of every leaf is written by exactly the right amount of HF tensor data (guards against
-    the model growing a parameter this map does not know about)."""
-    count: dict[tuple, int] = {}
-    for e in layout.values():
-        if e.dup_of is None:
-            count[e.leaf] = count.get(e.leaf, 0) + int(np.prod(_block_shape(template[e.leaf].shape, e.index)))
-    bad = [f"{'/'.join(k)}: {count.get(k, 0)} of {int(np.prod(v.shape))} elements mapped"
-           for k, v in template.items() if count.get(k, 0) != int(np.prod(v.shape))]
-    bad += [f"{'/'.join(k)}: not a variable of the model" for k in count if k not in template]
-    if bad:
-        raise NotImplementedError("dsv3_jax/hf.py's name map is out of date with the model:\n  - " + "\n  - ".join(bad))
-
-
-def _leaf_dtype(leaf: tuple, dtype: np.dtype) -> np.dtype:
-    # The router (gate) and its bias stay fp32 whatever the parameter dtype (SPEC sections 4, 5, 7).
-    return np.dtype(np.float32) if leaf[-1] in ("router", "router_bias") else dtype
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Loading.
 
@@ -247,20 +65,19 @@ def _list_shards(path: str, problems: list[str]) -> list[str]:
         return present
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
+        raise MissingInputError(f"no *.safetensors files in {path}")
     return files
 
 
-def _read_quant_block(path: str) -> int:
-    with open(os.path.join(path, "config.json")) as fh:
-        hf = json.load(fh)
-    q = hf.get("quantization_config") or {}
+def _quant_block(raw: dict) -> int:
+    """The FP8 block size of config.json's quantization_config (128 when absent)."""
+    q = raw.get("quantization_config") or {}
     if q:
         if q.get("quant_method", "fp8") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
-            raise ValueError(f"config.json quantization_config {q} is not supported (only fp8 e4m3 blocks)")
+            raise InputError(f"config.json quantization_config {q} is not supported (only fp8 e4m3 blocks)")
         bs = q.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
         if len(bs) != 2 or bs[0] != bs[1]:
-            raise ValueError(f"config.json weight_block_size {bs} is not supported (square blocks only)")
+            raise InputError(f"config.json weight_block_size {bs} is not supported (square blocks only)")
         return int(bs[0])
     return FP8_BLOCK
 
@@ -321,22 +138,84 @@ def _check_config(cfg: ModelConfig, mtp_override: bool, info: dict[str, tuple], 
                             f"tensors imply {value}")
 
 
-def load_checkpoint(path: str, dtype=np.float32, **config_overrides) -> tuple[ModelConfig, dict]:
+def load_checkpoint(path: str, dtype=np.float32, mesh=None, zero3: bool = False,
+                    **config_overrides) -> tuple[ModelConfig, dict]:
     """Load an HF DeepSeek-V3 checkpoint directory -> (ModelConfig, variables).
 
-    `variables` is `{'params': ..., 'router_state': ...}` of plain numpy arrays with exactly the tree, shapes
-    and (for dtype=float32 and param_dtype float32) dtypes of `Transformer(cfg).init(...)` unboxed. `dtype`
-    is the dtype of every parameter except the router kernel and bias, which stay fp32. `config_overrides`
-    are applied on top of config.json (e.g. moe_impl='ragged'; num_nextn_predict_layers=0 skips MTP).
-    Raises one ValueError listing every problem found.
+    `variables` is `{'params': ..., 'router_state': ...}` with exactly the tree, shapes and (for
+    dtype=float32 and param_dtype float32) dtypes of `Transformer(cfg).init(...)` unboxed. `dtype` is the
+    dtype of every parameter except the router kernel and bias, which stay fp32. `config_overrides` are
+    applied on top of config.json (e.g. moe_impl='ragged'; num_nextn_predict_layers=0 skips MTP).
+
+    Without a mesh the leaves are numpy arrays read whole. With a mesh they are jax.Arrays placed with
+    their training shardings (`sharding.logical_rules(zero3)`), and each process reads from the files only
+    the slices its own devices hold (for FP8 weights, only the 128x128 scale blocks covering them).
+
+    A checkpoint without the MTP layer whose config.json still says `num_nextn_predict_layers: 1` (what
+    transformers' save_pretrained writes) loads without MTP, with a warning. Raises one InputError listing
+    every problem found, before any tensor data is read.
     """
-    dtype = _np_dtype(dtype)
-    cfg = load_hf_config(path, **config_overrides)
-    block = _read_quant_block(path)
+    dtype = np_dtype(dtype)
+    ck = _open(path, config_overrides)
+    try:
+        if mesh is None:
+            variables = _read_whole(ck, dtype)
+        else:
+            variables = _read_sharded(ck, dtype, mesh, zero3)
+    finally:
+        ck.close()
+    return ck.cfg, variables
+
+
+class _Checkpoint:
+    """A validated checkpoint: its config, name map, template and the open files."""
+
+    def __init__(self, cfg, layout, tmpl, shards, info, scales, block):
+        self.cfg, self.layout, self.template, self.shards = cfg, layout, tmpl, shards
+        self.info, self.scales, self.block = info, scales, block
+
+    def read(self, name: str) -> np.ndarray:
+        f, dt, _ = self.info[name]
+        w = self.shards[f].get(name)
+        if dt == "F8_E4M3":
+            s = self.scales[name]
+            w = dequantize_fp8(w, self.shards[self.info[s][0]].get(s), self.block)
+        return w
+
+    def read_slice(self, name: str, index: tuple) -> np.ndarray:
+        """`tensor[index]` (unit-step slices), FP8 dequantised from its covering scale blocks only."""
+        f, dt, _ = self.info[name]
+        w = self.shards[f].get_slice(name, index)
+        if dt == "F8_E4M3":
+            s = self.scales[name]
+            sc = self.shards[self.info[s][0]].get_slice(s, scale_blocks(*index, self.block))
+            w = dequantize_fp8_slice(w, sc, *index, self.block)
+        return w
+
+    def bytes_read(self) -> int:
+        return sum(sh.bytes_read for sh in self.shards.values())
+
+    def close(self) -> None:
+        for sh in self.shards.values():
+            sh.close()
+
+
+def _open(path: str, config_overrides: dict) -> _Checkpoint:
+    """Read config.json and every header; check names, shapes and dtypes; raise all problems at once."""
+    f = os.path.join(path, "config.json")
+    if not os.path.exists(f):
+        raise MissingInputError(f"no config.json at {f}")
+    with open(f) as fh:
+        try:
+            raw = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{f} is not valid JSON: {e}") from None
+    cfg = from_hf_dict(raw, **config_overrides)
+    block = _quant_block(raw)
     problems: list[str] = []
 
     # 1. Where is every tensor, and what is it? (headers only)
-    shards = {f: _Shard(f) for f in _list_shards(path, problems)}
+    shards = {f: SafetensorsFile(f) for f in _list_shards(path, problems)}
     info: dict[str, tuple[str, str, tuple]] = {}          # name -> (file, dtype string, shape)
     for f, sh in shards.items():
         for name in sh.header:
@@ -346,15 +225,25 @@ def load_checkpoint(path: str, dtype=np.float32, **config_overrides) -> tuple[Mo
                 continue
             info[name] = (f, *sh.info(name))
 
-    # 2. What should be there?
-    layout = _layout(cfg)
-    for hf, params, state, lead, moe in _block_prefixes(cfg):
+    # 2. What should be there? The MTP depth follows the tensors unless the caller chose it.
+    mtp_override = "num_nextn_predict_layers" in config_overrides
+    stored_mtp = sum(1 for name in info if name.endswith(".eh_proj.weight"))
+    has_layer_n = any(name.startswith(f"model.layers.{cfg.num_hidden_layers}.") for name in info)
+    if not mtp_override and cfg.num_nextn_predict_layers > 0 and not has_layer_n:
+        warnings.warn(f"{path}: config.json says num_nextn_predict_layers={cfg.num_nextn_predict_layers} but "
+                      f"the checkpoint has no MTP module (no model.layers.{cfg.num_hidden_layers}.*; transformers' "
+                      f"save_pretrained drops it): loaded without MTP, so speculative decoding is unavailable",
+                      stacklevel=3)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    elif not mtp_override and "num_nextn_predict_layers" not in raw and "num_mtp_layers" not in raw and stored_mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=stored_mtp)
+    lay = hl.layout(cfg)
+    for hf, params, state, lead, moe in hl.block_prefixes(cfg):
         if moe and (hf + "mlp.experts.gate_up_proj" in info or hf + "mlp.experts.down_proj" in info):
             for i in range(cfg.n_routed_experts):
                 for p in ("gate_proj", "up_proj", "down_proj"):
-                    layout.pop(f"{hf}mlp.experts.{i}.{p}.weight")
-            layout.update(_fused_expert_entries(cfg, hf, params, lead))
-    mtp_override = "num_nextn_predict_layers" in config_overrides
+                    lay.pop(f"{hf}mlp.experts.{i}.{p}.weight")
+            lay.update(hl.fused_expert_entries(cfg, hf, params, lead))
     _check_config(cfg, mtp_override, info, problems)
 
     def skipped(name: str) -> bool:
@@ -365,24 +254,35 @@ def load_checkpoint(path: str, dtype=np.float32, **config_overrides) -> tuple[Mo
                 and f"model.layers.{m.group(1)}.eh_proj.weight" in info)
 
     # 3. Validate names, shapes and dtypes, all before reading any data.
-    template = _template(cfg)
-    _check_coverage(layout, template)
-    scales: dict[str, str] = {}                               # weight name -> its scale_inv name
+    tmpl = hl.template(cfg)
+    hl.check_coverage(lay, tmpl)
+    scales = _check_tensors(lay, info, block, skipped, problems)
+    ck = _Checkpoint(cfg, lay, tmpl, shards, info, scales, block)
+    if problems:
+        ck.close()
+        raise InputError(f"checkpoint {path} does not match the model config ({len(problems)} problem(s)):\n  - "
+                         + "\n  - ".join(problems))
+    return ck
+
+
+def _check_tensors(lay: dict, info: dict, block: int, skipped, problems: list[str]) -> dict[str, str]:
+    """Report unexpected, missing, mis-shaped and mis-typed tensors -> {FP8 weight name: its scale name}."""
+    scales: dict[str, str] = {}
     for name, (_, dt, shape) in sorted(info.items()):
         if name.endswith(SCALE_SUFFIX):
             base = name[:-len(SCALE_SUFFIX)]
             if skipped(name):
                 continue
-            if base not in layout or not layout[base].fp8_ok or info.get(base, (None, None))[1] != "F8_E4M3":
+            if base not in lay or not lay[base].fp8_ok or info.get(base, (None, None))[1] != "F8_E4M3":
                 problems.append(f"unexpected tensor: {name} (a scale for {base}, which is not an FP8 weight "
                                 f"of this model)")
                 continue
             scales[base] = name
             continue
-        if name not in layout:
+        if name not in lay:
             if not skipped(name):
                 problems.append(f"unexpected tensor: {name} {dt} {list(shape)}")
-    for name, e in layout.items():
+    for name, e in lay.items():
         if name not in info:
             if e.dup_of is None:
                 problems.append(f"missing tensor: {name} {list(e.hf_shape)}")
@@ -391,7 +291,7 @@ def load_checkpoint(path: str, dtype=np.float32, **config_overrides) -> tuple[Mo
         if shape != e.hf_shape:
             problems.append(f"wrong shape: {name} is {list(shape)}, expected {list(e.hf_shape)}")
         if e.bias:
-            if dt not in _BIAS_DTYPES:
+            if dt not in BIAS_DTYPES:
                 problems.append(f"wrong dtype: {name} is {dt}, expected F32 (the routing bias must not be "
                                 f"downcast)")
         elif dt == "F8_E4M3" and e.fp8_ok:
@@ -402,64 +302,102 @@ def load_checkpoint(path: str, dtype=np.float32, **config_overrides) -> tuple[Mo
             elif info[s][2] != want:
                 problems.append(f"wrong shape: {s} is {list(info[s][2])}, expected {list(want)} "
                                 f"({block}x{block} blocks of {list(e.hf_shape)})")
-            elif info[s][1] not in _FLOAT_DTYPES:
+            elif info[s][1] not in FLOAT_DTYPES:
                 problems.append(f"wrong dtype: {s} is {info[s][1]}, expected F32")
-        elif dt not in _FLOAT_DTYPES:
+        elif dt not in FLOAT_DTYPES:
             allowed = "F32, BF16, F16" + (" or F8_E4M3 with a _scale_inv" if e.fp8_ok else "")
             problems.append(f"wrong dtype: {name} is {dt}, expected {allowed}")
-    if problems:
-        for sh in shards.values():
-            sh.close()
-        raise ValueError(f"checkpoint {path} does not match the model config ({len(problems)} problem(s)):\n  - "
-                         + "\n  - ".join(problems))
+    return scales
 
-    # 4. Read one tensor at a time into preallocated arrays.
-    bufs = {leaf: np.empty(sd.shape, _leaf_dtype(leaf, dtype)) for leaf, sd in template.items()}
-    dups = []
-    try:
-        for name in sorted(layout, key=lambda n: (info[n][0], n) if n in info else ("", n)):
-            e = layout[name]
-            if name not in info:
-                continue
-            if e.dup_of is not None:
-                dups.append(name)
-                continue
-            w = _read(shards, info, name, scales, block)
-            buf = bufs[e.leaf]
-            buf[e.index] = _to_ours(w, e, _block_shape(buf.shape, e.index)).astype(buf.dtype, copy=False)
-            del w
-        for name in dups:                                      # MTP copies of embedding / head: check, drop
-            e = layout[name]
-            buf = bufs[e.leaf]
-            w = _read(shards, info, name, scales, block).astype(buf.dtype)
-            main = _to_hf(buf, e)                               # a view of what was loaded, no copy
-            if not np.array_equal(w, main):
-                diff = np.abs(w.astype(np.float32) - main.astype(np.float32)).max()
-                warnings.warn(f"{name} differs from {e.dup_of} (max abs diff {diff:.3g}); the MTP module "
-                              f"uses the main {e.dup_of} (shared, paper section 2.2)")
-            del w, main
-    finally:
-        for sh in shards.values():
-            sh.close()
 
+def _read_whole(ck: _Checkpoint, dtype: np.dtype) -> dict:
+    """One tensor at a time into preallocated numpy arrays (a checkpoint is never held twice)."""
     from flax import traverse_util
-    return cfg, traverse_util.unflatten_dict(bufs)
+    bufs = {leaf: np.empty(sd.shape, hl.leaf_dtype(leaf, dtype)) for leaf, sd in ck.template.items()}
+    dups = []
+    for name in sorted(ck.layout, key=lambda n: (ck.info[n][0], n) if n in ck.info else ("", n)):
+        e = ck.layout[name]
+        if name not in ck.info:
+            continue
+        if e.dup_of is not None:
+            dups.append(name)
+            continue
+        w = ck.read(name)
+        buf = bufs[e.leaf]
+        buf[e.index] = hl.to_ours(w, e, hl.block_shape(buf.shape, e.index)).astype(buf.dtype, copy=False)
+        del w
+    for name in dups:                                      # MTP copies of embedding / head: check, drop
+        e = ck.layout[name]
+        buf = bufs[e.leaf]
+        w = ck.read(name).astype(buf.dtype)
+        main = hl.to_hf(buf, e)                            # a view of what was loaded, no copy
+        if not np.array_equal(w, main):
+            diff = np.abs(w.astype(np.float32) - main.astype(np.float32)).max()
+            warnings.warn(f"{name} differs from {e.dup_of} (max abs diff {diff:.3g}); the MTP module "
+                          f"uses the main {e.dup_of} (shared, paper section 2.2)")
+        del w, main
+    return traverse_util.unflatten_dict(bufs)
 
 
-def _read(shards: dict, info: dict, name: str, scales: dict, block: int) -> np.ndarray:
-    f, dt, _ = info[name]
-    w = shards[f].get(name)
-    if dt == "F8_E4M3":
-        s = scales[name]
-        w = dequantize_fp8(w, shards[info[s][0]].get(s), block)
-    return w
+def variable_shardings(cfg: ModelConfig, mesh, zero3: bool = False) -> dict:
+    """{leaf path: NamedSharding} of `Transformer(cfg).init(...)` on `mesh`: the training shardings (the
+    logical names of the modules through `sharding.logical_rules`)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+    from .model import Transformer
+    from .sharding import logical_rules, shardings_of
+
+    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    return traverse_util.flatten_dict(shardings_of(boxed, mesh, logical_rules(zero3)))
+
+
+def _read_sharded(ck: _Checkpoint, dtype: np.dtype, mesh, zero3: bool) -> dict:
+    """Each leaf as a jax.Array built from its addressable shards: a shard reads only the HF slices that
+    cover it (so a process reads what its devices hold), is read once however many local devices hold it,
+    and its host buffer is dropped once placed, so host memory beyond the placed arrays is one shard of one
+    leaf. The MTP copies of embedding and head are not read (the unsharded load checks them)."""
+    import jax
+    from flax import traverse_util
+
+    shardings = variable_shardings(ck.cfg, mesh, zero3)
+    entries: dict[tuple, list] = {}
+    for name, e in ck.layout.items():
+        if e.dup_of is None:
+            entries.setdefault(e.leaf, []).append((name, e))
+    out = {}
+    for leaf, sd in ck.template.items():
+        shape, dt = tuple(sd.shape), hl.leaf_dtype(leaf, dtype)
+        regions = {d: tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+                   for d, index in shardings[leaf].addressable_devices_indices_map(shape).items()}
+        order = sorted(regions, key=lambda d: (tuple((r.start, r.stop) for r in regions[d]), d.id))
+        arrays, host, key = [], None, None
+        for d in order:                          # devices holding the same region are adjacent
+            k = tuple((r.start, r.stop) for r in regions[d])
+            if k != key:
+                host, key = _read_region(ck, entries[leaf], shape, regions[d], dt), k
+            arrays.append(jax.device_put(host, d))
+        del host
+        out[leaf] = jax.make_array_from_single_device_arrays(shape, shardings[leaf], arrays)
+    return traverse_util.unflatten_dict(out)
+
+
+def _read_region(ck: _Checkpoint, entries: list, shape: tuple, region: tuple, dt: np.dtype) -> np.ndarray:
+    """`leaf[region]` assembled from the HF slices of the entries that meet it."""
+    buf = np.empty(tuple(r.stop - r.start for r in region), dt)
+    for name, e in entries:
+        hit = hl.entry_overlap(e, shape, region)
+        if hit is not None:
+            w = hl.read_block(ck.read_slice, name, e, hl.block_shape(shape, e.index), hit[1])
+            buf[hit[0]] = w.astype(dt, copy=False)
+    return buf
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Saving.
 
 def _flat_variables(variables, template: dict[tuple, Any]) -> dict[tuple, Any]:
-    """Flatten (and unbox) variables; one ValueError listing every leaf that does not fit the config."""
+    """Flatten (and unbox) variables; one InputError listing every leaf that does not fit the config."""
     from flax import traverse_util
     from flax.core import meta
 
@@ -469,18 +407,18 @@ def _flat_variables(variables, template: dict[tuple, Any]) -> dict[tuple, Any]:
     problems += [f"wrong shape: {'/'.join(k)} is {list(np.shape(flat[k]))}, expected {list(v.shape)}"
                  for k, v in template.items() if k in flat and tuple(np.shape(flat[k])) != tuple(v.shape)]
     if problems:
-        raise ValueError(f"variables do not match the config ({len(problems)} problem(s)):\n  - "
+        raise InputError(f"variables do not match the config ({len(problems)} problem(s)):\n  - "
                          + "\n  - ".join(problems))
     return flat
 
 
 def _save(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[int], dtype, fp8: bool,
           extra_config: Optional[dict] = None) -> None:
-    template = _template(config)
-    flat = _flat_variables(variables, template)
-    layout = _layout(config)
-    _check_coverage(layout, template)
-    out_dtype = None if dtype is None else _np_dtype(dtype)
+    tmpl = hl.template(config)
+    flat = _flat_variables(variables, tmpl)
+    lay = hl.layout(config)
+    hl.check_coverage(lay, tmpl)
+    out_dtype = None if dtype is None else np_dtype(dtype)
     os.makedirs(path, exist_ok=True)
     save_hf_config(path, config)
     if extra_config:
@@ -492,11 +430,11 @@ def _save(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[
             json.dump(d, fh, indent=2)
 
     tensors = []                                              # (name, shape, dtype, producer)
-    for name, e in layout.items():
+    for name, e in lay.items():
         leaf = flat[e.leaf]
 
         def block_hf(leaf=leaf, e=e):
-            return _to_hf(np.asarray(leaf[e.index] if e.index else leaf), e)
+            return hl.to_hf(np.asarray(leaf)[e.index], e)
 
         src = np.dtype(leaf.dtype)
         if e.bias:
@@ -536,13 +474,13 @@ def _save(path: str, config: ModelConfig, variables, shard_size_bytes: Optional[
         if os.path.exists(old):
             os.remove(old)
     if len(shards) == 1:
-        _write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
+        write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
         return
     n = len(shards)
     weight_map = {}
     for k, group in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        _write_safetensors(os.path.join(path, fname), group)
+        write_safetensors(os.path.join(path, fname), group)
         weight_map.update({t[0]: fname for t in group})
     with open(os.path.join(path, INDEX_FILE), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)

@@ -12,22 +12,24 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from .errors import InputError
+
 FP8_BLOCK = 128
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
 # safetensors dtype strings <-> numpy dtypes (bf16 and fp8 through ml_dtypes).
-_ST_TO_NP = {
+ST_TO_NP = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")          # accepted for any floating tensor
-_BIAS_DTYPES = ("F64", "F32")                          # the routing bias must not be downcast (SPEC section 5)
+NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")          # accepted for any floating tensor
+BIAS_DTYPES = ("F64", "F32")                          # the routing bias must not be downcast (paper section 2.1.2: it decides routing)
 
 
-def _np_dtype(d) -> np.dtype:
+def np_dtype(d) -> np.dtype:
     if isinstance(d, str) and d in ("bfloat16", "bf16"):
         return np.dtype(ml_dtypes.bfloat16)
     if isinstance(d, str) and d in ("float8_e4m3fn",):
@@ -44,22 +46,26 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: unreadable safetensors header ({err})") from None
+            raise InputError(f"{path}: unreadable safetensors header ({err})") from None
     header.pop("__metadata__", None)
     return header, 8 + n
 
 
-class _Shard:
+class SafetensorsFile:
+    """One safetensors file, opened lazily: `get` reads a whole tensor, `get_slice` only the bytes of a
+    block (one positioned read per contiguous run). `bytes_read` counts the tensor bytes read so far."""
+
     def __init__(self, path: str):
         self.path = path
         self.header, self.data_start = read_safetensors_header(path)
+        self.bytes_read = 0
         self._st = None
-        self._fh = None
+        self._fd = None
 
     def info(self, name: str) -> tuple[str, tuple]:
         h = self.header[name]
@@ -67,30 +73,54 @@ class _Shard:
 
     def get(self, name: str) -> np.ndarray:
         dt, shape = self.info(name)
+        begin, end = self.header[name]["data_offsets"]
         if dt not in ("F8_E4M3", "F8_E5M2"):
             if self._st is None:
                 from safetensors import safe_open
                 self._st = safe_open(self.path, framework="numpy")
             try:
-                return self._st.get_tensor(name)
+                out = self._st.get_tensor(name)
+                self.bytes_read += end - begin
+                return out
             except (AttributeError, TypeError, ValueError):
                 pass                                               # fall back to the raw bytes
-        begin, end = self.header[name]["data_offsets"]
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
-        self._fh.seek(self.data_start + begin)
-        buf = self._fh.read(end - begin)
-        if len(buf) != end - begin:
-            raise ValueError(f"{self.path}: tensor {name} is truncated")
-        return np.frombuffer(buf, dtype=_ST_TO_NP[dt]).reshape(shape)
+        return self.get_slice(name, tuple(slice(0, n) for n in shape))
+
+    def get_slice(self, name: str, index: tuple) -> np.ndarray:
+        """`tensor[index]` for a tuple of unit-step slices (one per axis), reading only the rows it needs."""
+        dt, shape = self.info(name)
+        dtype = ST_TO_NP[dt]
+        index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+        out_shape = tuple(sl.stop - sl.start for sl in index)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        base = self.data_start + self.header[name]["data_offsets"][0]
+        if not shape:
+            return np.frombuffer(self._pread(name, base, dtype.itemsize), dtype).reshape(())
+        # Axes after the last partial one (k) are read whole, so each run over axes k.. is contiguous.
+        k = max([i for i, (sl, n) in enumerate(zip(index, shape)) if (sl.start, sl.stop) != (0, n)], default=0)
+        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+        run = out_shape[k] * strides[k]
+        out = np.empty((int(np.prod(out_shape[:k], dtype=np.int64)), run), dtype)
+        for n, lead in enumerate(np.ndindex(*out_shape[:k])):
+            first = sum((index[i].start + j) * strides[i] for i, j in enumerate(lead)) + index[k].start * strides[k]
+            out[n] = np.frombuffer(self._pread(name, base + first * dtype.itemsize, run * dtype.itemsize), dtype)
+        return out.reshape(out_shape)
+
+    def _pread(self, name: str, offset: int, nbytes: int) -> bytes:
+        buf = os.pread(self._fd, nbytes, offset)
+        if len(buf) != nbytes:
+            raise InputError(f"{self.path}: tensor {name} is truncated")
+        self.bytes_read += nbytes
+        return buf
 
     def close(self):
-        if self._fh is not None:
-            self._fh.close()
-        self._st = self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._st = self._fd = None
 
 
-def _write_safetensors(path: str, tensors: list[tuple[str, tuple, np.dtype, Any]]) -> None:
+def write_safetensors(path: str, tensors: list[tuple[str, tuple, np.dtype, Any]]) -> None:
     """Stream tensors to one safetensors file: `tensors` holds (name, shape, dtype, producer) and each
     producer() is called once, right before its bytes are written, so only one tensor is in memory."""
     order = sorted(tensors, key=lambda t: (-np.dtype(t[2]).itemsize, t[0]))    # keeps every tensor aligned
@@ -98,7 +128,7 @@ def _write_safetensors(path: str, tensors: list[tuple[str, tuple, np.dtype, Any]
     offset = 0
     for name, shape, dt, _ in order:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        header[name] = {"dtype": _NP_TO_ST[np.dtype(dt)], "shape": list(shape),
+        header[name] = {"dtype": NP_TO_ST[np.dtype(dt)], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     hbytes = json.dumps(header, separators=(",", ":")).encode()
@@ -123,7 +153,7 @@ def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK
     block so the extra memory is one fp32 copy of the weight."""
     out, inn = w8.shape
     if scale_inv.shape != (math.ceil(out / block), math.ceil(inn / block)):
-        raise ValueError(f"scale_inv shape {scale_inv.shape} does not fit a {w8.shape} weight in {block}-blocks")
+        raise InputError(f"scale_inv shape {scale_inv.shape} does not fit a {w8.shape} weight in {block}-blocks")
     w = w8.astype(np.float32)
     s = scale_inv.astype(np.float32)
     for i in range(s.shape[0]):
@@ -144,3 +174,17 @@ def quantize_fp8(w: np.ndarray, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.
     scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
     q = np.clip(blocks / scale[:, None, :, None], -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
     return np.ascontiguousarray(q.reshape(ob * block, ib * block)[:out, :inn]), scale
+
+
+def scale_blocks(rows: slice, cols: slice, block: int = FP8_BLOCK) -> tuple[slice, slice]:
+    """The slice of a `_scale_inv` tensor whose blocks cover the weight block `[rows, cols]`."""
+    return (slice(rows.start // block, -(-rows.stop // block)), slice(cols.start // block, -(-cols.stop // block)))
+
+
+def dequantize_fp8_slice(w8: np.ndarray, scale_inv: np.ndarray, rows: slice, cols: slice,
+                         block: int = FP8_BLOCK) -> np.ndarray:
+    """`dequantize_fp8` of the block `W8[rows, cols]`, given only that block and its covering scales
+    (`scale_inv[scale_blocks(rows, cols)]`): the same fp32 values as dequantising the whole weight."""
+    r = (np.arange(rows.start, rows.stop) // block) - rows.start // block
+    c = (np.arange(cols.start, cols.stop) // block) - cols.start // block
+    return w8.astype(np.float32) * scale_inv.astype(np.float32)[r[:, None], c[None, :]]

@@ -12,6 +12,7 @@ what a layout error (a transposed/permuted weight, a wrong rope pair, a mis-mask
 a wrong softmax scale) produces: such errors move the logits by 1e-2..1, as the bias/group checks show.
 """
 
+import json
 import os
 
 import numpy as np
@@ -221,9 +222,10 @@ def test_to_hf_dict_loads_in_transformers(name, tmp_path):
 
 def test_load_transformers_save_pretrained(tmp_path):
     """The other direction: a transformers-built (randomly initialised) model, written by its own
-    save_pretrained (per-expert names, rope_parameters, no MTP), loads with our loader, gives back the same
-    config, and the same logits."""
-    cfg = CONFIGS["qlora_groups_yarn"][0].replace(num_nextn_predict_layers=0)
+    save_pretrained (per-expert names, rope_parameters, no MTP tensors but num_nextn_predict_layers: 1 in
+    config.json), loads with our loader without an override: the same config less the MTP module (with a
+    warning saying so), and the same logits."""
+    cfg = CONFIGS["qlora_groups_yarn"][0]
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**to_hf_dict(cfg))).eval()
     g = torch.Generator().manual_seed(0)
@@ -235,8 +237,11 @@ def test_load_transformers_save_pretrained(tmp_path):
             layer.mlp.gate.e_score_correction_bias.copy_(5 * signs + torch.rand(e, generator=g) - 0.5)
             layer.mlp.gate.weight.normal_(0, 2 / cfg.hidden_size ** 0.5, generator=g)
     model.save_pretrained(str(tmp_path))
-    cfg2, v = load_checkpoint(str(tmp_path))
-    assert cfg2 == cfg
+    with open(tmp_path / "config.json") as fh:
+        assert json.load(fh)["num_nextn_predict_layers"] == 1
+    with pytest.warns(UserWarning, match="no MTP module"):
+        cfg2, v = load_checkpoint(str(tmp_path))
+    assert cfg2 == cfg.replace(num_nextn_predict_layers=0)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 40)).astype(np.int64)
     with torch.no_grad():
         ref = model(torch.from_numpy(tokens)).logits.numpy()

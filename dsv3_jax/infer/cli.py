@@ -4,6 +4,7 @@ stdout, statistics to stderr."""
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import sys
@@ -11,39 +12,35 @@ import sys
 import jax
 
 from ..config import ModelConfig
+from ..errors import InputError, MissingInputError
 
 
-def load_run(run_dir: str):
-    """(model config, variables, tokenizer) from the newest good checkpoint of a training run."""
+def load_run(run_dir: str, mesh=None):
+    """(model config, variables, tokenizer) from the newest good checkpoint of a training run: params and
+    router state only (the optimizer state is never read), placed on `mesh` (default: one device)."""
     from ..data import load_tokenizer
-    from ..model import Transformer
-    from ..sharding import make_mesh
-    from ..config import MeshConfig
-    from ..train.checkpoint import Checkpointer, load_run_config
-    from ..train.optimizer import make_optimizer
-    from ..train.state import state_shardings
-
-    rc = load_run_config(run_dir)           # names the problem if the directory is not a run
-    ckpt = Checkpointer(run_dir)
-    if not ckpt.all_steps():
-        raise FileNotFoundError(f"{run_dir} has no finished checkpoint yet")
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    abstract, shardings = state_shardings(Transformer(rc.model), rc, mesh, make_optimizer(rc.train))
-    try:
-        _, state, _ = ckpt.restore(abstract, shardings)
-    finally:
-        ckpt.close()
-    return rc.model, {"params": state.params, "router_state": state.router_state}, load_tokenizer(rc.train.tokenizer)
+    from ..runs import restore_variables
+    rc, _, variables = restore_variables(run_dir, mesh)
+    return rc.model, variables, load_tokenizer(rc.train.tokenizer)
 
 
-def load_hf(hf_dir: str):
+def load_hf(hf_dir: str, mesh=None):
+    """(model config, variables, tokenizer) of an HF checkpoint directory, sharded onto `mesh` if given."""
     from ..data import load_tokenizer
     from ..hf import load_checkpoint
-    cfg, variables = load_checkpoint(hf_dir)
     tok_path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{hf_dir} has no tokenizer.json")
+        raise MissingInputError(f"{hf_dir} has no tokenizer.json")
+    cfg, variables = load_checkpoint(hf_dir, mesh=mesh)
     return cfg, variables, load_tokenizer(tok_path)
+
+
+def generation_rules(mesh, batch: int) -> tuple:
+    """The training rules, except that a batch the data x expert axes cannot split evenly (one prompt,
+    say) is replicated: weights stay sharded, and so does the latent cache whenever its rows can be."""
+    from ..sharding import logical_rules
+    shards = mesh.shape["data"] * mesh.shape["expert"]
+    return tuple((name, None if name == "batch" and batch % shards else axes) for name, axes in logical_rules())
 
 
 class TextStream:
@@ -77,20 +74,41 @@ class TextStream:
 def run_generate(args) -> int:
     from .generate import generate
     if bool(args.run_dir) == bool(args.hf_dir):
-        raise ValueError("give exactly one of --run-dir or --hf-dir")
+        raise InputError("give exactly one of --run-dir or --hf-dir")
     if not args.prompt:
-        raise ValueError("the prompt is empty: give --prompt some text")
+        raise InputError("the prompt is empty: give --prompt some text")
+    mesh = None
+    if getattr(args, "mesh", None):
+        from ..config import MeshConfig
+        from ..sharding import make_mesh
+        mesh = make_mesh(MeshConfig(**args.mesh))
     cfg: ModelConfig
-    cfg, variables, tokenizer = load_run(args.run_dir) if args.run_dir else load_hf(args.hf_dir)
+    cfg, variables, tokenizer = load_run(args.run_dir, mesh) if args.run_dir else load_hf(args.hf_dir, mesh)
     prompt = [int(t) for t in tokenizer.encode(args.prompt)]
     if not prompt:
-        raise ValueError("the prompt encodes to no tokens")
+        raise InputError("the prompt encodes to no tokens")
     if args.speculative and cfg.num_nextn_predict_layers < 1:
-        raise ValueError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        raise InputError("--speculative needs the MTP module, and this checkpoint has none "
+                         "(num_nextn_predict_layers is 0, or transformers' save_pretrained dropped the layer): "
+                         "generate without --speculative")
     stream = TextStream(tokenizer)
-    _, stats = generate(cfg, variables, [prompt], args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, speculative=args.speculative, stream_callback=stream,
-                        eos_id=getattr(tokenizer, "eos_id", None))
+    context = contextlib.nullcontext()
+    if mesh is not None:
+        from ..sharding import validate_for_mesh
+        validate_for_mesh(cfg, mesh)
+        context = _on_mesh(mesh, generation_rules(mesh, 1))
+    with context:
+        _, stats = generate(cfg, variables, [prompt], args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed, speculative=args.speculative,
+                            stream_callback=stream, eos_id=getattr(tokenizer, "eos_id", None))
     stream.close()
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}), file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _on_mesh(mesh, rules):
+    """Make `mesh` and these logical rules ambient (as `sharding.activate` does for training)."""
+    import flax.linen as nn
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -161,8 +161,12 @@ def run_split(rc: RunConfig, tokenizer) -> tuple:
 
 
 def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress: bool = True,
-          async_checkpoints: bool = True, stop_after: Optional[int] = None) -> dict:
-    """Train until rc.train.steps (or `stop_after` more steps, for tests). Returns a summary."""
+          async_checkpoints: bool = True, stop_after: Optional[int] = None,
+          init_variables: Optional[Callable] = None) -> dict:
+    """Train until rc.train.steps (or `stop_after` more steps, for tests). Returns a summary.
+
+    init_variables(rc, mesh, fresh) -> {'params', 'router_state'}: a fresh run's starting variables in
+    place of the random init `fresh` (train --init-from; the optimizer state starts fresh either way)."""
     rc = prepare_run_dir(run_dir, rc, resume)
     mc, tc = rc.model, rc.train
     proc, nproc = jax.process_index(), jax.process_count()
@@ -202,6 +206,10 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
             print(f"resuming {run_dir}: no finished checkpoint yet, starting from step 0", file=sys.stderr,
                   flush=True)
         start, state = 0, create_train_state(model, rc, mesh, optimizer)
+        if init_variables is not None:
+            v = init_variables(rc, mesh, {"params": state.params, "router_state": state.router_state})
+            state = state.replace(params=jax.device_put(v["params"], shardings.params),
+                                  router_state=jax.device_put(v["router_state"], shardings.router_state))
     if proc == 0:
         save_run_config(run_dir, rc)
 

@@ -1,0 +1,154 @@
+"""A training run's variables without its optimizer: restoring params and router state alone (generation,
+export), exporting a run as a Hugging Face directory, and starting a run from one (`train --init-from`).
+
+A run's checkpoint holds the whole train state; Adam's two moments are twice the params again, so
+generation and export restore only the `params` and `router_state` subtrees (orbax partial restore) and
+verify them against the checksums the save recorded (train/checkpoint.py), falling back to an older step
+like a resume does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Optional
+
+import jax
+import numpy as np
+
+from .config import MeshConfig, ModelConfig, RunConfig
+from .errors import InputError, MissingInputError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _abstract_variables(cfg: ModelConfig, mesh, zero3: bool) -> dict:
+    """{'params', 'router_state'} as ShapeDtypeStructs carrying their training shardings on `mesh`."""
+    from flax import traverse_util
+    from .hf import variable_shardings
+    from .hf_layout import template
+    shardings = variable_shardings(cfg, mesh, zero3)
+    return traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+                                         for k, v in template(cfg).items()})
+
+
+def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None):
+    """-> (RunConfig, step, {'params', 'router_state'}) from the newest finished checkpoint of a run that
+    restores and matches its checksums, with the training shardings on `mesh` (default: one device).
+    The optimizer state is never read."""
+    import orbax.checkpoint as ocp
+    from .sharding import make_mesh
+    from .train.checkpoint import CHECKSUM_KEY, CheckpointError, load_run_config, state_checksums
+
+    rc = load_run_config(run_dir)             # names the problem if the directory is not a run
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise MissingInputError(f"{run_dir} has no finished checkpoint yet")
+    mesh = mesh if mesh is not None else make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    target = _abstract_variables(rc.model, mesh, rc.mesh.zero3 if zero3 is None else zero3)
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        steps = sorted(manager.all_steps())[::-1]
+        if not steps:
+            raise MissingInputError(f"{run_dir} has no finished checkpoint yet")
+        errors = []
+        for step in steps:
+            try:
+                out = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                    data=ocp.args.JsonRestore()))
+                variables = {k: out["state"][k] for k in ("params", "router_state")}
+                expected = dict(out["data"]).get(CHECKSUM_KEY)
+                if expected is not None:
+                    actual = state_checksums(variables)
+                    bad = sorted(k for k in actual if expected.get(k) != actual[k])
+                    if bad:
+                        raise CheckpointError(f"{len(bad)} array(s) differ from the checksums recorded when "
+                                              f"it was saved: {', '.join(bad[:4])}")
+            except Exception as e:  # orbax raises many types for corrupt data; we only fall back
+                errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+                warnings.warn(f"checkpoint step {step} in {directory} could not be restored "
+                              f"({type(e).__name__}: {str(e)[:200]}); trying an earlier one", stacklevel=2)
+                continue
+            return rc, step, variables
+        raise CheckpointError(f"no checkpoint in {directory} could be restored:\n  " + "\n  ".join(errors))
+    finally:
+        manager.close()
+
+
+def export_run(run_dir: str, out: str, dtype: str = "bfloat16", shard_size_bytes: Optional[int] = 5 << 30) -> int:
+    """Write the newest finished checkpoint of a run as an HF DeepSeek-V3 directory (config.json, shards
+    and index, MTP module k at layer num_hidden_layers+k, router biases as e_score_correction_bias), plus
+    the run's tokenizer.json when it has one. dtype: bfloat16 | float32 | fp8 (128x128 e4m3 blocks, as
+    released). -> the step exported."""
+    import shutil
+    from .hf import save_checkpoint, write_fp8_checkpoint
+    rc, step, variables = restore_variables(run_dir)
+    host = jax.tree.map(np.asarray, variables)
+    del variables
+    if dtype == "fp8":
+        write_fp8_checkpoint(out, rc.model, host, shard_size_bytes=shard_size_bytes)
+    elif dtype in ("bfloat16", "float32"):
+        save_checkpoint(out, rc.model, host, shard_size_bytes=shard_size_bytes, dtype=dtype)
+    else:
+        raise InputError(f"--dtype {dtype!r}: use bfloat16, float32 or fp8")
+    if rc.train.tokenizer and os.path.isfile(rc.train.tokenizer):
+        shutil.copyfile(rc.train.tokenizer, os.path.join(out, TOKENIZER_FILE))
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train --init-from HF_DIR
+
+def init_from_config(hf_dir: str, rc: RunConfig) -> RunConfig:
+    """The run config of a fine-tune: the model from HF_DIR's config.json (keeping the run's non-HF model
+    fields such as moe_impl, dtype and remat), the tokenizer from HF_DIR's tokenizer.json when present."""
+    import dataclasses
+    from .config import _HF_FIELDS, load_hf_config
+    if not os.path.isdir(hf_dir):
+        raise MissingInputError(f"--init-from {hf_dir}: no such directory")
+    hf_cfg = load_hf_config(hf_dir)
+    keep = {f.name: getattr(rc.model, f.name) for f in dataclasses.fields(ModelConfig)
+            if f.name not in _HF_FIELDS and f.name != "rope_scaling"}
+    model = hf_cfg.replace(**keep)
+    train = rc.train
+    tok = os.path.join(hf_dir, TOKENIZER_FILE)
+    if os.path.isfile(tok) and train.tokenizer is None:
+        train = dataclasses.replace(train, tokenizer=os.path.abspath(tok))
+    return dataclasses.replace(rc, model=model, train=train)
+
+
+def init_variables(hf_dir: str, rc: RunConfig, mesh, fresh: dict) -> dict:
+    """{'params', 'router_state'} for step 0 of a fine-tune: every tensor of the checkpoint, loaded onto
+    `mesh` with the training shardings; an MTP module the checkpoint lacks keeps its fresh initialisation
+    (`fresh`, the run's own init) and a message says so."""
+    from .hf import load_checkpoint
+    cfg = rc.model
+    kw = {f: getattr(cfg, f) for f in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "remat_policy",
+                                      "scan_unroll")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has no MTP module.*")
+        loaded_cfg, loaded = load_checkpoint(hf_dir, dtype=cfg.param_dtype, mesh=mesh, zero3=rc.mesh.zero3, **kw)
+    if loaded_cfg.replace(num_nextn_predict_layers=cfg.num_nextn_predict_layers) != cfg:
+        diff = {k: (v, getattr(cfg, k)) for k, v in loaded_cfg.to_dict().items()
+                if k != "num_nextn_predict_layers" and getattr(cfg, k) != v}
+        raise InputError(f"--init-from {hf_dir}: model.* overrides change the checkpoint's architecture "
+                         f"(checkpoint vs asked: {diff}); only non-architecture fields (moe_impl, dtype, remat_policy, "
+                         f"...) may be overridden")
+    if loaded_cfg.num_nextn_predict_layers > cfg.num_nextn_predict_layers:
+        raise InputError(f"--init-from {hf_dir}: model.num_nextn_predict_layers={cfg.num_nextn_predict_layers} is "
+                         f"below the checkpoint's {loaded_cfg.num_nextn_predict_layers}")
+    if loaded_cfg.num_nextn_predict_layers < cfg.num_nextn_predict_layers:
+        missing = [f"mtp_{k}" for k in range(loaded_cfg.num_nextn_predict_layers, cfg.num_nextn_predict_layers)]
+        if jax.process_index() == 0:
+            print(f"--init-from {hf_dir}: the checkpoint has no MTP module ({', '.join(missing)}); it starts "
+                  f"from a fresh initialisation", file=sys.stderr, flush=True)
+        for tree in ("params", "router_state"):
+            for name in missing:
+                if name in fresh[tree]:
+                    loaded[tree][name] = fresh[tree][name]
+    return loaded
