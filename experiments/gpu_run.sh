@@ -5,6 +5,8 @@
 #   bash experiments/gpu_run.sh            # on the GPU machine (an H200)
 #   bash experiments/gpu_run.sh --cpu      # dry run here: CPU, tiny sizes, a couple of steps, no installs
 #   bash experiments/gpu_run.sh --pack     # also leave only summary.md, run.log and results.tar.gz in $OUT
+#   bash experiments/gpu_run.sh --fetch-wheels   # here, with network: the wheels the GPU image lacks, into
+#                                                # ./.whl (git-ignored; the device call carries it)
 #
 # $OUT (default ./out) receives:
 #   summary.md            date, versions, device, each step's status and the headline figures
@@ -15,11 +17,14 @@
 # MFU is model FLOP/s over PEAK_FLOPS, by default 989e12: the H200's dense bf16 Tensor Core peak (NVIDIA's
 # datasheet lists 1979 TFLOP/s with 2:4 sparsity, half of that dense). Each step runs under `timeout`
 # (TEST_TIMEOUT, TRAIN_TIMEOUT, DECODE_TIMEOUT seconds) so the whole run fits one 10-minute call; a failed step
-# is recorded and the next one still runs; the exit status is 1 if any step failed.
+# is recorded and the next one still runs. Exit status 1 if the install or a benchmark failed (or, in the dry
+# run, the tests); on the GPU the tests' outcome is reported, not fatal: tests that build 8-device meshes cannot
+# pass on one GPU.
 #
 # Installing: with network, `pip install -e .[dev]` and the CUDA jax (`jax[$JAX_CUDA]`, cuda13 by default,
-# skipped when the installed jax already sees a GPU). A machine without network installs from wheels in
-# ./.whl if present, else installs the package alone (`--no-deps`) over what the image has.
+# skipped when the installed jax already sees a GPU). A machine without network (the device machines) installs
+# the wheels in ./.whl if present (see --fetch-wheels), then the package alone (`--no-deps`) over what the
+# image has (jax with CUDA, flax, optax, orbax, torch, transformers, pytest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -30,15 +35,24 @@ for arg in "$@"; do
   case "$arg" in
     --cpu) MODE=cpu ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg (use --cpu, --pack)" >&2; exit 2 ;;
+    --fetch-wheels) MODE=fetch ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --cpu, --pack, --fetch-wheels)" >&2; exit 2 ;;
   esac
 done
+
+PY=${PYTHON:-python3}
+if [ "$MODE" = fetch ]; then
+  # Runtime packages the GPU image (Python 3.12, x86-64) does not have; the rest of the package's needs it has.
+  exec "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$REPO/.whl" \
+    "grain>=0.2.18" array-record portpicker "tensorboardX>=2.6"
+fi
 
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
 PEAK_FLOPS=${PEAK_FLOPS:-989e12}
 JAX_CUDA=${JAX_CUDA:-cuda13}
 LOG="$OUT/run.log"
@@ -87,8 +101,9 @@ step() {
 install() {
   local pip=("$PY" -m pip install -q)
   if [ -d "$REPO/.whl" ]; then
-    "${pip[@]}" --no-index --no-deps "$REPO"/.whl/*.whl || return 1
-    "${pip[@]}" --no-index --no-deps --no-build-isolation -e "$REPO"
+    local rc=0
+    "${pip[@]}" --no-index --no-deps "$REPO"/.whl/*.whl || rc=$?
+    "${pip[@]}" --no-index --no-deps --no-build-isolation -e "$REPO" && return "$rc"
   elif "${pip[@]}" --timeout 20 --retries 1 -e "$REPO[dev]"; then
     if ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
       "${pip[@]}" -U "jax[$JAX_CUDA]"
