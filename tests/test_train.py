@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import balance
-from dsv3_jax.config import MeshConfig
+from dsv3_jax.config import MeshConfig, ModelConfig
 from dsv3_jax.model import Transformer
 from dsv3_jax.model.moe import route
 from dsv3_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -24,11 +24,15 @@ def single_device_run():
     return run_steps(make_run(MeshConfig(data=1)), BATCHES, jax.devices()[:1])
 
 
-def test_2x2x2_mesh_matches_one_device(single_device_run):
-    """5 steps on a (data 2, expert 2, tensor 2) mesh: same losses and router biases as one device.
-    1e-5 relative: fp32 reductions are split differently across shards, nothing else differs."""
+@pytest.mark.parametrize("moe_impl", ["dense", ModelConfig().moe_impl])
+def test_2x2x2_mesh_matches_one_device(single_device_run, moe_impl):
+    """5 steps on a (data 2, expert 2, tensor 2) mesh: same losses and router biases as one device's
+    dense dispatch, with dense and with the presets' default ("auto": the expert-parallel form on this
+    mesh). 1e-5 relative: fp32 reductions are split and ordered differently, nothing else differs (every
+    dispatch computes the same sums; tests/test_moe_dispatch.py checks them to 1e-5 of a float64 loop)."""
     losses1, _, state1 = single_device_run
-    losses8, _, state8 = run_steps(make_run(MeshConfig(data=2, expert=2, tensor=2)), BATCHES)
+    losses8, _, state8 = run_steps(make_run(MeshConfig(data=2, expert=2, tensor=2), {"moe_impl": moe_impl}),
+                                   BATCHES)
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
     assert losses1[-1] < losses1[0]  # it trains
     # Biases move by +-gamma per step: equal sign decisions give exactly equal biases.
