@@ -11,6 +11,7 @@ from flax import traverse_util
 from flax.core import meta
 
 from .config import ModelConfig
+from .model import Transformer
 
 
 def random_variables(cfg: ModelConfig, seed: int = 0, *, norm_range: Optional[tuple[float, float]] = None,
@@ -26,7 +27,6 @@ def random_variables(cfg: ModelConfig, seed: int = 0, *, norm_range: Optional[tu
       group-limited routing changes the selection (the layout the HF parity tests use)."""
     if bias not in ("normal", "grouped"):
         raise ValueError(f"bias must be 'normal' or 'grouped', got {bias!r}")
-    from .model import Transformer
     shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     rng = np.random.default_rng(seed)
     out = {}

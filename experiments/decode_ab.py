@@ -9,8 +9,12 @@ the trees alternating. A child measures, after compiling (the first call's secon
     the median decode tokens/s (stats['tokens_per_s']) over 5 requests.
 The report gives each tree's median over the rounds and the median of the per-round ratios to the first tree.
 
-    PYTHONPATH=$PWD python experiments/decode_ab.py --tree base=/path/to/main --tree new=. [--rounds 3]
-Writes experiments/results/decode_ab.{md,json}.
+`--hlo` compares, instead of timing, the compiled programs (XLA:CPU HLO after optimisation, with instruction
+names, metadata and numbering stripped) of the small preset's absorbed decode step at 4096 cached tokens and
+of the tiny preset's prefill: the noise-free check that a refactor left the decode step's work unchanged.
+
+    PYTHONPATH=$PWD python experiments/decode_ab.py --tree base=/path/to/main --tree new=. [--rounds 3] [--hlo]
+Writes experiments/results/decode_ab.{md,json} (timing only).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import difflib
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -85,21 +91,88 @@ def child(parts: list[str]) -> dict:
     return out
 
 
+def normalised_hlo(text: str) -> list[str]:
+    """Compiled HLO without names, numbering and metadata: equal lists mean the same program."""
+    body = text[text.index("\n\n"):] if "\n\n" in text else text
+    out = []
+    for line in body.splitlines():
+        line = re.sub(r", metadata=\{[^}]*\}", "", line)
+        line = re.sub(r"%[A-Za-z0-9_.-]+", "%x", line)
+        line = re.sub(r"(region|param)_[0-9]+(\.[0-9]+)?", r"\1", line)
+        line = re.sub(r"\b[A-Za-z_][\w-]*\.[0-9]+:", "n:", line)           # named computation parameters
+        if line.strip() and not re.match(r"^\d+ ", line) and "file_name_id" not in line:
+            out.append(line)
+    return out
+
+
+def child_hlo() -> dict:
+    """Normalised compiled HLO of the small preset's absorbed decode step (4096 cached tokens, batch 1) and of
+    the tiny preset's prefill with MTP (batch 8, 64 prompt tokens), from shapes only (nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3_jax.config import PRESETS
+    from dsv3_jax.infer import init_cache, split_variables
+    from dsv3_jax.infer.decode import jit_decode_step, jit_prefill, round_up
+    from dsv3_jax.model import Transformer
+
+    def abstract(cfg, batch, slots):
+        shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+        params, rs = split_variables(shapes)
+        return params, rs, jax.eval_shape(lambda: init_cache(cfg, batch, slots))
+
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    small = PRESETS["small"].replace(dtype="float32", max_position_embeddings=max(CONTEXTS) + 64)
+    params, rs, cache = abstract(small, 1, round_up(max(CONTEXTS) + 1, 16))
+    step = jit_decode_step(small, True).lower(params, rs, cache, i32(1, 1), i32(1, 1))
+    tiny = PRESETS["tiny"]
+    params, rs, cache = abstract(tiny, 8, 256)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    prefill = jit_prefill(tiny, True).lower(params, rs, cache, i32(8, 64), i32(8), key, f32, f32)
+    return {name: normalised_hlo(low.compile().as_text()) for name, low in
+            (("small_decode_step_4096", step), ("tiny_prefill_b8", prefill))}
+
+
+def compare_hlo(trees, out_dir: str) -> None:
+    progs = {}
+    for name, path in trees:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(path), JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--hlo"], env=env,
+                              capture_output=True, text=True, cwd=os.path.abspath(path))
+        if proc.returncode != 0:
+            sys.exit(f"tree {name} failed:\n{proc.stderr[-3000:]}")
+        progs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = trees[0][0]
+    for name, _ in trees[1:]:
+        for prog, lines in progs[base].items():
+            other = progs[name][prog]
+            diff = [d for d in difflib.unified_diff(lines, other, lineterm="", n=0)
+                    if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+            print(f"{prog}: {base} {len(lines)} lines, {name} {len(other)} lines, {len(diff)} differ")
+            for d in diff[:20]:
+                print("   ", d[:160])
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tree", action="append", default=[], help="NAME=PATH of a source tree (give two or more)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parts", default="small,tiny")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--hlo", action="store_true", help="compare compiled programs instead of timing")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
     if args.child:
-        print(json.dumps(child(parts)))
+        print(json.dumps(child_hlo() if args.hlo else child(parts)))
         return {}
     trees = [t.split("=", 1) for t in args.tree]
     if len(trees) < 2 or any(len(t) != 2 for t in trees):
         ap.error("give at least two --tree NAME=PATH")
+    if args.hlo:
+        compare_hlo(trees, args.out)
+        return {}
     runs: dict = {name: [] for name, _ in trees}
     for r in range(args.rounds):
         for name, path in trees:
