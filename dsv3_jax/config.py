@@ -15,6 +15,7 @@ from typing import Any, Optional
 MOE_IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("plain", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,10 @@ class ModelConfig:
     # deep models); >= the stack's depth = straight-line code, which saves the loop's per-layer slicing
     # and stacked residual buffers (~8% of a CPU train step on the bench config).
     scan_unroll: int = 1
+    # Training attention core: "plain" holds [B,H,T,S] fp32 scores; "blocked" is the online-softmax form of
+    # model/attention.py (attention_block x attention_block score blocks), for long sequences on big meshes.
+    attention_impl: str = "plain"
+    attention_block: int = 512
 
     def __post_init__(self):
         validate(self)
@@ -184,6 +189,10 @@ def validate(c: ModelConfig) -> None:
         _fail("scan_unroll", "must be >= 1", "use 1 (a rolled loop) or the number of layers (unrolled)")
     if c.remat_policy not in REMAT_POLICIES:
         _fail("remat_policy", f"{c.remat_policy!r} is not one of {REMAT_POLICIES}", "pick one of those")
+    if c.attention_impl not in ATTENTION_IMPLS:
+        _fail("attention_impl", f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}", "pick one of those")
+    if c.attention_block < 1:
+        _fail("attention_block", "must be >= 1", "use 512")
     if c.tie_word_embeddings:
         _fail("tie_word_embeddings", "DeepSeek-V3 unties the head from the embedding", "set it to False")
 
@@ -314,6 +323,8 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     zero3: bool = False  # also shard parameters' `embed` axis over `data` (ZeRO-3 style)
+    fsdp: bool = False   # with zero3: shard `embed` over data AND expert where the expert axis is free (every
+                         # non-expert parameter, which the expert axis otherwise replicates): FSDP over all axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +363,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10       # non-finite steps in a row before the run stops
+    moment_dtype: str = "float32"         # AdamW moments; "bfloat16" as in the paper (arXiv 2412.19437 sec. 3.3.2)
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "seq_len", "microbatches", "keep_checkpoints",
@@ -363,6 +375,8 @@ class TrainConfig:
                              f"microbatches={self.microbatches}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.moment_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.moment_dtype must be float32 or bfloat16, got {self.moment_dtype!r}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise ValueError("TrainConfig.learning_rate must be > 0 and warmup_steps >= 0")
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..config import ModelConfig
+from .attention import blocked_attention
 from .layers import RMSNorm, constrain, dtype_of, param
 from .rope import apply_rope
 
@@ -84,7 +85,8 @@ class MLA(nn.Module):
         mask = positions[:, None, :, None] >= positions[:, None, None, :]          # [B,1,T,S]
         if kv_mask is not None:
             mask = mask & kv_mask[:, None, None, :]
-        o = attention_core(q, k, v, mask)                                           # [B,H,T,V]
+        o = (attention_core(q, k, v, mask) if c.attention_impl == "plain" else          # [B,H,T,V]
+             blocked_attention(q, k, v, positions, positions, kv_mask, c.attention_block, c.attention_block))
         return self.output(jnp.swapaxes(o, 1, 2))
 
     def cached_attention(self, q_nope: jax.Array, q_pe: jax.Array, blocks, absorbed: bool = True) -> jax.Array:
