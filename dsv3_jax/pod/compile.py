@@ -61,8 +61,8 @@ def collective_bytes(hlo_text: str) -> dict:
     comps: dict[str, dict] = {}
     entry, cur = None, None
     for line in hlo_text.splitlines():
-        head = _COMP_HEAD.match(line)
-        if head and "=" not in line.split("{")[0]:
+        head = _COMP_HEAD.match(line) if line[:1] in ("%", "E") else None     # instructions are indented
+        if head:
             cur = comps.setdefault(head.group(2), {"own": dict.fromkeys(COLLECTIVES, 0.0), "calls": []})
             if head.group(1):
                 entry = head.group(2)
@@ -76,6 +76,9 @@ def collective_bytes(hlo_text: str) -> dict:
         kind = op[:-5] if op.endswith("-done") else op
         if kind in COLLECTIVES and not op.endswith("-start"):
             cur["own"][kind] += _shape_bytes(shape)
+        if op == "fusion" and "calls=%all-reduce-scatter" in line:     # XLA:TPU's reduce-scatter fusion
+            cur["own"]["reduce-scatter"] += _shape_bytes(shape)
+            continue
         trip = _TRIP.search(line)
         mult = int(trip.group(1)) if (op == "while" and trip) else 1
         for callee in _CALLEES.findall(line):
