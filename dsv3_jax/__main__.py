@@ -1,4 +1,4 @@
-"""Command line: `dsv3-jax {train,generate,params,convert} ...` or `python -m dsv3_jax ...` (see --help of each).
+"""Command line: `dsv3-jax {train,generate,params,convert,plan} ...` or `python -m dsv3_jax ...` (see --help of each).
 
 Exit status: 0 done; 2 bad input (an InputError: config, paths, data; one line, no traceback); 1 a run that
 failed or stopped with its checkpoints intact (CheckpointError, TrainingStopped). Any other exception is a
@@ -104,6 +104,11 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .pod.plan import run_plan
+    return run_plan(args)
+
+
 def cmd_generate(args) -> int:
     from .infer.cli import run_generate
     _init_distributed(args)
@@ -179,12 +184,28 @@ def main(argv=None) -> int:
                    help="default: bfloat16 for --run-dir, float32 for --hf-dir")
     v.set_defaults(fn=cmd_convert)
 
+    pl = sub.add_parser("plan", help="compile a step for a TPU slice ahead of time (libtpu): memory, FLOPs, fit",
+                        epilog="example: python -m dsv3_jax plan --preset v3-671b --topology v5p-1024 --json")
+    pl.add_argument("--preset", default="v3-671b")
+    pl.add_argument("--topology", required=True, help="v5p-1024, v5e-256, v6e-256, v4-128, tpu7x-256 or v5:8x8x8")
+    pl.add_argument("--mesh", help="e.g. data=64,expert=8,tensor=1 (default: the recommended setup)")
+    pl.add_argument("--step", default="train", choices=["train", "decode"])
+    pl.add_argument("--batch", type=int, help="decode: sequences per step (default: a recommended batch)")
+    pl.add_argument("--context", type=int, default=32768, help="decode: cached positions per sequence")
+    pl.add_argument("--search", action="store_true", help="try meshes, remat, microbatches, optimizer dtypes")
+    pl.add_argument("--json", action="store_true", help="the last line is one JSON object")
+    pl.add_argument("--no-save", action="store_true", help="do not update experiments/results/plan.{md,json}")
+    pl.add_argument("overrides", nargs="*", metavar="section.field=value")
+    pl.set_defaults(fn=cmd_plan)
+
     # Overrides may come after flags (`train --resume train.steps=20`): argparse leaves those as extras.
     args, extra = p.parse_known_args(argv)
-    if extra and not (args.command == "train" and all("=" in x and not x.startswith("-") for x in extra)):
+    if extra and not (args.command in ("train", "plan") and all("=" in x and not x.startswith("-") for x in extra)):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "train":
+    if args.command in ("train", "plan"):
         args.overrides = list(args.overrides) + extra
+    if args.command == "plan":
+        args.mesh = _parse_mesh(args.mesh)
     if args.command == "train" and args.run_dir is None:
         args.run_dir = os.path.join("runs", args.preset or ("finetune" if args.init_from else "tiny"))
     if args.command == "convert" and args.dtype is None:

@@ -17,6 +17,7 @@ from .errors import InputError, MissingInputError
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("plain", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,10 @@ class ModelConfig:
     # deep models); >= the stack's depth = straight-line code, which saves the loop's per-layer slicing
     # and stacked residual buffers (the measurement: experiments/results/config_choices.md).
     scan_unroll: int = 1
+    # Training attention core: "plain" holds [B,H,T,S] fp32 scores; "blocked" is the online-softmax form of
+    # model/attention.py (attention_block x attention_block score blocks), for long sequences on big meshes.
+    attention_impl: str = "plain"
+    attention_block: int = 512
 
     def __post_init__(self):
         if isinstance(self.moe_capacity_fractions, list):          # from JSON
@@ -198,6 +203,10 @@ def validate(c: ModelConfig) -> None:
         _fail("scan_unroll", "must be >= 1", "use 1 (a rolled loop) or the number of layers (unrolled)")
     if c.remat_policy not in REMAT_POLICIES:
         _fail("remat_policy", f"{c.remat_policy!r} is not one of {REMAT_POLICIES}", "pick one of those")
+    if c.attention_impl not in ATTENTION_IMPLS:
+        _fail("attention_impl", f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}", "pick one of those")
+    if c.attention_block < 1:
+        _fail("attention_block", "must be >= 1", "use 512")
     if c.tie_word_embeddings:
         _fail("tie_word_embeddings", "DeepSeek-V3 unties the head from the embedding", "set it to False")
 
@@ -365,6 +374,8 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     zero3: bool = False  # also shard parameters' `embed` axis over `data` (ZeRO-3 style)
+    fsdp: bool = False   # with zero3: shard `embed` over data AND expert where the expert axis is free (every
+                         # non-expert parameter, which the expert axis otherwise replicates): FSDP over all axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +415,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10       # non-finite steps in a row before the run stops
+    moment_dtype: str = "float32"         # AdamW moments; "bfloat16" as in the paper (arXiv 2412.19437 sec. 3.3.2)
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "seq_len", "microbatches", "keep_checkpoints",
@@ -415,6 +427,8 @@ class TrainConfig:
                              f"microbatches={self.microbatches}")
         if not 0 < self.val_fraction < 1:
             raise InputError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.moment_dtype not in ("float32", "bfloat16"):
+            raise InputError(f"TrainConfig.moment_dtype must be float32 or bfloat16, got {self.moment_dtype!r}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise InputError("TrainConfig.learning_rate must be > 0 and warmup_steps >= 0")
 

@@ -21,11 +21,20 @@ from .errors import InputError
 MESH_AXES = ("data", "expert", "tensor")
 
 
-def logical_rules(zero3: bool = False) -> tuple:
-    """Logical axis -> mesh axes. Anything not listed is replicated."""
+def logical_rules(zero3: bool = False, fsdp: bool = False) -> tuple:
+    """Logical axis -> mesh axes. Anything not listed is replicated.
+
+    fsdp (with zero3): `embed` goes over (data, expert) when the expert axis is free, so non-expert weights
+    are no longer replicated over the expert axis; expert weights (whose `expert` axis takes it) fall through
+    to the next `embed` rule, data only. The first applicable rule wins (flax). Activations never use these
+    names (theirs is `act_embed`)."""
+    everywhere = ("data", "expert")
+    # MLA's up-projections (q_b_proj, kv_b_proj) have no `embed` axis: their low-rank input axis takes it
+    fsdp_rule = (("embed", everywhere), ("q_lora", everywhere), ("kv_lora", everywhere)) if zero3 and fsdp else ()
     return (
         ("batch", ("data", "expert")),
         ("expert", "expert"),
+        *fsdp_rule,
         ("heads", "tensor"),
         ("mlp", "tensor"),
         ("vocab", "tensor"),
@@ -98,7 +107,7 @@ def replicated(mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activate(mesh, zero3: bool = False):
+def activate(mesh, zero3: bool = False, fsdp: bool = False):
     """Make `mesh` and the logical rules ambient, for tracing and running model code under jit."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(zero3)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(zero3, fsdp)):
         yield mesh

@@ -17,6 +17,7 @@ import flax.linen as nn
 from flax import struct
 
 from ..config import ModelConfig
+from .attention import blocked_attention
 from .layers import RMSNorm, constrain, dtype_of, param
 from .rope import apply_rope
 
@@ -110,7 +111,9 @@ class MLA(nn.Module):
         q = jnp.swapaxes(q, 1, 2)                                                        # [B,H,T,K]
         k_pe = jnp.broadcast_to(k_pe[:, None].astype(k_nope.dtype), k_nope.shape[:3] + k_pe.shape[-1:])
         k = jnp.concatenate([k_nope, k_pe], -1)                                          # [B,H,S,K]
-        o = attention_core(q, k, v, causal_mask(positions, kv_mask)[:, None])      # [B,H,T,V]
+        o = (attention_core(q, k, v, causal_mask(positions, kv_mask)[:, None])               # [B,H,T,V]
+             if c.attention_impl == "plain" else
+             blocked_attention(q, k, v, positions, positions, kv_mask, c.attention_block, c.attention_block))
         return self.output(jnp.swapaxes(o, 1, 2))
 
     def attend_cached(self, x, cos, sin, positions, kv_mask, cache: LatentContext):

@@ -37,11 +37,35 @@ def decay_mask(params):
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                    weight_decay=tc.weight_decay, mask=decay_mask),
-    )
+    if tc.moment_dtype == "float32":
+        adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                            weight_decay=tc.weight_decay, mask=decay_mask)
+    else:   # optax.adamw's chain with both moments stored in the narrow dtype (its mu_dtype covers mu only)
+        adamw = optax.chain(scale_by_adam_stored_as(jnp.dtype(tc.moment_dtype), tc.b1, tc.b2, tc.eps),
+                            optax.add_decayed_weights(tc.weight_decay, decay_mask),
+                            optax.scale_by_learning_rate(learning_rate_schedule(tc)))
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+
+
+def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's update with both moments kept in `dtype` (bf16 halves their memory; the paper keeps them in
+    BF16, arXiv 2412.19437 sec. 3.3.2): each step reads them into fp32, updates, and stores them back."""
+    f32 = jnp.float32
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+
+    def update(grads, state, params=None):
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda g, m: b1 * m.astype(f32) + (1 - b1) * g.astype(f32), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * v.astype(f32) + (1 - b2) * jnp.square(g.astype(f32)), grads, state.nu)
+        c1, c2 = 1 - b1 ** count.astype(f32), 1 - b2 ** count.astype(f32)
+        updates = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), mu, nu, grads)
+        store = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)      # noqa: E731
+        return updates, optax.ScaleByAdamState(count=count, mu=store(mu), nu=store(nu))
+
+    return optax.GradientTransformation(init, update)
 
 
 def mtp_lambda(tc: TrainConfig, step) -> jax.Array:

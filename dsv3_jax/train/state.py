@@ -40,7 +40,7 @@ def state_shardings(model: Transformer, rc: RunConfig, mesh, optimizer=None):
     """(abstract unboxed state, its NamedShardings) for this mesh, from the logical names."""
     optimizer = optimizer or make_optimizer(rc.train)
     boxed = jax.eval_shape(lambda r: _init_boxed(model, rc, optimizer, r), jax.random.PRNGKey(0))
-    shardings = shardings_of(boxed, mesh, logical_rules(rc.mesh.zero3))
+    shardings = shardings_of(boxed, mesh, logical_rules(rc.mesh.zero3, rc.mesh.fsdp))
     abstract = nn.unbox(boxed)
     return abstract, shardings
 
@@ -49,5 +49,5 @@ def create_train_state(model: Transformer, rc: RunConfig, mesh, optimizer=None) 
     optimizer = optimizer or make_optimizer(rc.train)
     _, shardings = state_shardings(model, rc, mesh, optimizer)
     init = jax.jit(lambda r: nn.unbox(_init_boxed(model, rc, optimizer, r)), out_shardings=shardings)
-    with activate(mesh, rc.mesh.zero3):
+    with activate(mesh, rc.mesh.zero3, rc.mesh.fsdp):
         return init(jax.random.PRNGKey(rc.train.seed))

@@ -1,0 +1,121 @@
+"""`python -m dsv3_jax plan`: topology names, the collective parser, and (when libtpu imports) the tiny
+preset's train step compiled for a small TPU slice, the CLI's --json line, and RESOURCE_EXHAUSTED as a
+result. Without libtpu the compile tests skip and the CLI must say what to install."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsv3_jax.errors import InputError
+from dsv3_jax.pod import topology as topo_lib
+from dsv3_jax.pod.compile import collective_bytes
+from dsv3_jax.pod.topology import parse_topology
+
+REPO = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(not topo_lib.libtpu_available(), reason="libtpu is not installed")
+
+
+@pytest.mark.parametrize("name,chips,devices,libtpu", [
+    ("v5p-1024", 512, 512, "v5:8x8x8"), ("v5p-8", 4, 4, "v5:2x2x1"), ("v4-128", 64, 64, "v4:4x4x4"),
+    ("v5e-256", 256, 256, "v5e:16x16"), ("v6e-8", 8, 8, "v6e:2x4"), ("tpu7x-256", 128, 256, "tpu7x:4x4x8"),
+    ("v5:8x8x8", 512, 512, "v5:8x8x8"), ("tpu7x:4x4x8", 128, 256, "tpu7x:4x4x8")])
+def test_topology_names(name, chips, devices, libtpu):
+    """Cloud TPU names count TensorCores for v4/v5p/tpu7x, chips for v5e/v6e; raw names are shapes."""
+    t = parse_topology(name)
+    assert (t.chips, t.num_devices, t.libtpu_name) == (chips, devices, libtpu)
+
+
+@pytest.mark.parametrize("name", ["v5p-1000", "v9-8", "v5p-7", "v5:8x8", "nonsense"])
+def test_bad_topology_names_say_what_is_accepted(name):
+    with pytest.raises(InputError):
+        parse_topology(name)
+
+
+def test_collective_bytes_counts_loop_bodies_by_trip_count():
+    """An all-gather in a while body with known_trip_count 3, an async all-reduce (its -done half counted once),
+    an all-to-all in the entry: bytes are result bytes times executions."""
+    hlo = """HloModule m
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %ag = bf16[4,8]{1,0} all-gather(bf16[2,8]{1,0} %x), dimensions={0}
+}
+%cond (p: (s32[], bf16[4,8])) -> pred[] {
+  %c = pred[] constant(true)
+}
+ENTRY %main (a: f32[16]) -> f32[16] {
+  %w = (s32[], bf16[4,8]) while((s32[], bf16[4,8]) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %ars = f32[16]{0} all-reduce-start(f32[16]{0} %a), to_apply=%add
+  %ard = f32[16]{0} all-reduce-done(f32[16]{0} %ars)
+  ROOT %a2a = f32[16]{0} all-to-all(f32[16]{0} %ard), dimensions={0}
+}
+"""
+    got = collective_bytes(hlo)
+    assert got["all-gather"] == 3 * 4 * 8 * 2
+    assert got["all-reduce"] == 16 * 4 and got["all-to-all"] == 16 * 4 and got["reduce-scatter"] == 0
+
+
+@needs_libtpu
+def test_tiny_train_step_compiles_for_a_tpu_slice():
+    """The tiny preset's real train step (zero3 + FSDP, blocked attention, bf16 moments) on v5p-8's 4
+    compile-only devices: it fits, the memory split adds up, FLOPs and the data-parallel all-reduce show."""
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.pod.plan import plan_one
+    t = parse_topology("v5p-8")
+    rc = run_preset("tiny").override(["mesh.data=2", "mesh.expert=2", "mesh.zero3=true", "mesh.fsdp=true",
+                                      "model.attention_impl=blocked", "train.moment_dtype=bfloat16",
+                                      "train.global_batch_size=8", "model.moe_impl=dense"])
+    r = plan_one(rc, t)
+    assert r["fits"] and not r["oom"] and r["devices"] == 4
+    assert r["params_bytes"] > 0 and r["opt_state_bytes"] == pytest.approx(r["params_bytes"], rel=0.01)
+    assert r["argument_bytes"] >= r["params_bytes"] + r["opt_state_bytes"] + r["batch_bytes"]
+    assert r["bytes_per_device"] < r["hbm_bytes_per_device"] and r["flops_per_device"] > 0
+    assert sum(r["collective_bytes"].values()) > 0
+    assert r["tokens_per_device"] == 8 * 128 // 4
+
+
+@needs_libtpu
+def test_resource_exhausted_is_a_result_not_a_crash():
+    """A batch far beyond v5e's 16 GiB: fits false, the compiler's figures kept."""
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.pod.plan import plan_one
+    rc = run_preset("tiny").override(["mesh.data=4", "train.global_batch_size=4096", "train.seq_len=1024",
+                                      "model.moe_impl=dense"])
+    r = plan_one(rc, parse_topology("v5e-4"))
+    assert r["oom"] and not r["fits"] and "RESOURCE_EXHAUSTED" in r["error"]
+    assert r["bytes_per_device"] > r["hbm_bytes_per_device"]
+
+
+def _plan_cli(*args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu", **(env_extra or {}))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "dsv3_jax", "plan", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@needs_libtpu
+def test_plan_cli_json_line():
+    p = _plan_cli("--preset", "tiny", "--topology", "v5p-8", "--mesh", "data=4", "--json", "--no-save",
+                  "train.global_batch_size=8", "train.seq_len=64", "model.moe_impl=dense")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    for key in ("topology", "chips", "devices", "mesh", "tokens_per_device", "bytes_per_device",
+                "hbm_bytes_per_device", "fits", "flops_per_device", "compile_s"):
+        assert key in out, key
+    assert out["topology"] == "v5p-8" and out["chips"] == 4 and out["mesh"] == {"data": 4, "expert": 1, "tensor": 1}
+    assert out["fits"] is True and out["tokens_per_device"] == 8 * 64 // 4
+
+
+def test_missing_libtpu_is_one_line_saying_what_to_install(monkeypatch, capsys):
+    from dsv3_jax.__main__ import main
+    monkeypatch.setattr(topo_lib, "libtpu_available", lambda: False)
+    import dsv3_jax.pod.plan as plan_lib
+    monkeypatch.setattr(plan_lib, "libtpu_available", lambda: False)
+    assert main(["plan", "--topology", "v5p-8", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "libtpu" in err[0] and "pip install" in err[0]
