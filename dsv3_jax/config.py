@@ -348,17 +348,21 @@ def to_hf_dict(c: ModelConfig) -> dict:
     return d
 
 
-def load_hf_config(path: str, **overrides) -> ModelConfig:
-    """Read `config.json` from a file or a checkpoint directory."""
+def read_hf_config_json(path: str) -> dict:
+    """The raw `config.json` of a checkpoint directory (or that file itself)."""
     f = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(f):
         raise MissingInputError(f"no config.json at {f}")
     with open(f) as fh:
         try:
-            hf = json.load(fh)
+            return json.load(fh)
         except json.JSONDecodeError as e:
             raise InputError(f"{f} is not valid JSON: {e}") from None
-    return from_hf_dict(hf, **overrides)
+
+
+def load_hf_config(path: str, **overrides) -> ModelConfig:
+    """Read `config.json` from a file or a checkpoint directory."""
+    return from_hf_dict(read_hf_config_json(path), **overrides)
 
 
 def save_hf_config(path: str, c: ModelConfig) -> None:

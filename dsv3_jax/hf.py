@@ -22,7 +22,6 @@ in 128x128 blocks (for tests; DeepSeek's own FP8 layout).
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import math
@@ -35,7 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from . import hf_layout as hl
-from .config import ModelConfig, from_hf_dict, save_hf_config
+from .config import ModelConfig, from_hf_dict, read_hf_config_json, save_hf_config
 from .errors import InputError, MissingInputError
 from .hf_layout import hf_tensor_names
 from .safetensors_io import (BIAS_DTYPES, FLOAT_DTYPES, FP8_BLOCK, SafetensorsFile, dequantize_fp8,
@@ -202,14 +201,7 @@ class _Checkpoint:
 
 def _open(path: str, config_overrides: dict) -> _Checkpoint:
     """Read config.json and every header; check names, shapes and dtypes; raise all problems at once."""
-    f = os.path.join(path, "config.json")
-    if not os.path.exists(f):
-        raise MissingInputError(f"no config.json at {f}")
-    with open(f) as fh:
-        try:
-            raw = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{f} is not valid JSON: {e}") from None
+    raw = read_hf_config_json(path)
     cfg = from_hf_dict(raw, **config_overrides)
     block = _quant_block(raw)
     problems: list[str] = []

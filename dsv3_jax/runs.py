@@ -50,7 +50,7 @@ def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None):
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+                                    options=ocp.CheckpointManagerOptions(create=False))
     try:
         steps = sorted(manager.all_steps())[::-1]
         if not steps:
@@ -128,11 +128,11 @@ def init_variables(hf_dir: str, rc: RunConfig, mesh, fresh: dict) -> dict:
     (`fresh`, the run's own init) and a message says so."""
     from .hf import load_checkpoint
     cfg = rc.model
-    kw = {f: getattr(cfg, f) for f in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "remat_policy",
-                                      "scan_unroll")}
+    kw = {f: getattr(cfg, f) for f in ("param_dtype", "moe_impl", "moe_block_size", "remat_policy", "scan_unroll")}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*has no MTP module.*")
         loaded_cfg, loaded = load_checkpoint(hf_dir, dtype=cfg.param_dtype, mesh=mesh, zero3=rc.mesh.zero3, **kw)
+    loaded_cfg = loaded_cfg.replace(dtype=cfg.dtype)        # the compute dtype is the run's own choice
     if loaded_cfg.replace(num_nextn_predict_layers=cfg.num_nextn_predict_layers) != cfg:
         diff = {k: (v, getattr(cfg, k)) for k, v in loaded_cfg.to_dict().items()
                 if k != "num_nextn_predict_layers" and getattr(cfg, k) != v}

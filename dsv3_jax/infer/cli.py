@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 
 import jax
 
@@ -79,9 +80,14 @@ def run_generate(args) -> int:
         raise InputError("the prompt is empty: give --prompt some text")
     mesh = None
     if getattr(args, "mesh", None):
-        from ..config import MeshConfig
-        from ..sharding import make_mesh
+        from ..config import MeshConfig, load_hf_config
+        from ..sharding import make_mesh, validate_for_mesh
+        from ..train.checkpoint import load_run_config
         mesh = make_mesh(MeshConfig(**args.mesh))
+        with warnings.catch_warnings():             # the load below repeats them
+            warnings.simplefilter("ignore")
+            validate_for_mesh(load_run_config(args.run_dir).model if args.run_dir else load_hf_config(args.hf_dir),
+                              mesh)
     cfg: ModelConfig
     cfg, variables, tokenizer = load_run(args.run_dir, mesh) if args.run_dir else load_hf(args.hf_dir, mesh)
     prompt = [int(t) for t in tokenizer.encode(args.prompt)]
@@ -91,18 +97,19 @@ def run_generate(args) -> int:
         raise InputError("--speculative needs the MTP module, and this checkpoint has none "
                          "(num_nextn_predict_layers is 0, or transformers' save_pretrained dropped the layer): "
                          "generate without --speculative")
-    stream = TextStream(tokenizer)
+    quiet = jax.process_index() != 0               # with several processes, process 0 prints
+    stream = TextStream(tokenizer, out=open(os.devnull, "w") if quiet else sys.stdout)
     context = contextlib.nullcontext()
     if mesh is not None:
-        from ..sharding import validate_for_mesh
-        validate_for_mesh(cfg, mesh)
         context = _on_mesh(mesh, generation_rules(mesh, 1))
     with context:
         _, stats = generate(cfg, variables, [prompt], args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, speculative=args.speculative,
                             stream_callback=stream, eos_id=getattr(tokenizer, "eos_id", None))
     stream.close()
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}), file=sys.stderr)
+    if not quiet:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}),
+              file=sys.stderr)
     return 0
 
 
