@@ -11,7 +11,7 @@ machine is shared, so only ratios measured in the same run mean much.
   flops_fraction = t(dense matmul) / t(impl)       (achieved FLOP/s relative to that matmul)
   time_ratio     = t(impl, E) / t(impl, E=8)
 Routing: top-K of random sigmoid scores (distinct experts per token, roughly balanced loads, as a trained
-router with the balancing bias gives). Blocks: cfg.moe_block_size = 128, 64 when E >= 256 (DESIGN.md).
+router with the balancing bias gives). Blocks: the library's rule (moe_block_size 0: 128 rows, 64 when E >= 256).
 
 Expert-parallel traffic (a subprocess with 8 host devices, mesh expert=8, n_group=8 == ep): the all_to_all
 operand shapes are read from the compiled HLO of `expert_parallel` and divided by the local tokens, per
@@ -20,7 +20,7 @@ dedup with the capacity ladder, for routing with the group limit (topk_group=4 o
 (topk_group=8); the ladder's branch is the one the routing selects. The average number of shards a token
 really needs is reported too (what ragged_all_to_all would move).
 
---variants times the blocked variants that were tried (see dsv3_jax/model/dispatch.py's docstring); the
+--variants times the blocked variants that were tried (see dsv3_jax/model/expert_kernels.py's docstring); the
 static-scan variant only up to E=64 (about a minute per step at E=256).
 
 Writes experiments/results/bench_moe.{md,png,json} (and bench_moe_variants.md with --variants); the last
@@ -53,13 +53,14 @@ from jax import lax
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import dispatch
-from dsv3_jax.model.dispatch import _glu, _glu_bwd, _mm, _mm_nt, _mm_tn
+from dsv3_jax.model import expert_kernels as kernels
+from dsv3_jax.model.expert_kernels import _glu, _glu_bwd, _mm, _mm_nt, _mm_tn
 
 
 def make_cfg(e, k, d, f, block=None, impl="blocked", n_group=1, topk_group=1):
     return ModelConfig(hidden_size=d, moe_intermediate_size=f, n_routed_experts=e, num_experts_per_tok=k,
                        n_group=n_group, topk_group=topk_group, moe_impl=impl,
-                       moe_block_size=block or (64 if e >= 256 else 128))
+                       moe_block_size=block or 0)
 
 
 def make_inputs(n, d, f, e, k, seed=0):
@@ -117,27 +118,27 @@ def time_interleaved(jobs: dict, rounds: int, warmup: int):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# blocked variants that were tried (the kept one is dispatch.blocked)
+# blocked variants that were tried (the kept one is expert_kernels.blocked_local)
 
 def _custom(fwd_loop, bwd_loop, save_h):
-    """dispatch._blocked_core with pluggable loops."""
+    """kernels._blocked_core with pluggable loops."""
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def core(block, x, w, w1, w2, order, inverse, sizes, starts):
-        xs = dispatch._dispatch_rows(x, order, w.shape[1], block)
+        xs = kernels._dispatch_rows(x, order, w.shape[1], block)
         ys, _ = fwd_loop(xs, sizes, starts, w1, w2, block, False)
-        return (dispatch._combine_rows(ys, inverse, w, None) * w[..., None]).sum(1)
+        return (kernels._pair_rows(ys, inverse, w, None) * w[..., None]).sum(1)
 
     def fwd(block, x, w, w1, w2, order, inverse, sizes, starts):
-        xs = dispatch._dispatch_rows(x, order, w.shape[1], block)
+        xs = kernels._dispatch_rows(x, order, w.shape[1], block)
         ys, hs = fwd_loop(xs, sizes, starts, w1, w2, block, save_h)
-        y = (dispatch._combine_rows(ys, inverse, w, None) * w[..., None]).sum(1)
+        y = (kernels._pair_rows(ys, inverse, w, None) * w[..., None]).sum(1)
         return y, (xs, hs, ys, w, w1, w2, order, inverse, sizes, starts)
 
     def bwd(block, res, dy):
         xs, hs, ys, w, w1, w2, order, inverse, sizes, starts = res
         n, k = w.shape
-        dw = (dy[:, None, :] * dispatch._combine_rows(ys, inverse, w, None)).sum(-1)
-        dys = dispatch._dispatch_rows(dy, order, k, block) * jnp.pad(w.reshape(-1)[order], (0, block))[:, None]
+        dw = (dy[:, None, :] * kernels._pair_rows(ys, inverse, w, None)).sum(-1)
+        dys = kernels._dispatch_rows(dy, order, k, block) * jnp.pad(w.reshape(-1)[order], (0, block))[:, None]
         dxs, dw1, dw2 = bwd_loop(xs, hs, dys, sizes, starts, w1, w2, block)
         return dxs[inverse].reshape(n, k, -1).sum(1), dw, dw1, dw2, None, None, None, None
 
@@ -145,7 +146,7 @@ def _custom(fwd_loop, bwd_loop, save_h):
 
     def impl(block, x, idx, w, wgu, wd):
         e, d, _, f = wgu.shape
-        order, inverse, sizes = dispatch.sort_by_expert(idx, e)
+        order, inverse, sizes = kernels.sort_by_expert(idx, e)
         starts = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
         return core(block, x, w, wgu.reshape(e, d, 2 * f), wd, order, inverse, sizes, starts)
     return impl
@@ -199,7 +200,7 @@ def _scan_autodiff(block, x, idx, w, wgu, wd):
     n, k = idx.shape
     p = n * k
     w1 = wgu.reshape(e, d, 2 * f)
-    order, inverse, sizes = dispatch.sort_by_expert(idx, e)
+    order, inverse, sizes = kernels.sort_by_expert(idx, e)
     starts = jnp.cumsum(sizes) - sizes
     nbe = (sizes + block - 1) // block
     cum = jnp.cumsum(nbe)
@@ -221,15 +222,15 @@ def _scan_autodiff(block, x, idx, w, wgu, wd):
 
 
 def variant_impls(e, k, d, f):
-    block = 64 if e >= 256 else 128
-    cfg = make_cfg(e, k, d, f, block)
+    cfg = make_cfg(e, k, d, f)
+    block = kernels.block_size(cfg)
     out = {
-        "kept: experts x (full + tail) blocks, h saved": functools.partial(dispatch.blocked, cfg),
+        "kept: experts x (full + tail) blocks, h saved": functools.partial(dispatch.routed_experts, cfg),
         "one block size (no tail blocks)": functools.partial(_custom(
-            functools.partial(dispatch._ffn_blocks_fwd, tail=block),
-            functools.partial(dispatch._ffn_blocks_bwd, tail=block), True), block),
+            functools.partial(kernels._ffn_blocks_fwd, tail=block),
+            functools.partial(kernels._ffn_blocks_bwd, tail=block), True), block),
         "h recomputed in backward": functools.partial(
-            _custom(dispatch._ffn_blocks_fwd, dispatch._ffn_blocks_bwd, False), block),
+            _custom(kernels._ffn_blocks_fwd, kernels._ffn_blocks_bwd, False), block),
         "flat loop over used blocks": functools.partial(_custom(_flat_fwd, _flat_bwd, True), block),
     }
     if e <= 64:                              # about a minute per step at E=256
@@ -260,7 +261,6 @@ def ep_child(args):
     from dsv3_jax.model.moe import route
     n, d, f, k, e, ep = args.tokens, args.hidden, args.width, args.topk, args.ep_experts, 8
     mesh = jax.make_mesh((1, ep), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    ladder = epm.CAPACITY_FRACTIONS
     rows = []
     for limit in (True, False):
         cfg = make_cfg(e, k, d, f, impl="expert_parallel", n_group=ep, topk_group=4 if limit else ep)
@@ -273,7 +273,7 @@ def ep_child(args):
         shards_per_token = float(np.mean([len(set(g)) for g in groups]))
         _, _, _, wgu, wd, _ = make_inputs(8, d, f, e, k)
         for name, dedup, fr in (("per pair", False, (1.0,)), ("per shard", True, (1.0,)),
-                                ("per shard + capacity ladder (default)", True, ladder)):
+                                ("per shard + capacity ladder (default)", True, None)):
             fn = jax.jit(lambda x, i, w, a, b: epm.expert_parallel(cfg, x, i, w, a, b, dedup=dedup,
                                                                    capacity_fractions=fr))
             with jax.set_mesh(mesh):

@@ -254,32 +254,27 @@ def test_expert_parallel_equals_single_device(dedup, fractions, n):
     assert grads[3].addressable_shards[0].data.shape == (E // 4, F, D)
 
 
-@needs8
-def test_expert_parallel_tensor_axis_and_fallbacks():
-    """(data 2, expert 2, tensor 2): F split over tensor inside, partial sums psum-ed. No mesh: the local
-    blocked path, bit for bit; an expert axis of 1: local tokens and every expert per shard, the same up
-    to rounding. Tokens that do not split over the mesh (a decode batch): padded, same result."""
-    cfg = make_cfg(moe_impl="expert_parallel")
-    rng = np.random.default_rng(4)
-    n = 32
+def _routed_case(cfg, seed, n=32):
+    """Router output for n tokens, weights, a cotangent, and the reference output and gradients."""
+    rng = np.random.default_rng(seed)
     x, idx, w = _group_limited_routing(cfg, n, rng)
     wgu, wd = weights(rng)
     dy = rng.normal(size=(n, D)).astype(np.float32)
-    want_y, want_g = reference(x, idx, w, wgu, wd, dy)
-    with jax.set_mesh(make_mesh((2, 2, 2), ("data", "expert", "tensor"))):
-        y, grads = run_impl(cfg, x, idx, w, wgu, wd, dy)
-    close(y, want_y)
-    for got, want in zip(grads, want_g):
-        close(got, want)
+    return (x, idx, w, wgu, wd, dy), reference(x, idx, w, wgu, wd, dy)
 
+
+@needs8
+def test_expert_parallel_fallbacks():
+    """No mesh: the local blocked path, bit for bit. An expert axis of 1: local tokens and every expert
+    per shard, the same up to rounding. (The (2,2,2) mesh and padded decode batches: below.)"""
+    cfg = make_cfg(moe_impl="expert_parallel")
+    (x, idx, w, wgu, wd, _), _ = _routed_case(cfg, 4)
     fn = jax.jit(lambda *a: dispatch.routed_experts(cfg, *a))
     local = np.asarray(jax.jit(lambda *a: dispatch.routed_experts(cfg.replace(moe_impl="blocked"), *a))(
         x, idx, w, wgu, wd))
     np.testing.assert_array_equal(np.asarray(fn(x, idx, w, wgu, wd)), local)
     with jax.set_mesh(make_mesh((8, 1), ("data", "expert"))):
         close(fn(x, idx, w, wgu, wd), local)
-    with jax.set_mesh(make_mesh((2, 4), ("data", "expert"))):     # 3 tokens on 8 shards: padded
-        close(fn(x[:3], idx[:3], w[:3], wgu, wd), want_y[:3])
 
 
 def test_exchange_shapes_and_group_limit_bound():
@@ -352,15 +347,11 @@ MESHES = {"data2-expert2-tensor2": ((2, 2, 2), ("data", "expert", "tensor")),
     ("blocked", "data4-tensor2"), ("ragged", "data4-tensor2"), ("auto", "data8")])
 def test_every_impl_on_a_mesh_matches_reference(impl, mesh_name):
     """Outputs and gradients inside jit under an ambient mesh (as the train step runs): the shard_map
-    forms with the blocked and ragged kernels, both exchanges, a tensor axis, a mesh without `expert` or
-    `tensor` axes; and 3 tokens (a decode batch that does not split over 8 devices)."""
+    forms with the blocked and ragged kernels, both exchanges, F split over `tensor` (partial sums
+    psum-ed), a mesh without `expert` or `tensor` axes; and 3 tokens (a decode batch that does not split
+    over 8 devices: padded with weight-0 tokens)."""
     cfg = make_cfg(moe_impl=impl)
-    rng = np.random.default_rng(7)
-    n = 32
-    x, idx, w = _group_limited_routing(cfg, n, rng)
-    wgu, wd = weights(rng)
-    dy = rng.normal(size=(n, D)).astype(np.float32)
-    want_y, want_g = reference(x, idx, w, wgu, wd, dy)
+    (x, idx, w, wgu, wd, dy), (want_y, want_g) = _routed_case(cfg, 7)
     with jax.set_mesh(make_mesh(*MESHES[mesh_name])):
         y, grads = run_impl(cfg, x, idx, w, wgu, wd, dy)
         y3 = jax.jit(lambda *a: dispatch.routed_experts(cfg, *a))(x[:3], idx[:3], w[:3], wgu, wd)
@@ -370,10 +361,8 @@ def test_every_impl_on_a_mesh_matches_reference(impl, mesh_name):
     close(y3, want_y[:3])
 
 
-def _primitives(cfg, mesh, n=32):
-    rng = np.random.default_rng(8)
-    x, idx, w = _group_limited_routing(cfg, n, rng)
-    wgu, wd = weights(rng)
+def _primitives(cfg, mesh):
+    (x, idx, w, wgu, wd, _), _ = _routed_case(cfg, 8)
     with jax.set_mesh(mesh):
         jaxpr = jax.make_jaxpr(lambda *a: dispatch.routed_experts(cfg, *a))(x, idx, w, wgu, wd)
     return {e.primitive.name for e in _eqns(jaxpr.jaxpr)}

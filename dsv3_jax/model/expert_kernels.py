@@ -37,6 +37,7 @@ from jax import lax
 
 from ..config import ModelConfig
 
+
 def sort_by_expert(idx: jax.Array, num_experts: int):
     """Stable order of the token-expert pairs by expert: (order [P], inverse [P], group_sizes [E]).
 
@@ -52,8 +53,8 @@ def sort_by_expert(idx: jax.Array, num_experts: int):
 def combine(y_sorted: jax.Array, inverse: jax.Array, w: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """Un-sort pair outputs [P,D] and take the weighted sum over each token's K: `sum_k w[n,k] *
     y_sorted[inverse[n,k]]`, written as K row gathers and adds. Gather, no scatter; and no reduction over
-    the small K axis, which XLA:CPU fused into a library call ~6x slower than the adds (an einsum instead
-    becomes N tiny batched matmuls). `valid` [N,K] zeroes pairs no local expert computed."""
+    the small K axis, which XLA:CPU fused into a much slower library call (an einsum instead becomes N
+    tiny batched matmuls). `valid` [N,K] zeroes pairs no local expert computed."""
     n, k = w.shape
     inverse = inverse.reshape(n, k)
     w = w.astype(y_sorted.dtype)
