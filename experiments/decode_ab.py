@@ -4,9 +4,9 @@ change to the model or to dsv3_jax/infer does not slow decoding down.
 Each round runs one child process per tree (`PYTHONPATH=<tree>`, so each child imports that tree's dsv3_jax),
 the trees alternating. A child measures, after compiling (the first call's seconds are kept as compile time):
   * the small preset (random weights, fp32, batch 1): one absorbed decode step (`jit_decode_step`) at 1024 and
-    4096 cached tokens, the median over 7 runs of 5 steps;
+    4096 cached tokens, the median (and min) over 7 runs of 5 steps;
   * the tiny preset (random weights): `generate` of 128 new tokens, plain and speculative, at batch 1 and 8,
-    the median decode tokens/s (stats['tokens_per_s']) over 5 requests.
+    the median (and max) decode tokens/s (stats['tokens_per_s']) over 5 requests.
 The report gives each tree's median over the rounds and the median of the per-round ratios to the first tree.
 
 `--hlo` compares, instead of timing, the compiled programs (XLA:CPU HLO after optimisation, with instruction
@@ -74,6 +74,7 @@ def child(parts: list[str]) -> dict:
                 jax.block_until_ready((logits, cache))
                 times.append((time.perf_counter() - t0) / 5 * 1e3)
             out[f"small_absorbed_ms_{ctx}"] = statistics.median(times)
+            out[f"small_absorbed_min_ms_{ctx}"] = min(times)        # the least disturbed run (shared machine)
             del cache
         del params, rs
     if "tiny" in parts:
@@ -87,7 +88,9 @@ def child(parts: list[str]) -> dict:
                 t0 = time.perf_counter()
                 run()
                 out[f"{name}_first_s"] = time.perf_counter() - t0
-                out[f"{name}_tok_s"] = statistics.median(run()["tokens_per_s"] for _ in range(5))
+                rates = [run()["tokens_per_s"] for _ in range(5)]
+                out[f"{name}_tok_s"] = statistics.median(rates)
+                out[f"{name}_max_tok_s"] = max(rates)
     return out
 
 
@@ -184,7 +187,7 @@ def main(argv=None) -> dict:
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
     base = trees[0][0]
-    keys = list(runs[base][0])
+    keys = [k for k in runs[base][0] if all(k in r for rs in runs.values() for r in rs)]
     lines = ["# Decode speed of two trees, alternating", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), 1-min load average "
              f"{os.getloadavg()[0]:.1f} at the end. {args.rounds} rounds, trees alternating; each tree's median over "

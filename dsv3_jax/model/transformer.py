@@ -94,8 +94,8 @@ class Stack(nn.Module):
 
 class MTPModule(nn.Module):
     """Multi-token prediction depth k (arXiv 2412.19437, section 2.2, equations 21-22):
-    h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a full MoE block (with a decoding `cache`,
-    a `LatentContext` of one layer). Returns (h^k, norm(h^k) for the shared head, stats, new latents or None)."""
+    h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]) (the embedding half first, as in the released
+    checkpoint's eh_proj), then a full MoE block (with a decoding `cache`, a `LatentContext` of one layer). Returns (h^k, norm(h^k) for the shared head, stats, new latents or None)."""
     cfg: ModelConfig
 
     @nn.compact
