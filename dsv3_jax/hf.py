@@ -334,14 +334,9 @@ def _read_whole(ck: _Checkpoint, dtype: np.dtype) -> dict:
 def variable_shardings(cfg: ModelConfig, mesh, zero3: bool = False) -> dict:
     """{leaf path: NamedSharding} of `Transformer(cfg).init(...)` on `mesh`: the training shardings (the
     logical names of the modules through `sharding.logical_rules`)."""
-    import jax
-    import jax.numpy as jnp
     from flax import traverse_util
-    from .model import Transformer
     from .sharding import logical_rules, shardings_of
-
-    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
-    return traverse_util.flatten_dict(shardings_of(boxed, mesh, logical_rules(zero3)))
+    return traverse_util.flatten_dict(shardings_of(hl.abstract_init(cfg), mesh, logical_rules(zero3)))
 
 
 def _read_sharded(ck: _Checkpoint, dtype: np.dtype, mesh, zero3: bool) -> dict:

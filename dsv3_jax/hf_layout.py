@@ -13,13 +13,14 @@ MTP module k is HF layer `num_hidden_layers + k` (paper section 2.2), with copie
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import numpy as np
 
 from .config import ModelConfig
 
-__all__ = ["Entry", "layout", "fused_expert_entries", "block_prefixes", "hf_tensor_names", "to_ours", "to_hf",
+__all__ = ["Entry", "abstract_init", "layout", "fused_expert_entries", "block_prefixes", "hf_tensor_names", "to_ours", "to_hf",
            "template", "block_shape", "check_coverage", "leaf_dtype"]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,16 +170,21 @@ def to_hf(x: np.ndarray, e: Entry) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Expected variables (shapes of `Transformer(cfg).init`, unboxed).
 
-def template(cfg: ModelConfig) -> dict[tuple, Any]:
-    """Flat {path: ShapeDtypeStruct} of `Transformer(cfg).init(...)` with partitioning boxes removed."""
+@functools.lru_cache(maxsize=8)
+def abstract_init(cfg: ModelConfig):
+    """`jax.eval_shape` of `Transformer(cfg).init(...)`, leaves still boxed with their logical axis names
+    (tracing the init takes a while, and loading needs it twice: shapes and shardings)."""
     import jax
     import jax.numpy as jnp
+    from .model import Transformer
+    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+
+
+def template(cfg: ModelConfig) -> dict[tuple, Any]:
+    """Flat {path: ShapeDtypeStruct} of `Transformer(cfg).init(...)` with partitioning boxes removed."""
     from flax import traverse_util
     from flax.core import meta
-    from .model import Transformer
-
-    shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
-    return traverse_util.flatten_dict(meta.unbox(shapes))
+    return traverse_util.flatten_dict(meta.unbox(abstract_init(cfg)))
 
 
 def block_shape(shape: tuple, index: tuple) -> tuple:

@@ -197,8 +197,8 @@ def main() -> None:
               "(every `embed` axis split 8 ways). held: bytes of the distinct shards the process holds afterwards; "
               "on its devices: the same counting every local device's copy (a CPU device's buffers are host memory, "
               "so a leaf replicated over 4 local devices is there 4 times; for `whole`, the numpy arrays). "
-              "peak - before - on devices: what the load needed beyond the arrays it returns (for `whole`, mostly "
-              "the safetensors files mapped into memory by safe_open; for the sharded loads, one region being "
+              "peak - before - on devices: what the load needed beyond the arrays it returns (for `whole`, most "
+              "likely the file pages safe_open maps while it reads; for the sharded loads, one region being "
               "assembled plus allocator slack). rchar 0 for `whole`: safe_open reads through mmap. The MTP copies "
               "of embed_tokens and lm_head are not read by the sharded load."]
     os.makedirs(args.out, exist_ok=True)
