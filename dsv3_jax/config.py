@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any, Optional
 
+from .errors import InputError
+
 MOE_IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -338,8 +340,10 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_lambda_switch_step: int = -1      # -1: never switch
-    balance_alpha: float = 1e-4           # complementary sequence-wise balance loss
-    bias_update_rate: float = 1e-3        # gamma
+    balance_alpha: float = 1e-4           # weight of the balance loss (0: none)
+    balance_loss: str = "sequence"        # 'sequence' (V3's complementary loss) or 'batch' (conventional aux loss)
+    bias_update_rate: float = 1e-3        # gamma (0 with balance_alpha 0: no balancing at all)
+    bias_update_rule: str = "sign"        # 'sign' (V3) or 'proportional' (Loss-Free Balancing's variant)
     bias_update_rate_final: float = -1.0  # gamma follows the lr's cosine down to this (-1: constant gamma)
     bias_update_stop_step: int = -1       # gamma becomes 0 from this step (-1: never)
     data: Optional[str] = None            # None: the embedded default corpus
@@ -352,6 +356,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10       # non-finite steps in a row before the run stops
+    log_expert_load: bool = False         # metrics.jsonl also gets per-expert counts and router biases
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "seq_len", "microbatches", "keep_checkpoints",
@@ -365,6 +370,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise ValueError("TrainConfig.learning_rate must be > 0 and warmup_steps >= 0")
+        for name, allowed in (("balance_loss", ("sequence", "batch")),
+                              ("bias_update_rule", ("sign", "proportional"))):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
