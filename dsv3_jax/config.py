@@ -405,8 +405,10 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_lambda_switch_step: int = -1      # -1: never switch
-    balance_alpha: float = 1e-4           # complementary sequence-wise balance loss
-    bias_update_rate: float = 1e-3        # gamma
+    balance_alpha: float = 1e-4           # weight of the balance loss (0: none)
+    balance_loss: str = "sequence"        # 'sequence' (V3's complementary loss) or 'batch' (conventional aux loss)
+    bias_update_rate: float = 1e-3        # gamma (0 with balance_alpha 0: no balancing at all)
+    bias_update_rule: str = "sign"        # 'sign' (V3) or 'proportional' (Loss-Free Balancing's variant)
     bias_update_rate_final: float = -1.0  # gamma follows the lr's cosine down to this (-1: constant gamma)
     bias_update_stop_step: int = -1       # gamma becomes 0 from this step (-1: never)
     data: Optional[str] = None            # None: the embedded default corpus
@@ -420,6 +422,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10       # non-finite steps in a row before the run stops
     moment_dtype: str = "float32"         # AdamW moments; "bfloat16" as in the paper (arXiv 2412.19437 sec. 3.3.2)
+    log_expert_load: bool = False         # metrics.jsonl also gets per-expert counts and router biases
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "seq_len", "microbatches", "keep_checkpoints",
@@ -435,6 +438,10 @@ class TrainConfig:
             raise InputError(f"TrainConfig.moment_dtype must be float32 or bfloat16, got {self.moment_dtype!r}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise InputError("TrainConfig.learning_rate must be > 0 and warmup_steps >= 0")
+        for name, allowed in (("balance_loss", ("sequence", "batch")),
+                              ("bias_update_rule", ("sign", "proportional"))):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {

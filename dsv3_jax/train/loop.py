@@ -129,7 +129,7 @@ class MetricsLog:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, row["step"])
-                elif isinstance(v, list):
+                elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
                     for i, x in enumerate(v):
                         self.tb.add_scalar(f"{k}/{i}", x, row["step"])
 
@@ -150,6 +150,15 @@ def _flat_max_vio(max_vio: dict) -> list:
     """Per MoE layer MaxVio, main layers first then MTP blocks."""
     return [float(x) for k in sorted(max_vio, key=lambda k: (k != "moe_layers", k))
             for x in np.atleast_1d(np.asarray(max_vio[k]))]
+
+
+def _expert_load(counts: dict, router_state: dict) -> dict:
+    """Per MoE layer (main layers first, then MTP blocks): this step's tokens per expert and the router
+    biases after its update, for load heat maps and bias trajectories (TrainConfig.log_expert_load)."""
+    biases = balance.router_biases(router_state)
+    order = sorted(counts, key=lambda k: (k != "moe_layers", k))
+    rows = lambda d: [[round(float(x), 6) for x in r] for k in order for r in np.atleast_2d(np.asarray(d[k]))]
+    return {"expert_counts": rows(counts), "router_bias": rows(biases)}
 
 
 def run_split(rc: RunConfig, tokenizer) -> tuple:
@@ -254,6 +263,8 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
                        "max_vio": _flat_max_vio(m["max_vio"]), "skipped": int(m["skipped"]),
                        "total_skipped": int(state.total_skipped)}
                 tick, last_logged = now, step
+                if tc.log_expert_load:
+                    row.update(_expert_load(m["expert_counts"], jax.device_get(state.router_state)))
                 if step % tc.eval_every == 0 or step == tc.steps:
                     row["val_loss"], row["val_max_vio"] = evaluate()
                 log.write(row)

@@ -1,5 +1,6 @@
-"""One jitted train step: CE + lambda * MTP + alpha * sequence-wise balance loss, AdamW, then the bias rule
-with the expert counts of the whole global batch (every microbatch, every shard).
+"""One jitted train step: CE + lambda * MTP + alpha * balance loss (sequence-wise by default, or batch-wise),
+AdamW, then the bias rule (sign by default, or proportional) with the expert counts of the whole global
+batch (every microbatch, every shard).
 
 Under jit over a batch sharded on (data, expert), the counts computed in the forward are already global:
 XLA inserts the all-reduce. A step whose loss or gradient is not finite changes nothing and is counted.
@@ -54,7 +55,8 @@ def make_loss_fn(model: Transformer, rc: RunConfig):
         ce = cross_entropy(out.logits, labels)
         mtp = mtp_losses(out.mtp_logits, labels)
         mtp_loss = sum(mtp) / len(mtp) if mtp else jnp.zeros((), jnp.float32)
-        bal = (balance.total_balance_loss(out.moe_stats, mc.num_experts_per_tok, inputs.shape[1])
+        bal = (balance.total_balance_loss(out.moe_stats, mc.num_experts_per_tok, inputs.shape[1],
+                                          tc.balance_loss)
                if out.moe_stats else jnp.zeros((), jnp.float32))
         total = ce + mtp_lambda(tc, step) * mtp_loss + tc.balance_alpha * bal
         return total, {"ce": ce, "mtp_loss": mtp_loss, "balance_loss": bal,
@@ -94,7 +96,8 @@ def make_train_step(model: Transformer, rc: RunConfig, optimizer: optax.Gradient
         def update(_):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             return (optax.apply_updates(state.params, updates), opt_state,
-                    balance.update_router_bias(state.router_state, counts, bias_rate(tc, state.step)))
+                    balance.update_router_bias(state.router_state, counts, bias_rate(tc, state.step),
+                                               tc.bias_update_rule))
 
         # A branch, not an elementwise select over every parameter and optimizer moment: the select cost
         # ~3% of a CPU step on the bench config; the skip branch only runs when something is not finite.
