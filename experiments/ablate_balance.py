@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ablate_common import compare, fmt, mean_spread, parse_args, smooth, sweep
+from ablate_common import arm_table, compare, fmt, mean_spread, parse_args, save, smooth, sweep
 
 # name: (label, TrainConfig overrides, ModelConfig overrides). The base config has no balancing at all.
 PRESET_GAMMA = {"bias_update_rate": 1e-2, "bias_update_rate_final": 1e-3}     # the tiny preset's schedule
@@ -44,6 +44,7 @@ def findings(rec: dict) -> list:
         return all(rec.get(a) for a in arms)
 
     rows = []
+    steps = next(iter(rec.values()))[0]["config"]["train"]["steps"]
     if has("sign_sched", "aux_batch_1e-3"):
         vio, ce = compare(get("sign_sched", "maxvio_global"), get("aux_batch_1e-3", "maxvio_global")), \
             compare(get("sign_sched", "val_ce"), get("aux_batch_1e-3", "val_ce"))
@@ -71,8 +72,8 @@ def findings(rec: dict) -> list:
             ("slow 1e-4: reproduces" if slow else "slow 1e-4: does not reproduce")
             + ("; late fluctuation of 1e-2: reproduces" if jit == "higher" else
                f"; late fluctuation of 1e-2: does not reproduce ({jit})"),
-            "A bias moves at most gamma per step: with 1e-4 it travels 0.016 in our whole run, too little to "
-            "matter against sigmoid scores that differ by ~0.1; the paper's runs have ~100x more updates. Our "
+            f"A bias moves at most gamma per step: with 1e-4 it travels {steps * 1e-4:.3f} in our whole run, too "
+            "little to matter against sigmoid scores that differ by ~0.1; the paper's runs have ~100x more updates. Our "
             "learning rate is 14x V3's, so the router drifts faster and larger gammas are favoured here."))
     if has("sign_sched", "proportional"):
         vio = compare(get("proportional", "maxvio_global"), get("sign_sched", "maxvio_global"))
@@ -127,16 +128,10 @@ def write_table(rec: dict, out: Path, prefix: str) -> str:
         "model, _batch_ per training batch averaged over the last 20% of steps. Regenerate with "
         "`PYTHONPATH=$PWD python experiments/ablate_balance.py`.",
         "",
-        "| arm | seeds | val CE (main head) | MaxVio_global | MaxVio_batch (last 20%) |",
-        "|---|---|---|---|---|",
     ]
-    for name, (label, _, _) in ARMS.items():
-        rs = rec.get(name)
-        if not rs:
-            lines.append(f"| {label} | not run | | | |")
-            continue
-        lines.append(f"| {label} | {len(rs)} | {fmt([r['val_ce'] for r in rs], 4)} | "
-                     f"{fmt([r['maxvio_global'] for r in rs])} | {fmt([r['maxvio_batch'] for r in rs])} |")
+    lines += arm_table(ARMS, rec, ["val CE (main head)", "MaxVio_global", "MaxVio_batch (last 20%)"],
+                       lambda rs: [fmt([r["val_ce"] for r in rs], 4), fmt([r["maxvio_global"] for r in rs]),
+                                   fmt([r["maxvio_batch"] for r in rs])])
     lines += ["", "## Beside the papers", "",
               "| finding | paper | ours | verdict | why (at this scale) |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in findings(rec)]
@@ -160,9 +155,7 @@ def plot(rec: dict, out: Path, prefix: str) -> None:
     ax.set(yscale="log", xlabel="step", ylabel="MaxVio_batch (mean over layers and seeds, 5-step mean)",
            title="Load violation per training batch")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{prefix}_maxvio.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / f"{prefix}_maxvio.png")
 
     show = [n for n in ("none", "aux_batch_1e-2", "sign_sched", "proportional") if n in rec and
             "expert_counts" in rec[n][0]] or [n for n in rec if "expert_counts" in rec[n][0]][:4]
@@ -176,9 +169,7 @@ def plot(rec: dict, out: Path, prefix: str) -> None:
         ax.set(ylabel="expert", title=f"{labels[n]}: load / mean, MoE layer {layer}, seed 0")
         fig.colorbar(im, ax=ax)
     axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out / f"{prefix}_load.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / f"{prefix}_load.png")
 
     show = [n for n in ("sign_1e-4", "sign_1e-3", "sign_1e-2", "sign_sched", "proportional", "v3")
             if n in rec and "router_bias" in rec[n][0]]
@@ -190,9 +181,7 @@ def plot(rec: dict, out: Path, prefix: str) -> None:
             ax.set(title=labels[n], xlabel="step")
             ax.title.set_fontsize(7)
         axes[0, 0].set_ylabel("router bias (middle MoE layer, seed 0)")
-        fig.tight_layout()
-        fig.savefig(out / f"{prefix}_bias.png", dpi=100)
-        plt.close(fig)
+        save(fig, out / f"{prefix}_bias.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
     names = list(rec)
@@ -206,9 +195,7 @@ def plot(rec: dict, out: Path, prefix: str) -> None:
     a1.tick_params(axis="y", labelsize=7)
     a2.set(xlabel="step", ylabel="validation CE (mean over seeds)", yscale="log")
     a2.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / f"{prefix}_val.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / f"{prefix}_val.png")
 
 
 def main():

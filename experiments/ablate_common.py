@@ -219,6 +219,24 @@ def compare(a: list, b: list) -> str:
     return "lower" if ma < mb else "higher"
 
 
+def arm_table(arms: dict, rec: dict, columns: list, cells) -> list:
+    """Markdown rows: one per arm in `arms`' order, `cells(records)` giving its columns; arms without a
+    record say 'not run'."""
+    lines = ["| arm | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, (label, _, _) in arms.items():
+        rs = rec.get(name)
+        lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells(rs)) + " |" if rs else
+                     f"| {label} | not run |" + " |" * len(columns))
+    return lines
+
+
+def save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def smooth(y, k: int = 5) -> np.ndarray:
     y = np.asarray(y, float)
     if len(y) < k:

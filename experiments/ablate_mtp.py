@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ablate_balance import ARMS as BALANCE_ARMS
-from ablate_common import compare, fmt, parse_args, sweep
+from ablate_common import arm_table, compare, fmt, parse_args, save, sweep
 
 _, V3_TRAIN, _ = BALANCE_ARMS["v3"]
 ARMS = {
@@ -37,19 +37,14 @@ def write_table(rec: dict, out: Path, prefix: str) -> str:
         "Acceptance: teacher-forced greedy drafts on the validation text (the draft of depth k is accepted when "
         "it equals the main head's next prediction and every shallower draft was accepted). Regenerate with "
         "`PYTHONPATH=$PWD python experiments/ablate_mtp.py`.", "",
-        "| arm | seeds | val CE (main head) | train CE, last 10 steps | 2nd-token acceptance | 3rd-token acceptance |",
-        "|---|---|---|---|---|---|",
     ]
-    for name, (label, _, _) in ARMS.items():
-        rs = rec.get(name)
-        if not rs:
-            lines.append(f"| {label} | not run | | | | |")
-            continue
+
+    def cells(rs):
         acc = [r.get("acceptance", []) for r in rs]
-        a1 = fmt([a[0] for a in acc]) if acc[0] else "-"
-        a2 = fmt([a[1] for a in acc]) if len(acc[0]) > 1 else "-"
-        lines.append(f"| {label} | {len(rs)} | {fmt([r['val_ce'] for r in rs], 4)} | "
-                     f"{fmt([np.mean(r['train_ce'][-10:]) for r in rs])} | {a1} | {a2} |")
+        return [fmt([r["val_ce"] for r in rs], 4), fmt([np.mean(r["train_ce"][-10:]) for r in rs]),
+                fmt([a[0] for a in acc]) if acc[0] else "-", fmt([a[1] for a in acc]) if len(acc[0]) > 1 else "-"]
+    lines += arm_table(ARMS, rec, ["val CE (main head)", "train CE, last 10 steps", "2nd-token acceptance",
+                                   "3rd-token acceptance"], cells)
     lines += ["", "## Beside the paper", "", "| finding | paper | ours | verdict | why (at this scale) |",
               "|---|---|---|---|---|"]
     if rec.get("d0") and rec.get("d1"):
@@ -93,9 +88,7 @@ def plot(rec: dict, out: Path, prefix: str) -> None:
     a2.set(xticks=[0, 1], xticklabels=["2nd token", "3rd token"], ylim=(0, 1), ylabel="acceptance (validation)",
            title="Teacher-forced draft acceptance")
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{prefix}.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / f"{prefix}.png")
 
 
 def main():
