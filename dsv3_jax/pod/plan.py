@@ -21,10 +21,11 @@ RESULTS = os.path.join("experiments", "results")
 
 # The setups docs/scaling.md explains, per TPU generation, for the V3 model at seq 4096: expert parallelism
 # 8-wide, the rest data parallel with every parameter sharded over every axis (FSDP), bf16 compute and Adam
-# moments, blocked attention, whole-layer remat. `tokens` is per device.
+# moments, blocked attention, whole-layer remat, one sequence per device per microbatch (the expert-parallel
+# buffers grow with the tokens of one microbatch). `tokens` is per device per step.
 RECOMMENDED = {
-    "v5p": dict(expert=8, tensor=1, tokens=16384, microbatches=1, remat="full", moments="bfloat16"),
-    "tpu7x": dict(expert=8, tensor=1, tokens=16384, microbatches=1, remat="full", moments="bfloat16"),
+    "v5p": dict(expert=8, tensor=1, tokens=16384, microbatches=4, remat="full", moments="bfloat16"),
+    "tpu7x": dict(expert=8, tensor=1, tokens=16384, microbatches=4, remat="full", moments="bfloat16"),
     "v4": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
     "v5e": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
     "v6e": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
@@ -214,7 +215,7 @@ def _tokens(rc: RunConfig, topo: Topology) -> int:
 
 
 def _json_summary(r: dict) -> dict:
-    keys = ("topology", "libtpu_topology", "chips", "devices", "mesh", "tokens_per_device", "global_batch",
+    keys = ("preset", "step", "topology", "libtpu_topology", "chips", "devices", "mesh", "tokens_per_device", "global_batch",
             "seq_len", "options", "bytes_per_device", "hbm_bytes_per_device", "fits", "flops_per_device",
             "compile_s", "lower_s", "params_bytes", "opt_state_bytes", "batch_bytes", "other_state_bytes",
             "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "collective_bytes", "oom", "error")
