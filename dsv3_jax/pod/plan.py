@@ -158,7 +158,7 @@ def save_results(rows: list[dict], commands: list[str], out_dir: str = RESULTS) 
         for step in ("train", "decode"):
             part = [r for r in rows if r["step"] == step]
             if part:
-                fh.write(f"## {step}\n\n| preset " + TABLE_HEAD[1:].replace("\n|", "\n|---|", 1) + "\n")
+                fh.write(f"## {step}\n\n| preset |" + TABLE_HEAD[1:].replace("\n|", "\n|---|", 1) + "\n")
                 fh.writelines(f"| {r.get('preset', '')} " + table_row(r, r.get("command", "")) + "\n" for r in part)
                 fh.write("\n")
 
