@@ -110,3 +110,21 @@ def test_missing_libtpu_is_one_line_saying_what_to_install(monkeypatch, capsys):
     assert main(["plan", "--topology", "v5p-8", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "libtpu" in err[0] and "pip install" in err[0]
+
+
+def test_recommended_setups_and_search_space_are_valid_configs():
+    """No compile: the recommended v5p-1024 / tpu7x-256 setups build valid configs with >= 16,384 tokens per
+    device and one sequence per device per microbatch; --search's candidates come most tokens first."""
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.pod.plan import recommended, search_space
+    base = run_preset("v3-671b")
+    for name in ("v5p-1024", "tpu7x-256"):
+        t = parse_topology(name)
+        rc = base.override(recommended(base, t))
+        assert rc.mesh.data * rc.mesh.expert * rc.mesh.tensor == t.num_devices
+        assert rc.train.global_batch_size * rc.train.seq_len // t.num_devices >= 16384
+        assert rc.train.global_batch_size // rc.train.microbatches == t.num_devices
+        assert rc.mesh.fsdp and rc.train.moment_dtype == "bfloat16" and rc.model.attention_impl == "blocked"
+    space = search_space(base, parse_topology("v5p-1024"))
+    tokens = [base.override(o).train.global_batch_size for o in space]
+    assert tokens == sorted(tokens, reverse=True) and len(space) > 8

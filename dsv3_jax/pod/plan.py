@@ -60,8 +60,8 @@ def search_space(rc: RunConfig, topo: Topology) -> list[list[str]]:
     tokens = sorted({seq * 12, seq * 8, seq * 4, seq * 2, seq}, reverse=True)
     out = []
     for tok, e, t, remat, mb, mom in itertools.product(tokens, experts, tensors, ("full", "dots_no_batch"),
-                                                       (1, 2), ("bfloat16", "float32")):
-        if topo.num_devices % (e * t):
+                                                       (1, 2, 4), ("bfloat16", "float32")):
+        if topo.num_devices % (e * t) or (tok // seq) % mb:     # whole sequences per device per microbatch
             continue
         out.append(BIG_MODEL_OPTIONS + setup_overrides(rc, topo, e, t, tok, mb, remat, mom))
     return out
