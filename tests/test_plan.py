@@ -60,25 +60,7 @@ ENTRY %main (a: f32[16]) -> f32[16] {
 
 
 @needs_libtpu
-def test_tiny_train_step_compiles_for_a_tpu_slice():
-    """The tiny preset's real train step (zero3 + FSDP, blocked attention, bf16 moments) on v5p-8's 4
-    compile-only devices: it fits, the memory split adds up, FLOPs and the data-parallel all-reduce show."""
-    from dsv3_jax.config import run_preset
-    from dsv3_jax.pod.plan import plan_one
-    t = parse_topology("v5p-8")
-    rc = run_preset("tiny").override(["mesh.data=2", "mesh.expert=2", "mesh.zero3=true", "mesh.fsdp=true",
-                                      "model.attention_impl=blocked", "train.moment_dtype=bfloat16",
-                                      "train.global_batch_size=8", "model.moe_impl=dense"])
-    r = plan_one(rc, t)
-    assert r["fits"] and not r["oom"] and r["devices"] == 4
-    assert r["params_bytes"] > 0 and r["opt_state_bytes"] == pytest.approx(r["params_bytes"], rel=0.01)
-    assert r["argument_bytes"] >= r["params_bytes"] + r["opt_state_bytes"] + r["batch_bytes"]
-    assert r["bytes_per_device"] < r["hbm_bytes_per_device"] and r["flops_per_device"] > 0
-    assert sum(r["collective_bytes"].values()) > 0
-    assert r["tokens_per_device"] == 8 * 128 // 4
-
-
-@needs_libtpu
+@pytest.mark.slow
 def test_resource_exhausted_is_a_result_not_a_crash():
     """A batch far beyond v5e's 16 GiB: fits false, the compiler's figures kept."""
     from dsv3_jax.config import run_preset
@@ -99,16 +81,25 @@ def _plan_cli(*args, env_extra=None):
 
 
 @needs_libtpu
-def test_plan_cli_json_line():
-    p = _plan_cli("--preset", "tiny", "--topology", "v5p-8", "--mesh", "data=4", "--json", "--no-save",
-                  "train.global_batch_size=8", "train.seq_len=64", "model.moe_impl=dense")
+def test_tiny_train_step_compiles_for_a_tpu_slice_through_the_cli():
+    """`plan --json` on the tiny preset's real train step (zero3 + FSDP, blocked attention, bf16 moments)
+    for v5p-8's 4 compile-only devices: the JSON line has the issue's keys, it fits, the memory split adds
+    up (bf16 moments: optimizer state = params), FLOPs and the data-parallel collectives show."""
+    p = _plan_cli("--preset", "tiny", "--topology", "v5p-8", "--mesh", "data=2,expert=2", "--json", "--no-save",
+                  "mesh.zero3=true", "mesh.fsdp=true", "model.attention_impl=blocked", "model.num_hidden_layers=2",
+                  "train.moment_dtype=bfloat16", "train.global_batch_size=8", "train.seq_len=64",
+                  "model.moe_impl=dense")
     assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    r = json.loads(p.stdout.strip().splitlines()[-1])
     for key in ("topology", "chips", "devices", "mesh", "tokens_per_device", "bytes_per_device",
                 "hbm_bytes_per_device", "fits", "flops_per_device", "compile_s"):
-        assert key in out, key
-    assert out["topology"] == "v5p-8" and out["chips"] == 4 and out["mesh"] == {"data": 4, "expert": 1, "tensor": 1}
-    assert out["fits"] is True and out["tokens_per_device"] == 8 * 64 // 4
+        assert key in r, key
+    assert (r["topology"], r["chips"], r["devices"]) == ("v5p-8", 4, 4)
+    assert r["mesh"] == {"data": 2, "expert": 2, "tensor": 1} and r["tokens_per_device"] == 8 * 64 // 4
+    assert r["fits"] is True and not r["oom"] and 0 < r["bytes_per_device"] < r["hbm_bytes_per_device"]
+    assert r["params_bytes"] > 0 and r["opt_state_bytes"] == pytest.approx(r["params_bytes"], rel=0.01)
+    assert r["argument_bytes"] >= r["params_bytes"] + r["opt_state_bytes"] + r["batch_bytes"]
+    assert r["flops_per_device"] > 0 and r["collective_bytes"]["all-gather"] > 0
 
 
 def test_missing_libtpu_is_one_line_saying_what_to_install(monkeypatch, capsys):
@@ -119,3 +110,21 @@ def test_missing_libtpu_is_one_line_saying_what_to_install(monkeypatch, capsys):
     assert main(["plan", "--topology", "v5p-8", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "libtpu" in err[0] and "pip install" in err[0]
+
+
+def test_recommended_setups_and_search_space_are_valid_configs():
+    """No compile: the recommended v5p-1024 / tpu7x-256 setups build valid configs with >= 16,384 tokens per
+    device and one sequence per device per microbatch; --search's candidates come most tokens first."""
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.pod.plan import recommended, search_space
+    base = run_preset("v3-671b")
+    for name in ("v5p-1024", "tpu7x-256"):
+        t = parse_topology(name)
+        rc = base.override(recommended(base, t))
+        assert rc.mesh.data * rc.mesh.expert * rc.mesh.tensor == t.num_devices
+        assert rc.train.global_batch_size * rc.train.seq_len // t.num_devices >= 16384
+        assert rc.train.global_batch_size // rc.train.microbatches == t.num_devices
+        assert rc.mesh.fsdp and rc.train.moment_dtype == "bfloat16" and rc.model.attention_impl == "blocked"
+    space = search_space(base, parse_topology("v5p-1024"))
+    tokens = [base.override(o).train.global_batch_size for o in space]
+    assert tokens == sorted(tokens, reverse=True) and len(space) > 8

@@ -21,10 +21,11 @@ RESULTS = os.path.join("experiments", "results")
 
 # The setups docs/scaling.md explains, per TPU generation, for the V3 model at seq 4096: expert parallelism
 # 8-wide, the rest data parallel with every parameter sharded over every axis (FSDP), bf16 compute and Adam
-# moments, blocked attention, whole-layer remat. `tokens` is per device.
+# moments, blocked attention, whole-layer remat, one sequence per device per microbatch (the expert-parallel
+# buffers grow with the tokens of one microbatch). `tokens` is per device per step.
 RECOMMENDED = {
-    "v5p": dict(expert=8, tensor=1, tokens=16384, microbatches=1, remat="full", moments="bfloat16"),
-    "tpu7x": dict(expert=8, tensor=1, tokens=16384, microbatches=1, remat="full", moments="bfloat16"),
+    "v5p": dict(expert=8, tensor=1, tokens=16384, microbatches=4, remat="full", moments="bfloat16"),
+    "tpu7x": dict(expert=8, tensor=1, tokens=16384, microbatches=4, remat="full", moments="bfloat16"),
     "v4": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
     "v5e": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
     "v6e": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
@@ -59,8 +60,8 @@ def search_space(rc: RunConfig, topo: Topology) -> list[list[str]]:
     tokens = sorted({seq * 12, seq * 8, seq * 4, seq * 2, seq}, reverse=True)
     out = []
     for tok, e, t, remat, mb, mom in itertools.product(tokens, experts, tensors, ("full", "dots_no_batch"),
-                                                       (1, 2), ("bfloat16", "float32")):
-        if topo.num_devices % (e * t):
+                                                       (1, 2, 4), ("bfloat16", "float32")):
+        if topo.num_devices % (e * t) or (tok // seq) % mb:     # whole sequences per device per microbatch
             continue
         out.append(BIG_MODEL_OPTIONS + setup_overrides(rc, topo, e, t, tok, mb, remat, mom))
     return out
@@ -157,7 +158,7 @@ def save_results(rows: list[dict], commands: list[str], out_dir: str = RESULTS) 
         for step in ("train", "decode"):
             part = [r for r in rows if r["step"] == step]
             if part:
-                fh.write(f"## {step}\n\n| preset " + TABLE_HEAD[1:].replace("\n|", "\n|---|", 1) + "\n")
+                fh.write(f"## {step}\n\n| preset |" + TABLE_HEAD[1:].replace("\n|", "\n|---|", 1) + "\n")
                 fh.writelines(f"| {r.get('preset', '')} " + table_row(r, r.get("command", "")) + "\n" for r in part)
                 fh.write("\n")
 
@@ -214,7 +215,7 @@ def _tokens(rc: RunConfig, topo: Topology) -> int:
 
 
 def _json_summary(r: dict) -> dict:
-    keys = ("topology", "libtpu_topology", "chips", "devices", "mesh", "tokens_per_device", "global_batch",
+    keys = ("preset", "step", "topology", "libtpu_topology", "chips", "devices", "mesh", "tokens_per_device", "global_batch",
             "seq_len", "options", "bytes_per_device", "hbm_bytes_per_device", "fits", "flops_per_device",
             "compile_s", "lower_s", "params_bytes", "opt_state_bytes", "batch_bytes", "other_state_bytes",
             "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "collective_bytes", "oom", "error")
