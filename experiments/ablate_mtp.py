@@ -85,7 +85,7 @@ def plot(rec: dict, out: Path, prefix: str) -> None:
         a2.bar(np.arange(acc.shape[1]) + 0.35 * i, acc.mean(0), 0.35, yerr=(acc.max(0) - acc.min(0)) / 2,
                capsize=3, label=ARMS[n][0])
     a2.axhspan(0.85, 0.90, color="green", alpha=0.2, label="V3: 85-90% (2nd token)")
-    a2.set(xticks=[0, 1], xticklabels=["2nd token", "3rd token"], ylim=(0, 1), ylabel="acceptance (validation)",
+    a2.set(xticks=np.arange(2) + 0.35 * (len(names) - 1) / 2, xticklabels=["2nd token", "3rd token"], ylim=(0, 1), ylabel="acceptance (validation)",
            title="Teacher-forced draft acceptance")
     a2.legend(fontsize=7)
     save(fig, out / f"{prefix}.png")
