@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from .errors import InputError
+
 
 def _bias_paths(router_state: dict) -> dict:
     """{top-level stack name: flattened path of its router_bias} for every MoE stack."""
@@ -33,7 +35,7 @@ def bias_step(counts: jax.Array, rule: str = "sign") -> jax.Array:
         return jnp.sign(mean - c)
     if rule == "proportional":
         return (mean - c) / jnp.maximum(mean, 1e-9)
-    raise ValueError(f"unknown bias rule {rule!r}; choose one of {BIAS_RULES}")
+    raise InputError(f"unknown bias rule {rule!r}; choose one of {BIAS_RULES}")
 
 
 def update_router_bias(router_state: dict, expert_counts: dict, gamma, rule: str = "sign") -> dict:
@@ -76,7 +78,7 @@ def total_balance_loss(moe_stats: dict, num_experts_per_tok: int, seq_len: int,
     """The balance loss without alpha, summed over every MoE stack: `kind` 'sequence' (V3's complementary
     loss) or 'batch' (the conventional auxiliary loss)."""
     if kind not in BALANCE_LOSSES:
-        raise ValueError(f"unknown balance loss {kind!r}; choose one of {BALANCE_LOSSES}")
+        raise InputError(f"unknown balance loss {kind!r}; choose one of {BALANCE_LOSSES}")
     loss = sequence_balance_loss if kind == "sequence" else batch_balance_loss
     return sum((loss(s["seq_counts"], s["seq_affinity"], num_experts_per_tok, seq_len)
                 for s in moe_stats.values()), jnp.zeros((), jnp.float32))

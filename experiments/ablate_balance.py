@@ -57,8 +57,22 @@ def findings(rec: dict) -> list:
             ("balance: reproduces" if vio == "lower" else f"balance: does not reproduce ({vio})")
             + ("; quality: reproduces" if ce == "lower" else
                "; quality: within seed noise" if ce == "tie" else "; quality: does not reproduce"),
-            "The balance gap needs only the bias to out-run the router, which a few hundred steps allow; a "
-            "0.005-PPL-sized quality gap is far below our seed spread at this model size and token count."))
+            f"After {steps} updates neither method is near the paper's 0.04: the bias needs on the order of "
+            "(score gap / gamma) steps to cancel the router's preferences, and 512 tokens per batch give noisy "
+            "counts (a perfectly uniform router still shows MaxVio_batch ~0.15 at 2048 assignments over 16 "
+            "experts). The quality comparison rests on two seeds per arm: a direction, not a size."))
+    if has("none", "sign_sched"):
+        ce = compare(get("none", "val_ce"), get("sign_sched", "val_ce"))
+        rows.append((
+            "Balancing costs no quality",
+            "implied by both papers: balanced models at the same or better loss",
+            f"val CE no balancing {fmt(get('none', 'val_ce'))}, loss-free {fmt(get('sign_sched', 'val_ce'))}, "
+            f"gamma 1e-4 (barely balanced) {fmt(get('sign_1e-4', 'val_ce')) if has('sign_1e-4') else '-'}",
+            "does not reproduce at this scale (unbalanced is better)" if ce == "lower" else
+            "reproduces" if ce == "higher" else "within seed noise",
+            "Unbalanced runs vary far more between seeds than balanced ones: a collapsed router is in effect a "
+            "4-expert model, and which experts win early decides its quality. Over 51k training tokens that "
+            "noise hides any mean cost or gain; the papers compare at billions of tokens."))
     if has("sign_1e-4", "sign_1e-3", "sign_1e-2"):
         slow = compare(get("sign_1e-4", "maxvio_batch"), get("sign_1e-3", "maxvio_batch")) == "higher"
         jit = compare(get("sign_1e-2", "maxvio_batch_std_last"), get("sign_1e-3", "maxvio_batch_std_last"))
@@ -84,11 +98,14 @@ def findings(rec: dict) -> list:
             f"MaxVio_g sign {fmt(get('sign_sched', 'maxvio_global'))}, proportional "
             f"{fmt(get('proportional', 'maxvio_global'))}; val CE {fmt(get('sign_sched', 'val_ce'))} vs "
             f"{fmt(get('proportional', 'val_ce'))}",
-            ("alike: reproduces" if vio == "tie" and ce == "tie" else
-             "proportional better balanced: reproduces" if vio == "lower" else
-             f"does not reproduce (proportional MaxVio_g {vio}, CE {ce})"),
-            "The proportional step is the load error relative to the mean: large while the load is far off, "
-            "small near balance, so it jitters less than the fixed +-gamma once balanced."))
+            "balance: " + {"tie": "reproduces (alike)", "lower": "reproduces (proportional better)",
+                           "higher": "does not reproduce (proportional worse)"}[vio]
+            + "; quality: " + {"tie": "reproduces (alike)", "lower": "proportional better",
+                               "higher": "does not reproduce (proportional worse)"}[ce],
+            "The proportional step equals the sign step for an idle expert or one at twice the mean load, is "
+            "larger for busier experts and smaller near balance: at one rate it pulls overloaded experts down "
+            "faster and nudges near-balanced ones more gently. Which ends better balanced depends on the rate and the run's length; 100 updates "
+            "separate them little."))
     if has("aux_seq_1e-3", "aux_batch_1e-3", "v3"):
         seq, bat, free = get("aux_seq_1e-3", "val_ce"), get("aux_batch_1e-3", "val_ce"), get("v3", "val_ce")
         rows.append((
@@ -97,8 +114,8 @@ def findings(rec: dict) -> list:
             f"val CE sequence-wise {fmt(seq)}, aux-free (V3 setting) {fmt(free)}, batch-wise {fmt(bat)}",
             ("reproduces" if compare(seq, free) == "higher" and compare(seq, bat) == "higher" else
              "within seed noise" if compare(seq, free) == "tie" else "does not reproduce"),
-            "The paper's gap is 0.005 nats on a 1B model; our seed-to-seed spread at this size is of that order "
-            "or larger, so only a much larger effect could show."))
+            "The paper's gap is 0.005 nats on a 1B model, far below our seed spread, which is largest for the "
+            "arms that balance least."))
     if has("none", "sign_sched"):
         rows.append((
             "Without balancing, routing collapses",
@@ -132,7 +149,12 @@ def write_table(rec: dict, out: Path, prefix: str) -> str:
     lines += arm_table(ARMS, rec, ["val CE (main head)", "MaxVio_global", "MaxVio_batch (last 20%)"],
                        lambda rs: [fmt([r["val_ce"] for r in rs], 4), fmt([r["maxvio_global"] for r in rs]),
                                    fmt([r["maxvio_batch"] for r in rs])])
-    lines += ["", "## Beside the papers", "",
+    lines += ["", "What this scale implies: 100 updates of 512 tokens over 16 experts show the balancing mechanisms "
+              "at work (MaxVio falls from the collapsed value of 3 for every method that moves fast enough) but "
+              "not their converged state, so no arm reaches the papers' MaxVio of 0.04, and quality differences "
+              "of the papers' size (under 1%) are below the seed spread. Verdicts compare means against the two "
+              "seeds' spread: a difference inside it is reported as a tie.",
+              "", "## Beside the papers", "",
               "| finding | paper | ours | verdict | why (at this scale) |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in findings(rec)]
     lines += ["", f"Plots: `{prefix}_maxvio.png` (MaxVio_batch per arm), `{prefix}_load.png` (per-expert load over "
@@ -174,13 +196,18 @@ def plot(rec: dict, out: Path, prefix: str) -> None:
     show = [n for n in ("sign_1e-4", "sign_1e-3", "sign_1e-2", "sign_sched", "proportional", "v3")
             if n in rec and "router_bias" in rec[n][0]]
     if show:
-        fig, axes = plt.subplots(1, len(show), figsize=(3.2 * len(show), 3.2), squeeze=False, sharey=True)
-        for ax, n in zip(axes[0], show):
+        nrows = 2 if len(show) > 3 else 1
+        ncols = -(-len(show) // nrows)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False, sharey=True)
+        for ax in axes.flat[len(show):]:
+            ax.axis("off")
+        for ax, n in zip(axes.flat, show):
             b = np.asarray(rec[n][0]["router_bias"])                          # [steps, layers, E]
             ax.plot(rec[n][0]["steps"], b[:, b.shape[1] // 2], lw=0.8)
             ax.set(title=labels[n], xlabel="step")
-            ax.title.set_fontsize(7)
-        axes[0, 0].set_ylabel("router bias (middle MoE layer, seed 0)")
+            ax.title.set_fontsize(8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("router bias (middle layer, seed 0)")
         save(fig, out / f"{prefix}_bias.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))

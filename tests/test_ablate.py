@@ -19,7 +19,7 @@ def _run(script: str, out: Path, *extra: str):
     env.pop("XLA_FLAGS", None)                         # one CPU device, as the scripts are run
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--quick", "--out", str(out),
                         "--work-dir", str(out / "work"), *extra], env=env, capture_output=True, text=True,
-                       timeout=900)
+                       timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
