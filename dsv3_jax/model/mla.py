@@ -110,7 +110,8 @@ class MLA(nn.Module):
         q = jnp.swapaxes(q, 1, 2)                                                        # [B,H,T,K]
         k_pe = jnp.broadcast_to(k_pe[:, None].astype(k_nope.dtype), k_nope.shape[:3] + k_pe.shape[-1:])
         k = jnp.concatenate([k_nope, k_pe], -1)                                          # [B,H,S,K]
-        o = attention_core(q, k, v, causal_mask(positions, kv_mask)[:, None])      # [B,H,T,V]
+        mask = causal_mask(positions, kv_mask)[:, None]                             # [B,1,T,S]
+        o = attention_core(q, k, v, mask)                                           # [B,H,T,V]
         return self.output(jnp.swapaxes(o, 1, 2))
 
     def attend_cached(self, x, cos, sin, positions, kv_mask, cache: LatentContext):
