@@ -370,11 +370,14 @@ def _primitives(cfg, mesh):
 
 @needs8
 def test_auto_resolves_by_platform_and_mesh():
-    """auto on CPU: blocked without a mesh or with an expert axis of 1, the expert-parallel form
-    (all_to_all over `expert`) with an expert axis above 1; explicit choices pass through. The traced
-    program shows the form: blocked on an expert mesh all-gathers instead."""
+    """auto is the default of every preset and of HF loads. On CPU: blocked without a mesh or with an
+    expert axis of 1, the expert-parallel form (all_to_all over `expert`) with an expert axis above 1;
+    explicit choices pass through. The traced program shows the form: blocked on an expert mesh
+    all-gathers instead."""
+    from dsv3_jax.config import PRESETS, from_hf_dict, to_hf_dict
     cfg = make_cfg()
-    assert cfg.moe_impl == "auto"
+    assert cfg.moe_impl == "auto" and all(p.moe_impl == "auto" for p in PRESETS.values())
+    assert from_hf_dict(to_hf_dict(PRESETS["v3-671b"])).moe_impl == "auto"             # HF loads too
     ep_mesh = make_mesh((2, 2, 2), ("data", "expert", "tensor"))
     assert dispatch.resolve_impl(cfg, None) == "blocked"
     assert dispatch.resolve_impl(cfg, make_mesh((8, 1, 1), ("data", "expert", "tensor"))) == "blocked"

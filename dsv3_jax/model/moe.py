@@ -1,5 +1,5 @@
-"""DeepSeekMoE (arXiv 2412.19437 §2.1.2, eqs. 12-16): sigmoid router with a selection-only bias, group-limited top-k,
-shared experts, and dropless routed experts through a pluggable dispatch (dispatch.py).
+"""DeepSeekMoE (arXiv 2412.19437 §2.1.2, eqs. 12-16): sigmoid router with a selection-only bias,
+group-limited top-k, shared experts, and dropless routed experts through a pluggable dispatch (dispatch.py).
 
 The routing bias lives in the `router_state` collection, not in `params`: it gets no gradient, no optimizer
 state and no weight decay, and is updated by `balance.update_router_bias` after each step.
@@ -77,7 +77,8 @@ class MoE(nn.Module):
         x2 = x.reshape(b * t, d)                                                               # [N, D]
         r = route(cfg, x2, router_kernel, router_bias)
         # gather_if_few: decode steps read only the chosen experts' weights
-        y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down, gather_if_few=True)   # [N, D]
+        y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down,
+                           gather_if_few=True)                                                  # [N, D]
         y = y.reshape(b, t, d).astype(x.dtype)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * f, name="shared")(x)
