@@ -7,11 +7,9 @@ experiments/results/plan.md and plan.json (one row per topology and setup, newes
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
-from typing import Optional
 
 from ..config import RunConfig, run_preset
 from ..errors import InputError
