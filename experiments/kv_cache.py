@@ -5,8 +5,8 @@ arrays for the small presets, `jax.eval_shape` for v3-671b (nothing is allocated
 the same way, as arrays of the shapes they would have:
   MLA latent   c_KV [kv_lora_rank] + RoPE(k_pe) [qk_rope_head_dim] per token and layer (what we cache)
   MHA          standard multi-head attention with the same number of heads and head size d_h =
-               qk_nope_head_dim: K and V of d_h each per head, H * (d_h + d_h) values (SPEC section 1's
-               65,536 B for 128 heads of 128 in bf16)
+               qk_nope_head_dim: K and V of d_h each per head, H * (d_h + d_h) values (DeepSeek-V2, arXiv 2405.04434,
+               Table 1: 65,536 B for 128 heads of 128 in bf16)
   MLA expanded the per-head keys and values MLA expands to, if those were cached instead of the latent:
                K of qk_head_dim (nope + rope) and V of v_head_dim per head, H * (qk_head_dim + v_head_dim)
 All in bf16 (2 bytes), the V3 accounting. Writes experiments/results/kv_cache.md; the last printed line is JSON.

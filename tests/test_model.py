@@ -79,7 +79,7 @@ def test_causality(tiny_model):
 
 
 def test_yarn_frequencies_match_spec():
-    """SPEC section 3: low = 10, high = 23 for V3; dims below low keep f_j, above high get f_j / 40."""
+    """docs/architecture.md §3 (arXiv 2412.19437 §4.3): low = 10, high = 23 for V3; dims below low keep f_j, above high get f_j / 40."""
     cfg = get_preset("v3-671b")
     f = inverse_frequencies(cfg)
     base = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)

@@ -1,4 +1,5 @@
-"""AdamW and the schedules of SPEC section 7 (learning rate, MTP weight lambda, bias rate gamma)."""
+"""AdamW and the schedules of the training recipe (arXiv 2412.19437 §4.2, docs/architecture.md §8): the
+learning rate, the MTP weight lambda and the bias rate gamma."""
 
 from __future__ import annotations
 
