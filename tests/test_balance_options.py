@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import balance
+from dsv3_jax.train import balance
 from dsv3_jax.config import MeshConfig, TrainConfig
 from dsv3_jax.errors import InputError
 from train_utils import TEST_MODEL, make_run, run_steps, synthetic_batches, write_corpus

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import balance
+from dsv3_jax.train import balance
 from dsv3_jax.config import MeshConfig, ModelConfig
 from dsv3_jax.model import Transformer
 from dsv3_jax.model.moe import route

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from .. import balance
+from . import balance
 from .. import data as data_lib
 from ..config import RunConfig
 from ..errors import InputError, MissingInputError, OccupiedPathError

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .. import balance
+from . import balance
 from ..config import RunConfig
 from ..model import Transformer
 from .optimizer import bias_rate, learning_rate_schedule, mtp_lambda
