@@ -252,7 +252,8 @@ def get_preset(name: str) -> ModelConfig:
 
 _HF_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
               if f.name not in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "moe_capacity_fractions",
-                                "remat_policy", "scan_unroll", "rope_scaling")]
+                                "remat_policy", "scan_unroll", "attention_impl", "attention_block",
+                                "rope_scaling")]
 
 
 # config.json keys that carry no model math (file metadata, generation defaults, parallelism hints, the
