@@ -37,7 +37,7 @@ PROMPT = b"The model was trained on a small corpus of text, and "
 
 
 def child(parts: list[str]) -> dict:
-    """The measurements of the tree on sys.path (run in a subprocess)."""
+    """The measurements of the tree this subprocess imports (its PYTHONPATH names it)."""
     import jax
     import jax.numpy as jnp
     import numpy as np

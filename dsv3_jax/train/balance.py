@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def _bias_paths(router_state: dict) -> dict:
