@@ -24,7 +24,8 @@ from .state import TrainState
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean token CE in fp32 over the positions where mask is true."""
     # logsumexp minus the label's logit, picked by a one-hot product: its backward is elementwise, where
-    # log_softmax + take_along_axis built [B,T,X] log-probs and a scatter (1.5x slower head + CE on CPU).
+    # log_softmax + take_along_axis built [B,T,X] log-probs and a scatter (slower on CPU; the
+    # measurement: experiments/results/config_choices.md).
     logits = logits.astype(jnp.float32)
     picked = (logits * jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)).sum(-1)
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -99,8 +100,8 @@ def make_train_step(model: Transformer, rc: RunConfig, optimizer: optax.Gradient
                     balance.update_router_bias(state.router_state, counts, bias_rate(tc, state.step),
                                                tc.bias_update_rule))
 
-        # A branch, not an elementwise select over every parameter and optimizer moment: the select cost
-        # ~3% of a CPU step on the bench config; the skip branch only runs when something is not finite.
+        # A branch, not an elementwise select over every parameter and optimizer moment (a measurable share of
+        # a CPU step: experiments/results/config_choices.md); the skip branch only runs when something is not finite.
         params, opt_state, router_state = jax.lax.cond(
             ok, update, lambda _: (state.params, state.opt_state, state.router_state), None)
         new_state = state.replace(
