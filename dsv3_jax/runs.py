@@ -39,7 +39,7 @@ def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None):
     The optimizer state is never read."""
     import orbax.checkpoint as ocp
     from .sharding import make_mesh
-    from .train.checkpoint import CHECKSUM_KEY, CheckpointError, load_run_config, state_checksums
+    from .train.checkpoint import CHECKSUM_KEY, first_restorable, load_run_config, verify_checksums
 
     rc = load_run_config(run_dir)             # names the problem if the directory is not a run
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
@@ -55,27 +55,17 @@ def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None):
         steps = sorted(manager.all_steps())[::-1]
         if not steps:
             raise MissingInputError(f"{run_dir} has no finished checkpoint yet")
-        errors = []
-        for step in steps:
-            try:
-                out = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-                    data=ocp.args.JsonRestore()))
-                variables = {k: out["state"][k] for k in ("params", "router_state")}
-                expected = dict(out["data"]).get(CHECKSUM_KEY)
-                if expected is not None:
-                    actual = state_checksums(variables)
-                    bad = sorted(k for k in actual if expected.get(k) != actual[k])
-                    if bad:
-                        raise CheckpointError(f"{len(bad)} array(s) differ from the checksums recorded when "
-                                              f"it was saved: {', '.join(bad[:4])}")
-            except Exception as e:  # orbax raises many types for corrupt data; we only fall back
-                errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-                warnings.warn(f"checkpoint step {step} in {directory} could not be restored "
-                              f"({type(e).__name__}: {str(e)[:200]}); trying an earlier one", stacklevel=2)
-                continue
-            return rc, step, variables
-        raise CheckpointError(f"no checkpoint in {directory} could be restored:\n  " + "\n  ".join(errors))
+
+        def restore_step(step):
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                data=ocp.args.JsonRestore()))
+            variables = {k: out["state"][k] for k in ("params", "router_state")}
+            verify_checksums(dict(out["data"]).get(CHECKSUM_KEY), variables, partial=True)
+            return variables
+
+        step, variables = first_restorable(directory, steps, restore_step)
+        return rc, step, variables
     finally:
         manager.close()
 

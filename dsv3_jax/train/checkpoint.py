@@ -86,6 +86,33 @@ def state_checksums(state_dict: Any) -> dict:
     return {jax.tree_util.keystr(path): int(v) for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+def verify_checksums(expected: Optional[dict], state_dict: Any, partial: bool = False) -> None:
+    """CheckpointError unless the arrays match the checksums recorded when they were saved. partial: only the
+    arrays restored are compared (a partial restore). Checkpoints written before checksums existed have none."""
+    if expected is None:
+        return
+    actual = state_checksums(state_dict)
+    keys = set(actual) if partial else set(expected) | set(actual)
+    bad = sorted(k for k in keys if expected.get(k) != actual.get(k))
+    if bad:
+        raise CheckpointError(f"{len(bad)} array(s) differ from the checksums recorded when it was saved: "
+                              f"{', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}")
+
+
+def first_restorable(directory: str, steps: list[int], restore_step):
+    """-> (step, restore_step(step)) for the first of `steps` (newest first) that restores cleanly; the ones that
+    fail are named in a warning, and CheckpointError lists them all when none restores."""
+    errors = []
+    for s in steps:
+        try:
+            return s, restore_step(s)
+        except Exception as e:  # orbax raises many types for corrupt data; we only fall back
+            errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+            warnings.warn(f"checkpoint step {s} in {directory} could not be restored "
+                          f"({type(e).__name__}: {str(e)[:200]}); falling back to an earlier one", stacklevel=3)
+    raise CheckpointError(f"no checkpoint in {directory} could be restored:\n  " + "\n  ".join(errors))
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True, cleanup_tmp: bool = False):
         """cleanup_tmp: delete the temporary folders of saves a crash interrupted (only the process that owns
@@ -161,26 +188,16 @@ class Checkpointer:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state, shardings)
         target_dict = serialization.to_state_dict(target)
-        errors = []
-        for s in steps:
-            try:
-                out = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target_dict), data=ocp.args.JsonRestore()))
-                data = dict(out["data"])
-                expected = data.pop(CHECKSUM_KEY, None)
-                if expected is not None:        # checkpoints written before checksums existed have none
-                    actual = state_checksums(out["state"])
-                    bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
-                    if bad:
-                        raise CheckpointError(f"{len(bad)} array(s) differ from the checksums recorded when it "
-                                              f"was saved: {', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}")
-            except Exception as e:  # orbax raises many types for corrupt data; we only fall back
-                errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
-                warnings.warn(f"checkpoint step {s} in {self.directory} could not be restored "
-                              f"({type(e).__name__}: {str(e)[:200]}); falling back to an earlier one", stacklevel=2)
-                continue
-            return s, serialization.from_state_dict(abstract_state, out["state"]), data
-        raise CheckpointError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(errors))
+
+        def restore_step(s):
+            out = self.manager.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target_dict), data=ocp.args.JsonRestore()))
+            data = dict(out["data"])
+            verify_checksums(data.pop(CHECKSUM_KEY, None), out["state"])
+            return serialization.from_state_dict(abstract_state, out["state"]), data
+
+        s, (state, data) = first_restorable(self.directory, steps, restore_step)
+        return s, state, data
 
     def close(self) -> None:
         """Wait for the last save (CheckpointError if it failed) and release orbax's threads."""
