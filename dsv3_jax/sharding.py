@@ -24,20 +24,23 @@ MESH_AXES = ("data", "expert", "tensor")
 def logical_rules(zero3: bool = False, fsdp: bool = False) -> tuple:
     """Logical axis -> mesh axes. Anything not listed is replicated.
 
-    fsdp (with zero3): `embed` goes over (data, expert) when the expert axis is free, so non-expert weights
-    are no longer replicated over the expert axis; expert weights (whose `expert` axis takes it) fall through
-    to the next `embed` rule, data only. The first applicable rule wins (flax). Activations never use these
-    names (theirs is `act_embed`)."""
-    everywhere = ("data", "expert")
+    fsdp (with zero3): a parameter's `embed` axis goes over every mesh axis its other axes leave free: (data,
+    expert, tensor) for a weight with no tensor-sharded axis, (data, expert) when `heads`/`mlp`/`vocab` take
+    tensor, data alone for expert weights (whose `expert` axis takes expert). Flax applies the rules in order
+    and skips one whose mesh axes the leaf already uses, so the tensor rules come first and every large
+    parameter and moment is split over every device. Activations never use these names (theirs is
+    `act_embed`)."""
+    everywhere, free_of_tensor = ("data", "expert", "tensor"), ("data", "expert")
     # MLA's up-projections (q_b_proj, kv_b_proj) have no `embed` axis: their low-rank input axis takes it
-    fsdp_rule = (("embed", everywhere), ("q_lora", everywhere), ("kv_lora", everywhere)) if zero3 and fsdp else ()
+    fsdp_rule = tuple((name, axes) for axes in (everywhere, free_of_tensor)
+                      for name in ("embed", "q_lora", "kv_lora")) if zero3 and fsdp else ()
     return (
         ("batch", ("data", "expert")),
         ("expert", "expert"),
-        *fsdp_rule,
         ("heads", "tensor"),
         ("mlp", "tensor"),
         ("vocab", "tensor"),
+        *fsdp_rule,
         ("embed", "data" if zero3 else None),
         ("act_embed", None),      # activations' hidden axis: never sharded (batch already uses data)
         ("length", None),

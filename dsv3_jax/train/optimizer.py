@@ -9,6 +9,7 @@ import optax
 from flax import traverse_util
 
 from ..config import TrainConfig
+from ..model.transformer import STACKS
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -67,6 +68,57 @@ def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float) -> optax.Gr
         return updates, optax.ScaleByAdamState(count=count, mu=store(mu), nu=store(nu))
 
     return optax.GradientTransformation(init, update)
+
+
+def is_stacked(path) -> bool:
+    """A leaf of a scanned layer stack: its leading axis is the layer axis (dsv3_jax/model/transformer.py)."""
+    return any(getattr(k, "key", None) in STACKS for k in path)
+
+
+def apply_adamw(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array, ok: jax.Array):
+    """make_optimizer's update (clip by global norm, AdamW, learning rate) and optax.apply_updates in one pass,
+    one layer at a time: -> (new params, new opt_state). Same math and state layout as the optax chain.
+
+    The optax chain builds every intermediate (clipped grads, fp32 moments before their store, updates, new
+    params) for the whole tree at once: several full fp32 copies of the model per device. Here a stacked [L,...]
+    leaf is updated layer by layer in a fori_loop that writes params and moments back in place, so the
+    temporaries are one layer's. `grad_norm` is the global norm of `grads` (computed once by the caller);
+    where `ok` is false (a non-finite step) nothing changes, selected per layer instead of copying the tree."""
+    f32 = jnp.float32
+    clip_state, (adam, decay_state, sched) = opt_state
+    count = optax.safe_increment(adam.count)
+    c1, c2 = 1 - tc.b1 ** count.astype(f32), 1 - tc.b2 ** count.astype(f32)
+    lr = learning_rate_schedule(tc)(sched.count)
+    clipped = grad_norm < tc.grad_clip
+
+    def one(g, p, mu, nu, decay):
+        """One leaf (or one layer of it) -> (p, mu, nu), each in its stored dtype."""
+        g = jnp.where(clipped, g, (g / grad_norm.astype(g.dtype)) * tc.grad_clip).astype(f32)
+        mu_new = (1 - tc.b1) * g + tc.b1 * mu.astype(f32)
+        nu_new = (1 - tc.b2) * jnp.square(g) + tc.b2 * nu.astype(f32)
+        u = (mu_new / c1) / (jnp.sqrt(nu_new / c2) + tc.eps)
+        if decay:
+            u = u + tc.weight_decay * p
+        p_new = (p + -lr * u).astype(p.dtype)
+        return (jnp.where(ok, p_new, p), jnp.where(ok, mu_new.astype(mu.dtype), mu),
+                jnp.where(ok, nu_new.astype(nu.dtype), nu))
+
+    def leaf(path, g, p, mu, nu, decay):
+        if not is_stacked(path):
+            return one(g, p, mu, nu, decay)
+
+        def layer(i, carry):
+            at = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)      # noqa: E731
+            new = one(at(g), *map(at, carry), decay)
+            return tuple(jax.lax.dynamic_update_index_in_dim(x, y, i, 0) for x, y in zip(carry, new))
+        return jax.lax.fori_loop(0, p.shape[0], layer, (p, mu, nu))
+
+    out = jax.tree_util.tree_map_with_path(leaf, grads, params, adam.mu, adam.nu, decay_mask(params))
+    pick = lambda k: jax.tree.map(lambda _, t: t[k], params, out)                   # noqa: E731
+    keep = lambda new, old: jnp.where(ok, new, old)                                   # noqa: E731
+    adam = adam._replace(count=keep(count, adam.count), mu=pick(1), nu=pick(2))
+    sched = sched._replace(count=keep(optax.safe_increment(sched.count), sched.count))
+    return pick(0), (clip_state, (adam, decay_state, sched))
 
 
 def mtp_lambda(tc: TrainConfig, step) -> jax.Array:

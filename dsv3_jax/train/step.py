@@ -17,7 +17,7 @@ import optax
 from . import balance
 from ..config import RunConfig
 from ..model import Transformer
-from .optimizer import bias_rate, learning_rate_schedule, mtp_lambda
+from .optimizer import apply_adamw, bias_rate, learning_rate_schedule, mtp_lambda
 from .state import TrainState
 
 
@@ -94,16 +94,12 @@ def make_train_step(model: Transformer, rc: RunConfig, optimizer: optax.Gradient
         counts = aux.pop("counts")
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def update(_):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return (optax.apply_updates(state.params, updates), opt_state,
-                    balance.update_router_bias(state.router_state, counts, bias_rate(tc, state.step),
-                                               tc.bias_update_rule))
-
-        # A branch, not an elementwise select over every parameter and optimizer moment (a measurable share of
-        # a CPU step: experiments/results/config_choices.md); the skip branch only runs when something is not finite.
-        params, opt_state, router_state = jax.lax.cond(
-            ok, update, lambda _: (state.params, state.opt_state, state.router_state), None)
+        # One layer at a time, the skip folded in as a select per layer: no whole-tree temporaries (no copy of
+        # every parameter and moment for a branch, no fp32 moments or updates for all layers at once).
+        params, opt_state = apply_adamw(tc, grads, state.opt_state, state.params, grad_norm, ok)
+        router_state = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old), balance.update_router_bias(
+                state.router_state, counts, bias_rate(tc, state.step), tc.bias_update_rule), state.router_state)
         new_state = state.replace(
             step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state,
             router_state=router_state, skipped=jnp.where(ok, 0, state.skipped + 1),
