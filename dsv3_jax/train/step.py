@@ -79,13 +79,17 @@ def make_train_step(model: Transformer, rc: RunConfig, optimizer: optax.Gradient
         micro = batch.reshape(batch.shape[0] // m, m, -1).swapaxes(0, 1)
 
         def body(acc, tokens):
+            # Each microbatch's share is scaled as it is added, in place into the carried fp32 sums: the live
+            # gradient memory is those sums plus one microbatch's gradients, with no full-tree divide after.
             (loss, aux), grads = grad_fn(params, router_state, tokens, step)
-            return jax.tree.map(jnp.add, acc, ((loss, aux), grads)), None
+            counts = aux.pop("counts")                # counts add up; losses and grads average
+            share = jax.tree.map(lambda x: x / m, ((loss, aux), grads))
+            return jax.tree.map(jnp.add, acc, (share, counts)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, router_state, micro[0], step))
-        ((loss, aux), grads), _ = jax.lax.scan(body, zeros, micro)
-        counts = aux.pop("counts")                    # counts add up; losses and grads average
-        (loss, aux), grads = jax.tree.map(lambda x: x / m, ((loss, aux), grads))
+        (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, router_state, micro[0], step)
+        counts0 = aux0.pop("counts")
+        zeros = jax.tree.map(jnp.zeros_like, (((loss0, aux0), grads0), counts0))
+        (((loss, aux), grads), counts), _ = jax.lax.scan(body, zeros, micro)
         return (loss, dict(aux, counts=counts)), grads
 
     def train_step(state: TrainState, batch: jax.Array):
