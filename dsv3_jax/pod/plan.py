@@ -103,8 +103,9 @@ def format_report(r: dict) -> str:
              f"{_gib(r.get('opt_state_bytes'))} + batch {_gib(r.get('batch_bytes'))} + other state "
              f"{_gib(r.get('other_state_bytes'))}",
              f"  temporaries {_gib(r.get('temp_bytes'))}  output {_gib(r.get('output_bytes'))}  "
-             f"alias {_gib(r.get('alias_bytes'))}  total {_gib(r.get('bytes_per_device'))} of "
-             f"{_gib(r['hbm_bytes_per_device'])} HBM",
+             f"alias {_gib(r.get('alias_bytes'))}  sum of allocations {_gib(r.get('memory_analysis_bytes'))}",
+             f"  peak {_gib(r.get('bytes_per_device'))} of {_gib(r['hbm_bytes_per_device'])} HBM "
+             f"(live at once, heap simulation: what the compiler checks)",
              f"fits: {'yes' if r['fits'] else 'no'}" + ("  (compiler: RESOURCE_EXHAUSTED: " + r.get('error', '')[:300]
                                                          + ")" if r.get("oom") else ""),
              f"compile {r.get('compile_s')} s (lower {r.get('lower_s')} s)",
@@ -121,13 +122,15 @@ def table_row(r: dict, command: str) -> str:
     return (f"| {r['topology']} | {r['chips']} | {r['devices']} | {m.get('data')},{m.get('expert')},{m.get('tensor')} "
             f"| {r['tokens_per_device']} | {r['options']['remat_policy']}, mb {r['options']['microbatches']}, "
             f"moments {r['options']['moment_dtype']} | {_gib(r.get('params_bytes'))} | {_gib(r.get('opt_state_bytes'))} "
-            f"| {_gib(r.get('temp_bytes'))} | {_gib(r.get('bytes_per_device'))} / {_gib(r['hbm_bytes_per_device'])} "
+            f"| {_gib(r.get('temp_bytes'))} | {_gib(r.get('memory_analysis_bytes'))} "
+            f"| {_gib(r.get('peak_bytes') or (r.get('bytes_per_device') if r.get('oom') else None))} / "
+            f"{_gib(r['hbm_bytes_per_device'])} "
             f"| {'yes' if r['fits'] else 'no'} | {r.get('compile_s')} | `{command}` |")
 
 
 TABLE_HEAD = ("| topology | chips | devices | mesh d,e,t | tokens/device | remat, microbatches, moments | params GiB "
-              "| optimizer GiB | temporaries GiB | total / HBM GiB | fits | compile s | command |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| optimizer GiB | temporaries GiB | sum of allocations GiB | peak / HBM GiB | fits | compile s | command |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def save_results(rows: list[dict], commands: list[str], out_dir: str = RESULTS) -> None:
@@ -216,7 +219,8 @@ def _json_summary(r: dict) -> dict:
     keys = ("preset", "step", "topology", "libtpu_topology", "chips", "devices", "mesh", "tokens_per_device", "global_batch",
             "seq_len", "options", "bytes_per_device", "hbm_bytes_per_device", "fits", "flops_per_device",
             "compile_s", "lower_s", "params_bytes", "opt_state_bytes", "batch_bytes", "other_state_bytes",
-            "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "collective_bytes", "oom", "error")
+            "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes", "memory_analysis_bytes",
+            "collective_bytes", "oom", "error")
     return {k: r.get(k) for k in keys if k in r}
 
 
