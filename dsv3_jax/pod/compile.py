@@ -133,11 +133,11 @@ def compile_report(jitted, args: tuple, split: dict, hbm_bytes: Optional[int]) -
                   alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                   code_bytes=int(mem.generated_code_size_in_bytes),
                   host_temp_bytes=int(getattr(mem, "host_temp_size_in_bytes", 0) or 0))
-    # Two totals. memory_analysis' sum counts every temporary allocation in full, as if all were live at once;
-    # the peak is the buffer assignment's heap simulation (arguments, outputs and the temporaries live at
-    # the same time: the `Total bytes` of XLA's memory-usage report), which is what the TPU compiler checks
-    # against the HBM when it raises RESOURCE_EXHAUSTED. `fits` and bytes_per_device use the peak where the
-    # backend gives it (docs/scaling.md compares the two).
+    # Two totals. memory_analysis' sum adds every allocation, temporaries of every memory space included; the
+    # peak is the HBM heap the buffer assignment lays out (arguments, outputs and temporaries at the offsets
+    # the heap simulator gave them, fragmentation included: the `Total bytes` of XLA's memory-usage report),
+    # the figure the TPU compiler checks against the HBM when it raises RESOURCE_EXHAUSTED. `fits` and
+    # bytes_per_device use the peak where the backend gives it (docs/scaling.md compares the two).
     report["memory_analysis_bytes"] = (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
                                        + report["temp_bytes"] + report["code_bytes"])
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)

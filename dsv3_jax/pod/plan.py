@@ -105,7 +105,7 @@ def format_report(r: dict) -> str:
              f"  temporaries {_gib(r.get('temp_bytes'))}  output {_gib(r.get('output_bytes'))}  "
              f"alias {_gib(r.get('alias_bytes'))}  sum of allocations {_gib(r.get('memory_analysis_bytes'))}",
              f"  peak {_gib(r.get('bytes_per_device'))} of {_gib(r['hbm_bytes_per_device'])} HBM "
-             f"(live at once, heap simulation: what the compiler checks)",
+             f"(the HBM heap the compiler lays out and checks)",
              f"fits: {'yes' if r['fits'] else 'no'}" + ("  (compiler: RESOURCE_EXHAUSTED: " + r.get('error', '')[:300]
                                                          + ")" if r.get("oom") else ""),
              f"compile {r.get('compile_s')} s (lower {r.get('lower_s')} s)",
