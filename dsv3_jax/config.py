@@ -15,7 +15,7 @@ from typing import Any, Optional
 from .errors import InputError, MissingInputError
 
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "expert_parallel")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload_inputs", "paper", "paper_offload")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("plain", "blocked")
 
@@ -80,6 +80,9 @@ class ModelConfig:
     # model/attention.py (attention_block x attention_block score blocks), for long sequences on big meshes.
     attention_impl: str = "plain"
     attention_block: int = 512
+    # Expert-parallel receiver: one rematerialised kernel pass per slot, [rows, D] buffers instead of
+    # [rows * slots, D] (model/expert_parallel.py, _slot_passes); the per-layer working set of big models.
+    moe_slot_passes: bool = False
 
     def __post_init__(self):
         if isinstance(self.moe_capacity_fractions, list):          # from JSON
@@ -253,7 +256,7 @@ def get_preset(name: str) -> ModelConfig:
 _HF_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
               if f.name not in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "moe_capacity_fractions",
                                 "remat_policy", "scan_unroll", "attention_impl", "attention_block",
-                                "rope_scaling")]
+                                "rope_scaling", "moe_slot_passes")]
 
 
 # config.json keys that carry no model math (file metadata, generation defaults, parallelism hints, the

@@ -147,11 +147,38 @@ class LocalExperts(NamedTuple):
     w2: jax.Array           # [E_l, F_l, D]
     block: int              # rows per block (blocked kernel)
     tp_axis: Optional[str]  # axis to psum partial sums over (F split), or None
+    slot_passes: bool = False   # one recomputed kernel pass per slot (ModelConfig.moe_slot_passes)
 
     def __call__(self, x, ids, w):
         """x [M,D], ids/w [M,slots] (ids >= E_l skipped) -> [M,D], summed over `tensor`."""
-        y = self.kernel(x, ids, w, self.w1, self.w2, self.block, num_valid_experts=self.w1.shape[0])
+        if self.slot_passes and ids.shape[1] > 1:
+            y = _slot_passes(self, x, ids, w)
+        else:
+            y = self.kernel(x, ids, w, self.w1, self.w2, self.block, num_valid_experts=self.w1.shape[0])
         return lax.psum(y, self.tp_axis) if self.tp_axis is not None else y
+
+
+def _slot_passes(experts: LocalExperts, x, ids, w):
+    """The kernel once per slot, x [M,D], ids/w [M,slots] -> [M,D]: a kernel call over all M*slots pairs
+    sorts them into [M*slots, D] row buffers (and [M*slots, 2F]), kept for its backward, and the dropless
+    worst case of M*slots is the receiver's whole buffer times K. Pass s takes each row's slot s (rows
+    without one skip it), so the row buffers are [M, D]; the passes run in a scan whose body is
+    rematerialised, so the backward holds one pass's buffers at a time and recomputes its forward (one
+    more kernel forward per layer). The weight gradients add up over the passes in the compute dtype."""
+    e_local = experts.w1.shape[0]
+
+    @jax.checkpoint
+    def one(x, slot_ids, slot_w, w1, w2):                                         # [M], [M] -> [M, D]
+        return experts.kernel(x, slot_ids[:, None], slot_w[:, None], w1, w2, experts.block,
+                              num_valid_experts=e_local)
+
+    y = one(x, ids[:, 0], w[:, 0], experts.w1, experts.w2)
+
+    def body(acc, slot):
+        return acc + one(x, slot[0], slot[1], experts.w1, experts.w2), None
+
+    y, _ = lax.scan(body, y, (ids[:, 1:].T, w[:, 1:].T))
+    return y
 
 
 class SendPlan(NamedTuple):
@@ -268,7 +295,7 @@ def sharded_experts(cfg: ModelConfig, x, idx, w, w_gate_up, w_down, *, mesh, ker
 
     def body(x, idx, w, w_gate_up, w_down):
         experts = LocalExperts(KERNELS[kernel], w_gate_up.reshape(e_local, d, -1).astype(dt),
-                               w_down.astype(dt), block_rows(cfg, idx.size * ep), tp)
+                               w_down.astype(dt), block_rows(cfg, idx.size * ep), tp, cfg.moe_slot_passes)
         x = x.astype(dt)
         if ep == 1:
             return experts(x, idx, w)

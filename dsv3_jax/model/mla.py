@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from ..config import ModelConfig
 from .attention import blocked_attention
@@ -77,12 +78,13 @@ class MLA(nn.Module):
         x2 = x.reshape(b * t, d).astype(dt)
         if c.q_lora_rank is not None:
             a = jnp.dot(x2, self.q_kv_a_proj.astype(dt)).reshape(b, t, -1)        # [B,T,Q+C+R]
+            a = checkpoint_name(a, "mla_down_proj")
             q_c = self.q_a_norm(a[..., :c.q_lora_rank])                           # [B,T,Q]
             kv = a[..., c.q_lora_rank:]                                           # [B,T,C+R]
             q = jnp.einsum("BTQ,QHK->BTHK", q_c, self.q_b_proj.astype(dt))
         else:
             q = jnp.einsum("BTD,DHK->BTHK", x.astype(dt), self.q_proj.astype(dt))
-            kv = jnp.dot(x2, self.kv_a_proj.astype(dt)).reshape(b, t, -1)
+            kv = checkpoint_name(jnp.dot(x2, self.kv_a_proj.astype(dt)).reshape(b, t, -1), "mla_down_proj")
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         q_nope, q_pe = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         c_kv = self.kv_a_norm(kv[..., :c.kv_lora_rank])                          # norm on the latent only
@@ -114,7 +116,8 @@ class MLA(nn.Module):
         o = (attention_core(q, k, v, causal_mask(positions, kv_mask)[:, None])               # [B,H,T,V]
              if c.attention_impl == "plain" else
              blocked_attention(q, k, v, positions, positions, kv_mask, c.attention_block, c.attention_block))
-        return self.output(jnp.swapaxes(o, 1, 2))
+        o = checkpoint_name(o, "attn_core")                      # names: model/transformer.py REMAT_POLICIES
+        return checkpoint_name(self.output(jnp.swapaxes(o, 1, 2)), "attn_out")
 
     def attend_cached(self, x, cos, sin, positions, kv_mask, cache: LatentContext):
         """`__call__` with a cache: project, round the new latents to the cache dtype, attend over the cached

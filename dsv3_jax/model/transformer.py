@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from ..config import ModelConfig
 from .layers import MLP, RMSNorm, constrain, param
@@ -24,10 +25,23 @@ from .mla import MLA, LatentContext
 from .moe import MoE
 from .rope import rope_angles
 
+# Activations a named policy may keep, tagged with `checkpoint_name` where they are made (mla.py and
+# DecoderBlock). Left out, as in arXiv 2412.19437 section 3.2.3: RMSNorm outputs and the MLA
+# up-projections (queries, per-head keys and values), which the backward recomputes.
+PAPER_SAVED = ("mla_down_proj", "attn_core", "attn_out", "ffn_out")
+_cp = jax.checkpoint_policies
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": _cp.nothing_saveable,
+    "dots": _cp.checkpoint_dots,
+    "dots_no_batch": _cp.checkpoint_dots_with_no_batch_dims,
+    # full, with each layer's input (the only thing `full` keeps) in pinned host memory (TPU/GPU)
+    "offload_inputs": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
+        offload_dst="pinned_host"),
+    "paper": _cp.save_only_these_names(*PAPER_SAVED),
+    "paper_offload": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input", *PAPER_SAVED],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -51,6 +65,7 @@ class DecoderBlock(nn.Module):
     @nn.compact
     def __call__(self, h, cos, sin, positions, kv_mask, cache: Optional[LatentContext] = None):
         cfg = self.cfg
+        h = checkpoint_name(h, "layer_input")
         a = MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(h), cos, sin, positions, kv_mask, cache)
         a, latents = a if cache is not None else (a, None)
         h = h + a
@@ -59,6 +74,7 @@ class DecoderBlock(nn.Module):
             y, stats = MoE(cfg, name="moe")(z)
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(z), None
+        y = checkpoint_name(y, "ffn_out")
         h = constrain(h + y, ("batch", "length", "act_embed"))
         return h, (stats, latents)
 
