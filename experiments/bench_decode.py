@@ -15,10 +15,14 @@ orbax checkpoints/) if it exists, else `--variables-npz` (+ `--spec-preset`), el
 constructed model whose draft agrees with the main model on about `--agree` of the tokens (the paper reports
 85-90% acceptance) to show what acceptance buys on this machine.
 
+Part 3 (`--batch 1,4,8,16`): plain and speculative greedy generate() of the same model as part 2 on batches of
+that many validation prompts (one request per batch; rows that accept different numbers of drafts stay in one
+batch), alternating rounds; decode tokens/s summed over the rows, acceptance, and the median per-round ratio.
+
 Writes experiments/results/bench_decode.{md,png,json}; the last printed line is JSON with `tokens_per_forward`
 and `speculative_speedup` (of the checkpoint, or of the random model when there is none).
 
-    python experiments/bench_decode.py [--run-dir RUN] [--quick]
+    python experiments/bench_decode.py [--run-dir RUN] [--batch 1,4,8,16] [--quick]
 """
 
 from __future__ import annotations
@@ -187,7 +191,39 @@ def compare(cfg, variables, prompts, new_tokens, repeats, label) -> dict:
             "prompt": prompts[0], "output": plain_out[0]}
 
 
-def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list) -> None:
+def compare_batches(cfg, variables, prompts, batches, new_tokens, repeats) -> list[dict]:
+    """Plain and speculative greedy generation of the first b prompts as ONE batch, for each b in `batches`:
+    warmed up, then `repeats` rounds with plain and speculative alternating (outputs checked equal). Decode
+    tokens/s of a run = tokens emitted after the prefill, over all rows, / decode seconds."""
+    max_len = max(len(p) for p in prompts) + new_tokens
+    rows = []
+    for b in batches:
+        batch = [prompts[i % len(prompts)] for i in range(b)]
+        run = lambda spec: generate(cfg, variables, batch, new_tokens, speculative=spec, max_len=max_len)
+        run(False), run(True)                                                      # warm-up: compiles
+        rates = {False: [], True: []}
+        for _ in range(repeats):
+            for spec in (False, True):
+                out, stats = run(spec)
+                rates[spec].append(sum(len(o) - 1 for o in out) / stats["decode_s"])
+                if spec:
+                    assert out == plain_out, "speculative greedy output differs from plain greedy"
+                    spec_stats = stats
+                else:
+                    plain_out = out
+        rows.append({"batch": b, "plain_tokens_per_s": statistics.median(rates[False]),
+                     "spec_tokens_per_s": statistics.median(rates[True]),
+                     "acceptance_rate": spec_stats["acceptance_rate"],
+                     "tokens_per_forward": spec_stats["tokens_per_forward"],
+                     "spec_forwards": spec_stats["main_forwards"],
+                     "speedup": statistics.median(t / p for p, t in zip(rates[False], rates[True]))})
+        r = rows[-1]
+        print(f"  batch {b:3d}: plain {r['plain_tokens_per_s']:.1f} tok/s, speculative {r['spec_tokens_per_s']:.1f} "
+              f"tok/s, acceptance {r['acceptance_rate']:.2f}, speedup {r['speedup']:.2f}x", flush=True)
+    return rows
+
+
+def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list, batch_rows=()) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -196,7 +232,8 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list)
         print("matplotlib missing: no plot")
         return
     by = {(r["context"], r["form"]): r for r in rows}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if batch_rows else 2, figsize=(16 if batch_rows else 11, 4))
+    ax1, ax2 = axes[:2]
     for form, style in (("absorbed", "o-"), ("expanded", "s--")):
         ax1.plot(contexts, [by[(c, form)]["tokens_per_s"] for c in contexts], style, label=form)
     ax1.set_xscale("log", base=2)
@@ -217,6 +254,21 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list)
     ax2.set_ylim(0, 2.4)
     ax2.set_title("self-speculative (MTP draft) vs plain greedy")
     ax2.legend(fontsize=8, loc="upper right")
+    if batch_rows:
+        ax3 = axes[2]
+        bs = [r["batch"] for r in batch_rows]
+        ax3.plot(bs, [r["plain_tokens_per_s"] for r in batch_rows], "o-", label="plain")
+        ax3.plot(bs, [r["spec_tokens_per_s"] for r in batch_rows], "s-", label="speculative (MTP draft)")
+        for r in batch_rows:
+            ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
+                         xytext=(0, 6), ha="center", fontsize=8)
+        ax3.set_xscale("log", base=2)
+        ax3.set_xticks(bs, [str(b) for b in bs])
+        ax3.set_xlabel("batch (rows decoded together)")
+        ax3.set_ylabel("decode tokens/s (all rows)")
+        ax3.set_title(f"greedy decode by batch, {batch_rows[0].get('model', '')}"[:60], fontsize=9)
+        ax3.legend(fontsize=8)
+        ax3.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "bench_decode.png"), dpi=110)
 
@@ -238,6 +290,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--agree", type=float, default=0.85, help="draft agreement of the constructed models")
     ap.add_argument("--agree-presets", default="tiny,small",
                     help="presets of the constructed agreeing-draft models ('' for none)")
+    ap.add_argument("--batch", default="1,4,8,16", help="batch sizes of the part-3 table ('' for none)")
     ap.add_argument("--quick", action="store_true", help="contexts 128,1024 and fewer repeats (smoke test)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from bench_decode.json")
@@ -246,11 +299,13 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.out, "bench_decode.json")) as f:
             saved = json.load(f)
         contexts = sorted({r["context"] for r in saved["decode"]})
-        plot(args.out, saved["summary"]["preset"], contexts, saved["decode"], saved["speculative"])
+        plot(args.out, saved["summary"]["preset"], contexts, saved["decode"], saved["speculative"],
+             saved.get("batches", ()))
         return saved["summary"]
     if args.quick:
         args.contexts, args.steps, args.repeats, args.new_tokens = "128,1024", 2, 2, 32
         args.agree_presets = "tiny"
+        args.batch = ",".join(args.batch.split(",")[:2])
     contexts = [int(c) for c in args.contexts.split(",")]
     os.makedirs(args.out, exist_ok=True)
 
@@ -300,10 +355,20 @@ def main(argv=None) -> dict:
         print_row(spec_rows[-1])
         del agree_vars
 
+    # Part 3.
+    batches = [int(b) for b in args.batch.split(",") if b]
+    if batches:
+        print(f"part 3: batches {batches}, {label}", flush=True)
+        if len(prompts) < max(batches) and args.run_dir and os.path.exists(args.run_dir):
+            prompts = validation_prompts(run_cfg, tokenizer, max(batches), args.prompt_tokens)
+    batch_rows = compare_batches(scfg, variables, prompts, batches, args.new_tokens, args.repeats) if batches else []
+    for r in batch_rows:
+        r["model"] = label
+
     # Report.
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared: 1-min load average {os.getloadavg()[0]:.1f} "
                f"at the end), jax {jax.__version__} ({jax.default_backend()})")
-    lines = ["# Decode benchmark", "", f"Machine: {machine}. Batch 1, fp32, greedy.", "",
+    lines = ["# Decode benchmark", "", f"Machine: {machine}. fp32, greedy; batch 1 unless a table says otherwise.", "",
              f"## Absorbed vs expanded MLA decode ({args.preset} preset, {cfg.num_hidden_layers} layers, "
              f"{cfg.num_attention_heads} heads, kv_lora_rank {cfg.kv_lora_rank}, random weights)", "",
              "One jitted decode step (all layers, MoE and head included) at a given number of cached tokens; "
@@ -327,6 +392,16 @@ def main(argv=None) -> dict:
         lines.append(f"| {r['model']} | {r['prompts']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
                      f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['plain_forwards']} / "
                      f"{r['spec_forwards']} | {r['speedup']:.2f}x |")
+    if batch_rows:
+        lines += ["", f"## Plain and speculative greedy decoding by batch ({label}, {args.new_tokens} new tokens per "
+                  "row, validation-text prompts, one request per batch; after a warm-up, "
+                  f"{args.repeats} rounds, plain and speculative alternating; median decode tokens/s over all rows "
+                  "and the median of the per-round ratios; identical outputs checked)", "",
+                  "| batch | plain tok/s | speculative tok/s | acceptance | tokens per main forward | speculative / plain |",
+                  "|---|---|---|---|---|---|"]
+        for r in batch_rows:
+            lines.append(f"| {r['batch']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
+                         f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
     if note:
         lines += ["", f"Note: {note}."]
     if label != f"random {args.spec_preset}" and scfg.vocab_size == 256:
@@ -337,7 +412,7 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    plot(args.out, args.preset, contexts, rows, spec_rows)
+    plot(args.out, args.preset, contexts, rows, spec_rows, batch_rows)
 
     main_row = spec_rows[0]
     summary = {
@@ -353,10 +428,13 @@ def main(argv=None) -> dict:
     summary["constructed"] = {r["model"].split(",")[0]: {
         "acceptance_rate": round(r["acceptance_rate"], 3), "tokens_per_forward": round(r["tokens_per_forward"], 3),
         "speculative_speedup": round(r["speedup"], 3)} for r in spec_rows[1:]}
+    summary["batches"] = {str(r["batch"]): {k: round(r[k], 3) for k in (
+        "plain_tokens_per_s", "spec_tokens_per_s", "acceptance_rate", "speedup")} for r in batch_rows}
     if note:
         summary["note"] = note
     with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
-        json.dump({"summary": summary, "decode": rows, "speculative": spec_rows}, f, indent=2)
+        json.dump({"summary": summary, "decode": rows, "speculative": spec_rows, "batches": batch_rows}, f,
+                  indent=2)
     print("\n".join(lines))
     print(json.dumps(summary))
     return summary

@@ -3,8 +3,8 @@ change to the model or to dsv3_jax/infer does not slow decoding down.
 
 Each round runs one child process per tree (`PYTHONPATH=<tree>`, so each child imports that tree's dsv3_jax),
 the trees alternating. A child measures, after compiling (the first call's seconds are kept as compile time):
-  * the small preset (random weights, fp32, batch 1): one absorbed decode step (`jit_decode_step`) at 1024 and
-    4096 cached tokens, the median (and min) over 7 runs of 5 steps;
+  * the small preset (random weights, fp32, batch 1): one absorbed decode step (`jit_decode_step`) at 1024,
+    2048 and 4096 cached tokens, the median (and min) over 7 runs of 5 steps;
   * the tiny preset (random weights): `generate` of 128 new tokens, plain and speculative, at batch 1 and 8,
     the median (and max) decode tokens/s (stats['tokens_per_s']) over 5 requests.
 The report gives each tree's median over the rounds and the median of the per-round ratios to the first tree.
@@ -31,7 +31,7 @@ import sys
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-CONTEXTS = (1024, 4096)
+CONTEXTS = (1024, 2048, 4096)
 BATCHES = (1, 8)
 PROMPT = b"The model was trained on a small corpus of text, and "
 

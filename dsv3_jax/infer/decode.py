@@ -50,15 +50,23 @@ def _apply(cfg: ModelConfig, params: dict, router_state: dict, method, *args):
 STACK_CACHES = {"dense_layers": "dense", "moe_layers": "moe"}     # model stack name -> KVCache field
 
 
-def _context(layers: LayerCache, read_cache: bool, absorbed: bool, layer: Optional[int] = None) -> LatentContext:
-    """The model's view of a cache: the stacked arrays (or one layer of them), unread when read_cache=False."""
-    c_kv, k_pe = (layers.c_kv, layers.k_pe) if layer is None else (layers.c_kv[layer], layers.k_pe[layer])
-    return LatentContext(c_kv if read_cache else None, k_pe if read_cache else None, dtype=layers.c_kv.dtype,
-                         absorbed=absorbed)
+def _context(layers: LayerCache, read_cache: bool, absorbed: bool) -> LatentContext:
+    """The model's view of a stack's cache. Reading it (decoding), the context carries a layer index and the
+    model writes the new latents into the stacked arrays in place (`MLA.attend_in_place`); not reading it
+    (prefill), the model returns the new latents and `LayerCache.write` stores them."""
+    if not read_cache:
+        return LatentContext(None, None, dtype=layers.c_kv.dtype, absorbed=absorbed)
+    return LatentContext(layers.c_kv, layers.k_pe, dtype=layers.c_kv.dtype, absorbed=absorbed,
+                         layer=jnp.zeros((), jnp.int32))
 
 
-def _write_slots(positions, key_valid):
-    return positions if key_valid is None else jnp.where(key_valid, positions, -1)
+def _written(layers: LayerCache, new, positions, key_valid) -> LayerCache:
+    """The cache after a forward: the context written in place, or the returned latents stored at slots
+    `positions` (invalid keys dropped)."""
+    if isinstance(new, LatentContext):
+        return LayerCache(new.c_kv, new.k_pe).constrain()
+    slots = positions if key_valid is None else jnp.where(key_valid, positions, -1)
+    return layers.write(*new, slots)
 
 
 def forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, tokens: jax.Array,
@@ -69,8 +77,8 @@ def forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, 
     stacks = {name: getattr(cache, field) for name, field in STACK_CACHES.items() if getattr(cache, field) is not None}
     contexts = {name: _context(layers, read_cache, absorbed) for name, layers in stacks.items()}
     h0, _, _, latents = _apply(cfg, params, router_state, Transformer.trunk, tokens, positions, key_valid, contexts)
-    slots = _write_slots(positions, key_valid)
-    return h0, cache.replace(**{STACK_CACHES[name]: stacks[name].write(*latents[name], slots) for name in stacks})
+    return h0, cache.replace(**{STACK_CACHES[name]: _written(stacks[name], latents[name], positions, key_valid)
+                                for name in stacks})
 
 
 def main_logits(cfg: ModelConfig, params: dict, h0: jax.Array) -> jax.Array:
@@ -84,9 +92,10 @@ def mtp_forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCac
     """MTP module k (0-based) at positions [B,T] over its own cache (`Transformer.mtp_depth`): returns
     (logits [B,T,X], h^{k+1}, cache with the new latents written)."""
     layer = cache.mtp[k]
-    logits, h, _, (c_kv, k_pe) = _apply(cfg, params, router_state, Transformer.mtp_depth, k, h_prev, next_tokens,
-                                        positions, key_valid, _context(layer, read_cache, absorbed, layer=0))
-    layer = layer.write(c_kv[None], k_pe[None], _write_slots(positions, key_valid))
+    logits, h, _, new = _apply(cfg, params, router_state, Transformer.mtp_depth, k, h_prev, next_tokens,
+                               positions, key_valid, _context(layer, read_cache, absorbed))
+    layer = _written(layer, new if isinstance(new, LatentContext) else (new[0][None], new[1][None]), positions,
+                     key_valid)
     return logits, h, cache.replace(mtp=tuple(layer if i == k else c for i, c in enumerate(cache.mtp)))
 
 

@@ -34,11 +34,15 @@ class LatentContext:
     slots below its first new position. None: nothing cached is read (prefill).
     dtype: the cache's storage dtype. The new latents are rounded to it before the new tokens attend to them,
     exactly as later tokens will see them, so results do not depend on how tokens are grouped into steps.
-    absorbed: the form of `MLA.cached_attention`."""
+    absorbed: the form of `MLA.cached_attention`.
+    layer: None, or (decoding in place) a traced int32 scalar: c_kv [L,B,S,C] / k_pe [L,B,S,R] are then a
+    whole stack's cache, and the MLA of layer `layer` writes its new latents into it before attending over
+    that layer's slots (see `MLA.attend_in_place`)."""
     c_kv: Optional[jax.Array]
     k_pe: Optional[jax.Array]
     dtype: Any = struct.field(pytree_node=False)
     absorbed: bool = struct.field(pytree_node=False, default=True)
+    layer: Optional[jax.Array] = None
 
 
 def causal_mask(positions: jax.Array, key_valid: Optional[jax.Array]) -> jax.Array:
@@ -124,12 +128,35 @@ class MLA(nn.Module):
         context (slots before each row's first new position) and the new tokens in one softmax."""
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         c_kv, k_pe = c_kv.astype(cache.dtype), k_pe.astype(cache.dtype)
+        if cache.layer is not None:
+            return self.attend_in_place(q_nope, q_pe, c_kv, k_pe, positions, kv_mask, cache)
         blocks = [(c_kv, k_pe, causal_mask(positions, kv_mask))]
         if cache.c_kv is not None:
             (b, t), s = positions.shape, cache.c_kv.shape[1]
             before = jnp.arange(s, dtype=positions.dtype)[None, None, :] < positions[:, :1, None]
             blocks.insert(0, (cache.c_kv, cache.k_pe, jnp.broadcast_to(before, (b, t, s))))
         return self.cached_attention(q_nope, q_pe, blocks, cache.absorbed), (c_kv, k_pe)
+
+    def attend_in_place(self, q_nope, q_pe, c_kv, k_pe, positions, kv_mask, cache: LatentContext):
+        """Decoding without cache copies: scatter the new latents c_kv [B,T,C] / k_pe [B,T,R] into layer
+        `cache.layer` of the stacked cache at slots `positions` (keys with kv_mask False are not written), then
+        attend over that layer's slots as one block: row b's query at position p sees slot s iff s is before
+        the row's first new position, or s <= p holds a new valid key. Writing before reading leaves XLA no
+        old cache value to keep alive, so the update happens in the buffer itself. Returns (out [B,T,D], the
+        context with the written cache and `layer + 1`)."""
+        (b, t), s = positions.shape, cache.c_kv.shape[2]
+        valid = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
+        slots = jnp.where(valid & (positions >= 0) & (positions < s), positions, s)    # s: dropped
+        rows = jnp.arange(b)[:, None]
+        c_all = cache.c_kv.at[cache.layer, rows, slots].set(c_kv, mode="drop")          # [L,B,S,C]
+        k_all = cache.k_pe.at[cache.layer, rows, slots].set(k_pe, mode="drop")          # [L,B,S,R]
+        key = jnp.arange(s, dtype=positions.dtype)
+        written = ((slots[:, :, None] == key) & valid[:, :, None]).any(1)               # [B,S]
+        mask = ((key[None, None, :] < positions[:, :1, None])
+                | (written[:, None, :] & (key[None, None, :] <= positions[:, :, None])))  # [B,T,S]
+        block = (c_all[cache.layer], k_all[cache.layer], mask)
+        out = self.cached_attention(q_nope, q_pe, [block], cache.absorbed)
+        return out, cache.replace(c_kv=c_all, k_pe=k_all, layer=cache.layer + 1)
 
     def cached_attention(self, q_nope: jax.Array, q_pe: jax.Array, blocks, absorbed: bool = True) -> jax.Array:
         """Attention of new queries over latent keys held in one or more blocks; returns [B,T,D] after o_proj.

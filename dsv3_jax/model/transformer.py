@@ -58,13 +58,18 @@ class DecoderBlock(nn.Module):
     """Pre-norm residual block: h + MLA(norm(h)), then h + FFN(norm(h)) with FFN dense or MoE.
 
     Returns (h, (stats, latents)): the MoE statistics (None for a dense FFN) and, when decoding with a
-    `LatentContext` `cache`, the new tokens' latents (c_kv, k_pe) for the cache (None otherwise)."""
+    `LatentContext` `cache`, the new tokens' latents (c_kv, k_pe) for the cache (None otherwise).
+    Decoding in place (`cache.layer` set), h is the scan carry (h [B,T,D], the stack's `LatentContext`) and so
+    is the first returned value: the cache is written layer by layer inside the scan (latents None)."""
     cfg: ModelConfig
     moe: bool
 
     @nn.compact
     def __call__(self, h, cos, sin, positions, kv_mask, cache: Optional[LatentContext] = None):
         cfg = self.cfg
+        in_place = isinstance(h, tuple)
+        if in_place:
+            h, cache = h
         h = checkpoint_name(h, "layer_input")
         a = MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(h), cos, sin, positions, kv_mask, cache)
         a, latents = a if cache is not None else (a, None)
@@ -76,7 +81,7 @@ class DecoderBlock(nn.Module):
             y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(z), None
         y = checkpoint_name(y, "ffn_out")
         h = constrain(h + y, ("batch", "length", "act_embed"))
-        return h, (stats, latents)
+        return ((h, latents), (stats, None)) if in_place else (h, (stats, latents))
 
 
 def block_class(cfg: ModelConfig):
@@ -86,9 +91,12 @@ def block_class(cfg: ModelConfig):
 
 
 class Stack(nn.Module):
-    """`length` DecoderBlocks under nn.scan: one compiled body whatever the depth. A decoding `cache`
-    (a `LatentContext` with a leading layer axis) is scanned with the layers; returns (h, stats [L,...] or
-    None, new latents [L,B,T,*] or None)."""
+    """`length` DecoderBlocks under nn.scan: one compiled body whatever the depth. A decoding `cache` (a
+    `LatentContext` with a leading layer axis) is scanned with the layers, or, with `cache.layer` set, carried
+    through them and written in place. Decoding always runs the layers as a rolled loop: unrolled, each
+    layer's static slice of the stacked weights is copied at every step, rolled the dynamic slice is read in
+    place (experiments/results/bench_decode.md); returns (h, stats [L,...] or None, new latents [L,B,T,*], the written
+    `LatentContext`, or None)."""
     cfg: ModelConfig
     moe: bool
     length: int
@@ -101,9 +109,13 @@ class Stack(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 4 + (0,),
             length=self.length,
-            unroll=min(self.cfg.scan_unroll, self.length),
+            unroll=1 if cache is not None else min(self.cfg.scan_unroll, self.length),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
+        if cache is not None and cache.layer is not None:
+            (h, cache), (stats, _) = scanned(self.cfg, self.moe, name="layers")(
+                (h, cache.replace(layer=jnp.zeros((), jnp.int32))), cos, sin, positions, kv_mask, None)
+            return h, stats, cache
         h, (stats, latents) = scanned(self.cfg, self.moe, name="layers")(h, cos, sin, positions, kv_mask, cache)
         return h, stats, latents
 
@@ -169,7 +181,8 @@ class Transformer(nn.Module):
         """Embedding and every main block: returns (h^0 [B,T,D], stats, (cos, sin, positions), latents).
 
         caches: None (training), or for decoding {stack name: LatentContext with a leading layer axis};
-        latents then holds each stack's new (c_kv [L,B,T,C], k_pe [L,B,T,R]) ({} without caches)."""
+        latents then holds each stack's new (c_kv [L,B,T,C], k_pe [L,B,T,R]), or, in place (`layer` set), its
+        written `LatentContext` ({} without caches)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
