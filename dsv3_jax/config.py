@@ -83,6 +83,9 @@ class ModelConfig:
     # Expert-parallel receiver: one rematerialised kernel pass per slot, [rows, D] buffers instead of
     # [rows * slots, D] (model/expert_parallel.py, _slot_passes); the per-layer working set of big models.
     moe_slot_passes: bool = False
+    # Plain core, causal by index (default positions, no key mask): query rows per block, each block against
+    # only the keys up to its end, so the masked blocks above the diagonal are never computed; 0: one block.
+    attention_causal_block: int = 128
 
     def __post_init__(self):
         if isinstance(self.moe_capacity_fractions, list):          # from JSON
@@ -210,6 +213,8 @@ def validate(c: ModelConfig) -> None:
         _fail("attention_impl", f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}", "pick one of those")
     if c.attention_block < 1:
         _fail("attention_block", "must be >= 1", "use 512")
+    if c.attention_causal_block < 0:
+        _fail("attention_causal_block", "must be >= 0", "use 128, or 0 for one block")
     if c.tie_word_embeddings:
         _fail("tie_word_embeddings", "DeepSeek-V3 unties the head from the embedding", "set it to False")
 
@@ -256,7 +261,7 @@ def get_preset(name: str) -> ModelConfig:
 _HF_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
               if f.name not in ("dtype", "param_dtype", "moe_impl", "moe_block_size", "moe_capacity_fractions",
                                 "remat_policy", "scan_unroll", "attention_impl", "attention_block",
-                                "rope_scaling", "moe_slot_passes")]
+                                 "attention_causal_block", "rope_scaling", "moe_slot_passes")]
 
 
 # config.json keys that carry no model math (file metadata, generation defaults, parallelism hints, the

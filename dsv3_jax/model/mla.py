@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
@@ -101,11 +102,17 @@ class MLA(nn.Module):
 
         With `cache` (prefill and decoding): the new tokens x at `positions` attend to the cached context
         and, causally, to themselves (kv_mask [B,T]: which new tokens are valid keys). Returns
-        (out [B,T,D], (c_kv [B,T,C], k_pe [B,T,R])): the new latents, for the caller to write."""
+        (out [B,T,D], (c_kv [B,T,C], k_pe [B,T,R])): the new latents, for the caller to write.
+        positions None (training, no cache): the default positions 0..T-1 of every row."""
         if cache is not None:
             return self.attend_cached(x, cos, sin, positions, kv_mask, cache)
         c = self.cfg
         dt = dtype_of(c.dtype)
+        # positions None: the default 0..T-1 of every row (Transformer.trunk); without a key mask as well,
+        # causality is by index and the plain core can skip the blocks above the diagonal.
+        index_causal = positions is None and kv_mask is None
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         # Heads-major [B,H,T,*] operands for the two attention matmuls: with [B,T,H,*] operands XLA:CPU picks
         # a transposed layout for the probs x values product that runs several times slower.
@@ -117,9 +124,12 @@ class MLA(nn.Module):
         q = jnp.swapaxes(q, 1, 2)                                                        # [B,H,T,K]
         k_pe = jnp.broadcast_to(k_pe[:, None].astype(k_nope.dtype), k_nope.shape[:3] + k_pe.shape[-1:])
         k = jnp.concatenate([k_nope, k_pe], -1)                                          # [B,H,S,K]
-        o = (attention_core(q, k, v, causal_mask(positions, kv_mask)[:, None])               # [B,H,T,V]
-             if c.attention_impl == "plain" else
-             blocked_attention(q, k, v, positions, positions, kv_mask, c.attention_block, c.attention_block))
+        if c.attention_impl == "blocked":
+            o = blocked_attention(q, k, v, positions, positions, kv_mask, c.attention_block, c.attention_block)
+        elif index_causal:
+            o = causal_attention_core(q, k, v, c.attention_causal_block)                   # [B,H,T,V]
+        else:
+            o = attention_core(q, k, v, causal_mask(positions, kv_mask)[:, None])          # [B,H,T,V]
         o = checkpoint_name(o, "attn_core")                      # names: model/transformer.py REMAT_POLICIES
         return checkpoint_name(self.output(jnp.swapaxes(o, 1, 2)), "attn_out")
 
@@ -247,6 +257,23 @@ def _attention_core_bwd(res, do):
 
 
 attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+def causal_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    """`attention_core` for attention causal by index (query t sees keys 0..t: default positions, no key
+    mask), one block of `block` query rows at a time against only the keys up to the block's end: the
+    blocks above the diagonal, all masked, are never computed nor kept for the backward. q [B,H,T,K],
+    k [B,H,T,K], v [B,H,T,V] -> [B,H,T,V]. block 0 (or >= T): one block, i.e. `attention_core` itself.
+    Every row's softmax runs over exactly the keys the full form leaves unmasked; only the summation
+    order of the skipped zeros differs (why block 128: experiments/results/train_speed.md)."""
+    t = q.shape[2]
+    block = t if block <= 0 else min(block, t)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        mask = np.tril(np.ones((end - start, end), bool), start)[None, None]     # [1,1,rows,end]: s <= t
+        outs.append(attention_core(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 def attention_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

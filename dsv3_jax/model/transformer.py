@@ -184,8 +184,11 @@ class Transformer(nn.Module):
         latents then holds each stack's new (c_kv [L,B,T,C], k_pe [L,B,T,R]), or, in place (`layer` set), its
         written `LatentContext` ({} without caches)."""
         b, t = tokens.shape
+        # The blocks get None for default positions (MLA then knows causality is by index).
+        block_positions = positions
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            block_positions = None if caches is None else positions
         cos, sin = rope_angles(self.cfg, positions)
         h = self.embed(tokens)
         stats: dict[str, Any] = {}
@@ -193,7 +196,7 @@ class Transformer(nn.Module):
         depths = {"dense_layers": self.cfg.num_dense_layers, "moe_layers": self.cfg.num_moe_layers}
         for name in (n for n in STACKS if depths[n]):
             cache = None if caches is None else caches[name]
-            h, stack_stats, new = getattr(self, name)(h, cos, sin, positions, kv_mask, cache)
+            h, stack_stats, new = getattr(self, name)(h, cos, sin, block_positions, kv_mask, cache)
             if stack_stats is not None:
                 stats[name] = stack_stats
             if new is not None:
@@ -202,8 +205,9 @@ class Transformer(nn.Module):
 
     def mtp_depth(self, k: int, h_prev, next_tokens, positions, kv_mask=None, cache: Optional[LatentContext] = None,
                   rope=None):
-        """MTP module k (0-based) on h^k [B,T,D] and the tokens one further ahead [B,T] at positions [B,T]:
-        returns (logits [B,T,X] through the shared head, h^{k+1}, stats, new latents or None)."""
+        """MTP module k (0-based) on h^k [B,T,D] and the tokens one further ahead [B,T] at positions [B,T]
+        (None: the default 0..T-1, with `rope` given): returns (logits [B,T,X] through the shared head,
+        h^{k+1}, stats, new latents or None)."""
         cos, sin = rope if rope is not None else rope_angles(self.cfg, positions)
         h, h_normed, stats, latents = self.mtp[k](h_prev, self.embed(next_tokens), cos, sin, positions, kv_mask,
                                                   cache)
@@ -213,7 +217,7 @@ class Transformer(nn.Module):
                  kv_mask: Optional[jax.Array] = None, *, mtp: bool = True) -> ModelOutput:
         """tokens [B,T] int32. positions [B,T] (default 0..T-1); kv_mask [B,T] marks real (non-pad) tokens.
         mtp=False skips the MTP chain (its logits come back empty)."""
-        h0, stats, (cos, sin, positions), _ = self.trunk(tokens, positions, kv_mask)
+        h0, stats, (cos, sin, _), _ = self.trunk(tokens, positions, kv_mask)
         logits = self.main_logits(h0)
         mtp_logits = []
         h = h0

@@ -1,0 +1,56 @@
+"""A/B of train-step variants given as config overrides, alternating in one process (so every variant sees
+the same machine state), on the bench preset's one-device step of experiments/bench_train.py.
+
+    python experiments/train_ab.py [--preset bench] [--rounds 3] [--steps 4] [--mtp both|on|off]
+        NAME=OVERRIDE[,OVERRIDE...] ...      e.g. "no skip=model.attention_causal_block=0" "default="
+
+The first variant is the baseline. Each round times every variant (median of --steps steps after a
+warm-up step); the table gives per-variant medians over rounds and the median over rounds of the per-round
+ratio baseline time / variant time. Results of these runs: experiments/results/train_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from bench_train import make_runner  # noqa: E402  (sets JAX_PLATFORMS=cpu unless set)
+from dsv3_jax.config import run_preset
+
+
+def parse_variant(text: str):
+    name, _, overrides = text.partition("=")
+    return name, [o for o in overrides.split(",") if o]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--mtp", choices=("both", "on", "off"), default="both")
+    p.add_argument("variants", nargs="+", help="NAME=OVERRIDE[,OVERRIDE...]; the first is the baseline")
+    args = p.parse_args()
+    base = run_preset(args.preset)
+    tokens = base.train.global_batch_size * base.train.seq_len
+    runs = {}
+    for mtp in (("on", "off") if args.mtp == "both" else (args.mtp,)):
+        for text in args.variants:
+            name, overrides = parse_variant(text)
+            extra = [] if mtp == "on" else ["model.num_nextn_predict_layers=0"]
+            runs[(mtp, name)] = make_runner(base.override(overrides + extra))
+    times = {key: [] for key in runs}
+    for r in range(args.rounds):
+        for key, run in runs.items():
+            times[key].append(run(args.steps))
+        print(f"round {r + 1}: " + ", ".join(f"{m}/{n} {tokens / times[(m, n)][-1]:.0f} tok/s" for m, n in runs),
+              flush=True)
+    print("| MTP | variant | tok/s (median) | vs first (median of per-round ratios) |\n|---|---|---|---|")
+    for (mtp, name), ts in times.items():
+        first = times[(mtp, parse_variant(args.variants[0])[0])]
+        ratio = statistics.median(b / t for b, t in zip(first, ts))
+        print(f"| {mtp} | {name} | {tokens / statistics.median(ts):.0f} | {ratio:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
