@@ -7,7 +7,8 @@ acceptance a, a step emits 1 + a tokens, so against plain decoding
     speed-up = (1 + a) * c1 / (c2 + cm + overhead)  <=  (1 + a) / (c2/c1 + cm/c1)
 
 where c1 / c2 are the device times of a one- / two-token main-model pass (head included) and cm that of the
-two-position MTP pass. This script measures c1, c2 and cm on the device (N passes inside one `lax.fori_loop`,
+MTP draft pass (two positions write their latents, the last one alone runs attention, FFN and head, as
+speculative.py drafts). This script measures c1, c2 and cm on the device (N passes inside one `lax.fori_loop`,
 one host round trip, `block_until_ready`, after compiling; the passes alternate over several repeats; medians),
 at batch 1 and batch 8, and prints the bound at the measured acceptance and at a = 1.
 
@@ -53,7 +54,8 @@ def pass_fn(cfg, kind: str, batch: int, tokens: int, n: int):
                 logits = main_logits(cfg, params, h0)
             else:
                 h = jnp.broadcast_to(params["embedding"][tok], tok.shape + (cfg.hidden_size,))
-                logits, _, cache = mtp_forward(cfg, params, rs, cache, h, tok, pos, k=0)
+                logits, _, cache = mtp_forward(cfg, params, rs, cache, h, tok, pos, k=0, outputs_from=tokens - 1)
+                logits = jnp.concatenate([logits] * tokens, axis=1)             # same shape as the main pass
             return cache, jnp.argmax(logits, -1).astype(jnp.int32)
         return jax.lax.fori_loop(0, n, body, (cache, jnp.zeros((batch, tokens), jnp.int32)))[1]
     return jax.jit(fn)
@@ -160,7 +162,7 @@ def main(argv=None) -> dict:
              f"{args.repeats} alternating repeats), {CONTEXT} cached tokens.", "",
              f"Bound = (1 + a) / (c2/c1 + cm/c1), the speed-up over plain decoding of a speculative step that costs "
              f"only its two passes; a = {args.acceptance} (measured by bench_decode) and a = 1.", "",
-             "| batch | main, 1 token (c1) | main, 2 tokens (c2) | MTP, 2 positions (cm) | c2/c1 | cm/c1 | "
+             "| batch | main, 1 token (c1) | main, 2 tokens (c2) | MTP draft, 2 positions (cm) | c2/c1 | cm/c1 | "
              f"bound at a={args.acceptance} | bound at a=1 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['main_1']:.0f} | {r['main_2']:.0f} | {r['mtp_2']:.0f} | {r['c2_over_c1']:.2f} | "

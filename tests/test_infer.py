@@ -295,3 +295,24 @@ def test_cache_bytes_per_token_per_layer():
     shapes = jax.eval_shape(lambda: init_cache(v3, 1, 4096, jnp.bfloat16, mtp=False))   # nothing allocated
     assert bytes_per_token_per_layer(shapes) == 1152
     assert round(65536 / bytes_per_token_per_layer(shapes), 1) == 56.9
+
+
+# 8. The compiled decode step never copies a whole stacked cache ------------------------------------------------
+
+def test_decode_step_writes_the_cache_in_place():
+    """The stacked latent cache rides the layer scan and each layer scatters into it before attending
+    (MLA.attend_in_place): the compiled step (from shapes, nothing run) has no copy of a whole stack's cache.
+    Reading the cache as a scanned input and writing the latents after the scan made XLA copy every stack
+    twice per step."""
+    import re
+    params, rs = split_variables(jax.eval_shape(lambda: Transformer(CFG_A).init(jax.random.PRNGKey(0),
+                                                                                jnp.zeros((1, 1), jnp.int32))))
+    cache = jax.eval_shape(lambda: init_cache(CFG_A, 2, MAX_LEN, mtp=False))
+    i32 = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+    hlo = jit_decode_step(CFG_A, True).lower(params, rs, cache, i32, i32).compile().as_text()
+    stacked = {f"f32[{','.join(map(str, a.shape))}]" for layers in cache.main_layers() for a in (layers.c_kv, layers.k_pe)}
+    copies = [line.strip() for line in hlo.splitlines()
+              if re.search(r"=\s*(f32\[[0-9,]+\])\S*\s+copy\(", line)
+              and re.search(r"=\s*(f32\[[0-9,]+\])", line).group(1) in stacked]
+    assert not copies, copies[:4]
+    assert any("scatter" in line for line in hlo.splitlines())        # the writes are in the program

@@ -9,8 +9,10 @@ attention, so stale entries (prompt padding, rejected speculative drafts) never 
 overwritten by the next write to that slot.
 
 Main layers are stacked with a leading layer axis, like the scanned params (`params['dense_layers']['layers']`,
-`params['moe_layers']['layers']`), so decoding scans the params and the cache together. Each MTP module has
-its own cache (leading axis of size 1), used by self-speculative decoding.
+`params['moe_layers']['layers']`): a decode step carries a stack's cache through the layer scan and each layer
+writes its new entries into it in place before reading its own slots (`MLA.attend_in_place`); a prefill
+stores the returned latents with `LayerCache.write`. Each MTP module has its own cache (leading axis of size
+1), used by self-speculative decoding.
 
 Logical axis names (for `dsv3_jax.sharding.logical_rules`, which maps 'batch' -> ('data', 'expert') and
 replicates the rest): `C_KV_AXES` for `c_kv`, `K_PE_AXES` for `k_pe`.

@@ -50,14 +50,14 @@ def _apply(cfg: ModelConfig, params: dict, router_state: dict, method, *args):
 STACK_CACHES = {"dense_layers": "dense", "moe_layers": "moe"}     # model stack name -> KVCache field
 
 
-def _context(layers: LayerCache, read_cache: bool, absorbed: bool) -> LatentContext:
+def _context(layers: LayerCache, read_cache: bool, absorbed: bool, outputs_from: int = 0) -> LatentContext:
     """The model's view of a stack's cache. Reading it (decoding), the context carries a layer index and the
     model writes the new latents into the stacked arrays in place (`MLA.attend_in_place`); not reading it
     (prefill), the model returns the new latents and `LayerCache.write` stores them."""
     if not read_cache:
         return LatentContext(None, None, dtype=layers.c_kv.dtype, absorbed=absorbed)
     return LatentContext(layers.c_kv, layers.k_pe, dtype=layers.c_kv.dtype, absorbed=absorbed,
-                         layer=jnp.zeros((), jnp.int32))
+                         layer=jnp.zeros((), jnp.int32), outputs_from=outputs_from)
 
 
 def _written(layers: LayerCache, new, positions, key_valid) -> LayerCache:
@@ -88,12 +88,13 @@ def main_logits(cfg: ModelConfig, params: dict, h0: jax.Array) -> jax.Array:
 
 def mtp_forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, h_prev: jax.Array,
                 next_tokens: jax.Array, positions: jax.Array, *, k: int = 0, read_cache: bool = True,
-                absorbed: bool = True, key_valid: Optional[jax.Array] = None):
+                absorbed: bool = True, key_valid: Optional[jax.Array] = None, outputs_from: int = 0):
     """MTP module k (0-based) at positions [B,T] over its own cache (`Transformer.mtp_depth`): returns
-    (logits [B,T,X], h^{k+1}, cache with the new latents written)."""
+    (logits [B,T-q,X], h^{k+1} [B,T-q,D], cache with the new latents written), q = outputs_from: positions
+    before it only write their latents (reading the cache only)."""
     layer = cache.mtp[k]
     logits, h, _, new = _apply(cfg, params, router_state, Transformer.mtp_depth, k, h_prev, next_tokens,
-                               positions, key_valid, _context(layer, read_cache, absorbed))
+                               positions, key_valid, _context(layer, read_cache, absorbed, outputs_from))
     layer = _written(layer, new if isinstance(new, LatentContext) else (new[0][None], new[1][None]), positions,
                      key_valid)
     return logits, h, cache.replace(mtp=tuple(layer if i == k else c for i, c in enumerate(cache.mtp)))

@@ -10,7 +10,8 @@ One step:
      (h^0_{L-2}, Emb(t_{L-1})) and (h^0_{L-1}, Emb(t_L)), attending over its own cache; the second output
      predicts t_{L+1}: the draft d. (Position L-2 is recomputed when the previous draft was rejected: same
      inputs, same entry; it is new when the previous draft was accepted. Always two positions keeps the shapes
-     static. When L-2 < 0 the first member is a dummy: masked and not written.)
+     static. When L-2 < 0 the first member is a dummy: masked and not written. Position L-2 only writes its
+     latent: attention, FFN and head run for L-1 alone.)
   2. Verify. The main model runs [t_L, d] at positions (L, L+1) in one absorbed decode step of two tokens,
      causal between them: logits at L give the target p1 for t_{L+1}, logits at L+1 give p2 for t_{L+2}.
   3. Accept or reject. Greedy: accept iff argmax p1 == d; sampling: accept with probability min(1, p1(d)/q(d))
@@ -76,8 +77,8 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
     q_logits, _, cache = mtp_forward(cfg, params, router_state, cache,
                                      jnp.stack([st.h_prev, st.h_last], axis=1),
                                      jnp.stack([st.tok_prev, st.tok_pend], axis=1),
-                                     pair_pos, k=0, key_valid=pair_pos >= 0)
-    q_logits = q_logits[:, 1].astype(jnp.float32)
+                                     pair_pos, k=0, key_valid=pair_pos >= 0, outputs_from=1)
+    q_logits = q_logits[:, 0].astype(jnp.float32)                                      # position L-1 only
     draft = sample(q_logits, k_draft, temperature, top_p)
     # 2. Verify [t_L, draft] at (L, L+1) in one main forward of two tokens.
     ver_pos = jnp.stack([st.length, st.length + 1], axis=1)

@@ -38,12 +38,16 @@ class LatentContext:
     absorbed: the form of `MLA.cached_attention`.
     layer: None, or (decoding in place) a traced int32 scalar: c_kv [L,B,S,C] / k_pe [L,B,S,R] are then a
     whole stack's cache, and the MLA of layer `layer` writes its new latents into it before attending over
-    that layer's slots (see `MLA.attend_in_place`)."""
+    that layer's slots (see `MLA.attend_in_place`).
+    outputs_from: in place, new tokens before this index only write their latents (keys for the later ones):
+    attention, and the block after it, run for new tokens [outputs_from:] only (the speculative draft needs
+    the MTP output of its last position alone)."""
     c_kv: Optional[jax.Array]
     k_pe: Optional[jax.Array]
     dtype: Any = struct.field(pytree_node=False)
     absorbed: bool = struct.field(pytree_node=False, default=True)
     layer: Optional[jax.Array] = None
+    outputs_from: int = struct.field(pytree_node=False, default=0)
 
 
 def causal_mask(positions: jax.Array, key_valid: Optional[jax.Array]) -> jax.Array:
@@ -153,7 +157,7 @@ class MLA(nn.Module):
         attend over that layer's slots as one block: row b's query at position p sees slot s iff s is before
         the row's first new position, or s <= p holds a new valid key. Writing before reading leaves XLA no
         old cache value to keep alive, so the update happens in the buffer itself. Returns (out [B,T,D], the
-        context with the written cache and `layer + 1`)."""
+        context with the written cache and `layer + 1`); out covers new tokens [cache.outputs_from:]."""
         (b, t), s = positions.shape, cache.c_kv.shape[2]
         valid = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
         slots = jnp.where(valid & (positions >= 0) & (positions < s), positions, s)    # s: dropped
@@ -164,8 +168,9 @@ class MLA(nn.Module):
         written = ((slots[:, :, None] == key) & valid[:, :, None]).any(1)               # [B,S]
         mask = ((key[None, None, :] < positions[:, :1, None])
                 | (written[:, None, :] & (key[None, None, :] <= positions[:, :, None])))  # [B,T,S]
-        block = (c_all[cache.layer], k_all[cache.layer], mask)
-        out = self.cached_attention(q_nope, q_pe, [block], cache.absorbed)
+        q = cache.outputs_from
+        block = (c_all[cache.layer], k_all[cache.layer], mask[:, q:])
+        out = self.cached_attention(q_nope[:, q:], q_pe[:, q:], [block], cache.absorbed)   # [B,T-q,D]
         return out, cache.replace(c_kv=c_all, k_pe=k_all, layer=cache.layer + 1)
 
     def cached_attention(self, q_nope: jax.Array, q_pe: jax.Array, blocks, absorbed: bool = True) -> jax.Array:

@@ -60,7 +60,8 @@ class DecoderBlock(nn.Module):
     Returns (h, (stats, latents)): the MoE statistics (None for a dense FFN) and, when decoding with a
     `LatentContext` `cache`, the new tokens' latents (c_kv, k_pe) for the cache (None otherwise).
     Decoding in place (`cache.layer` set), h is the scan carry (h [B,T,D], the stack's `LatentContext`) and so
-    is the first returned value: the cache is written layer by layer inside the scan (latents None)."""
+    is the first returned value: the cache is written layer by layer inside the scan (latents None). With
+    `cache.outputs_from` q, the block's output covers new tokens [q:] only."""
     cfg: ModelConfig
     moe: bool
 
@@ -73,7 +74,7 @@ class DecoderBlock(nn.Module):
         h = checkpoint_name(h, "layer_input")
         a = MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(h), cos, sin, positions, kv_mask, cache)
         a, latents = a if cache is not None else (a, None)
-        h = h + a
+        h = h[:, cache.outputs_from:] + a if cache is not None and cache.layer is not None else h + a
         z = RMSNorm(cfg, name="mlp_norm")(h)
         if self.moe:
             y, stats = MoE(cfg, name="moe")(z)
