@@ -6,7 +6,8 @@ v 32, vocab 1024, MTP depth 1, batch 8 x 256 tokens.
 
 Model FLOPs per step = 3 x forward (backward = 2 x forward), forward = 2 x tokens x active matmul params
 (routed experts scaled by K/E; the embedding lookup is no matmul; the head counted once per use) plus
-attention 2 x B x T^2 x H x (qk_head_dim + v_head_dim) per layer (full T^2, as in the PaLM MFU convention).
+attention 2 x B x T^2 x H x (qk_head_dim + v_head_dim) per layer (full T^2, as in the PaLM MFU convention,
+though the causal block skip computes less: model/mla.py causal_attention_core).
 The reference is an n^3 matmul in the compute dtype (`--matmul-size`, 2048) timed in the same run; with
 `--peak-flops` (the device's dense peak for that dtype, e.g. 989e12 for an H200 in bf16) the summary also
 gives MFU = model FLOP/s / peak. Timings: warm-up, then the median of several steps, each ended by
@@ -103,7 +104,11 @@ def make_runner(rc: RunConfig):
         return m["loss"]
 
     time_fn(one, 1)                                                    # compile + warm-up
-    return lambda n: time_fn(one, n, warmup=1)
+
+    def runner(n: int) -> float:
+        return time_fn(one, n, warmup=1)
+    runner.compiled_text = lambda: step.lower(holder[0], batch).compile().as_text()   # for profile_train.py
+    return runner
 
 
 def torch_peer_tokens_per_s(path: str, steps: int) -> float:

@@ -5,14 +5,16 @@ the same machine state), on the bench preset's one-device step of experiments/be
         NAME=OVERRIDE[,OVERRIDE...] ...      e.g. "no skip=model.attention_causal_block=0" "default="
 
 The first variant is the baseline. Each round times every variant (median of --steps steps after a
-warm-up step); the table gives per-variant medians over rounds and the median over rounds of the per-round
-ratio baseline time / variant time. Results of these runs: experiments/results/train_speed.md.
+warm-up step, and the process CPU time of those steps, steadier than wall clock when other jobs share the
+cores); the table gives per-variant medians over rounds and the median over rounds of the per-round ratio
+baseline time / variant time, for both clocks. Results of these runs: experiments/results/train_speed.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 from bench_train import make_runner  # noqa: E402  (sets JAX_PLATFORMS=cpu unless set)
 from dsv3_jax.config import run_preset
@@ -40,16 +42,22 @@ def main() -> None:
             extra = [] if mtp == "on" else ["model.num_nextn_predict_layers=0"]
             runs[(mtp, name)] = make_runner(base.override(overrides + extra))
     times = {key: [] for key in runs}
+    cpu = {key: [] for key in runs}
     for r in range(args.rounds):
         for key, run in runs.items():
+            c = time.process_time()
             times[key].append(run(args.steps))
+            cpu[key].append((time.process_time() - c) / (args.steps + 1))       # + the warm-up step
         print(f"round {r + 1}: " + ", ".join(f"{m}/{n} {tokens / times[(m, n)][-1]:.0f} tok/s" for m, n in runs),
               flush=True)
-    print("| MTP | variant | tok/s (median) | vs first (median of per-round ratios) |\n|---|---|---|---|")
-    for (mtp, name), ts in times.items():
-        first = times[(mtp, parse_variant(args.variants[0])[0])]
-        ratio = statistics.median(b / t for b, t in zip(first, ts))
-        print(f"| {mtp} | {name} | {tokens / statistics.median(ts):.0f} | {ratio:.3f}x |")
+    print("| MTP | variant | tok/s (median) | vs first, wall | CPU s/step (median) | vs first, CPU |\n"
+          "|---|---|---|---|---|---|")
+    for key in runs:
+        first = (key[0], parse_variant(args.variants[0])[0])
+        ratio, cpu_ratio = (statistics.median(b / t for b, t in zip(clock[first], clock[key]))
+                            for clock in (times, cpu))
+        print(f"| {key[0]} | {key[1]} | {tokens / statistics.median(times[key]):.0f} | {ratio:.3f}x | "
+              f"{statistics.median(cpu[key]):.2f} | {cpu_ratio:.3f}x |")
 
 
 if __name__ == "__main__":
