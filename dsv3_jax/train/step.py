@@ -67,6 +67,8 @@ def make_loss_fn(model: Transformer, rc: RunConfig):
 
 
 def make_train_step(model: Transformer, rc: RunConfig, optimizer: optax.GradientTransformation) -> Callable:
+    """The jitted-to-be step. `optimizer` must be make_optimizer(rc.train), whose state it updates: the update
+    itself runs as optimizer.apply_adamw, the same math one layer at a time."""
     tc = rc.train
     grad_fn = jax.value_and_grad(make_loss_fn(model, rc), has_aux=True)
     schedule = learning_rate_schedule(tc)
