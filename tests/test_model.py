@@ -131,3 +131,45 @@ def test_attention_core_gradients_match_autodiff(padded):
     np.testing.assert_allclose(attention_core(q, kk, vv, mask), plain(q, kk, vv), rtol=1e-5, atol=1e-6)
     for a, e in zip(ours, ref):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def remat_case():
+    cfg = get_preset("tiny").replace(scan_unroll=1)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    return cfg, tokens, jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), tokens)
+
+
+def _remat_loss(case, policy):
+    cfg, tokens, variables = case
+    model = Transformer(cfg.replace(remat_policy=policy))
+    return lambda p: model.apply({**variables, "params": p}, tokens, mtp=False).logits.std()
+
+
+def test_named_remat_policies_save_what_they_name(capsys, remat_case):
+    """`paper` stacks the tagged activations per layer (the MLA down-projection output [L,B,T,Q+C+R] among
+    them; RMSNorm outputs and up-projections are recomputed, arXiv 2412.19437 section 3.2.3),
+    `offload_inputs` keeps the layer inputs in host memory, `paper_offload` both in host memory, `full`
+    neither (read from jax's list of saved residuals; tracing only)."""
+    cfg, _, variables = remat_case
+    saved = {}
+    for policy in ("full", "offload_inputs", "paper", "paper_offload"):
+        jax.ad_checkpoint.print_saved_residuals(_remat_loss(remat_case, policy), variables["params"])
+        saved[policy] = capsys.readouterr().out
+    layers, width = cfg.num_moe_layers, cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    down, inputs = f"[{layers},2,16,{width}]", f"[{layers},2,16,{cfg.hidden_size}]"
+    assert f"f32{down}" in saved["paper"] and down not in saved["full"] + saved["offload_inputs"]
+    assert f"f32<host>{inputs}" in saved["offload_inputs"] and "<host>" not in saved["full"] + saved["paper"]
+    assert f"f32<host>{inputs}" in saved["paper_offload"] and f"f32<host>{down}" in saved["paper_offload"]
+
+
+@pytest.mark.slow
+def test_named_remat_policies_keep_gradients(remat_case):
+    """`paper_offload` (named saves and host offload together) gives the gradients of no remat: the backward
+    recomputes the same ops (fp32; tolerance 1e-6 of the largest gradient)."""
+    params = remat_case[2]["params"]
+    want = jax.jit(jax.grad(_remat_loss(remat_case, "none")))(params)
+    got = jax.jit(jax.grad(_remat_loss(remat_case, "paper_offload")))(params)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
+    err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    assert err <= 1e-6 * scale, err

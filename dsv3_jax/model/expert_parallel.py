@@ -32,8 +32,11 @@ The all_to_all exchange, per device with n local tokens:
      the mesh) picks the smallest that holds it and `lax.switch` runs that branch, so traffic follows the
      routing and nothing is dropped. Transport: `jax.lax.ragged_all_to_all` on TPU/GPU (only the real rows
      move), `jax.lax.all_to_all` of the whole buffer elsewhere (XLA:CPU has no ragged_all_to_all).
-     Rows per token for each scheme: experiments/results/bench_moe.md.
-  3. The receiver runs the kernel over its E_l experts, weighting each row's slots.
+     Rows per token for each scheme: experiments/results/bench_moe.md. The backward keeps every branch's
+     buffers, and with ragged_all_to_all the ladder saves no traffic: `[1.0]` is the setting for big
+     models on TPU (experiments/results/pod_memory.md).
+  3. The receiver runs the kernel over its E_l experts, weighting each row's slots (all slots in one call,
+     or with `ModelConfig.moe_slot_passes` one rematerialised pass per slot: `_slot_passes`).
   4. One row per unit comes back the same way; each token sums its units (a gather).
 Expert counts for the bias rule come from the global routing outside this region (moe.py), so nothing here
 needs a psum for them.
@@ -159,12 +162,13 @@ class LocalExperts(NamedTuple):
 
 
 def _slot_passes(experts: LocalExperts, x, ids, w):
-    """The kernel once per slot, x [M,D], ids/w [M,slots] -> [M,D]: a kernel call over all M*slots pairs
-    sorts them into [M*slots, D] row buffers (and [M*slots, 2F]), kept for its backward, and the dropless
-    worst case of M*slots is the receiver's whole buffer times K. Pass s takes each row's slot s (rows
-    without one skip it), so the row buffers are [M, D]; the passes run in a scan whose body is
-    rematerialised, so the backward holds one pass's buffers at a time and recomputes its forward (one
-    more kernel forward per layer). The weight gradients add up over the passes in the compute dtype."""
+    """x [M,D], ids/w [M,slots] -> [M,D]: the kernel once per slot instead of once over all M*slots pairs.
+    One call sorts the pairs into [M*slots, D] row buffers (and [M*slots, 2F]) and keeps them for its
+    backward: at the dropless worst case, K times the receive buffer. Pass s takes each row's slot s (rows
+    without one skip it), so a pass's buffers are [M, D]. The passes run in a scan with a rematerialised
+    body: the backward holds one pass's buffers at a time and recomputes that pass's forward (one more
+    kernel forward per layer). Weight gradients add up over the passes in the compute dtype.
+    Measured: experiments/results/pod_memory.md."""
     e_local = experts.w1.shape[0]
 
     @jax.checkpoint
