@@ -19,16 +19,19 @@ RESULTS = os.path.join("experiments", "results")
 
 # The setups docs/scaling.md explains, per TPU generation, for the V3 model at seq 4096: expert parallelism
 # 8-wide, the rest data parallel with every parameter sharded over every axis (FSDP), bf16 compute and Adam
-# moments, blocked attention, whole-layer remat, one sequence per device per microbatch (the expert-parallel
-# buffers grow with the tokens of one microbatch). `tokens` is per device per step.
+# moments, blocked attention, whole-layer remat, one expert-parallel capacity with one kernel pass per slot
+# (experiments/results/pod_memory.md), one sequence per device per microbatch (the working set is one
+# microbatch's, so more microbatches add tokens, not memory). `tokens` is per device per step.
 RECOMMENDED = {
-    "v5p": dict(expert=8, tensor=1, tokens=16384, microbatches=4, remat="full", moments="bfloat16"),
-    "tpu7x": dict(expert=8, tensor=1, tokens=16384, microbatches=4, remat="full", moments="bfloat16"),
+    "v5p": dict(expert=8, tensor=1, tokens=49152, microbatches=12, remat="full", moments="bfloat16"),
+    "tpu7x": dict(expert=8, tensor=1, tokens=32768, microbatches=8, remat="full", moments="bfloat16"),
     "v4": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
     "v5e": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
     "v6e": dict(expert=8, tensor=1, tokens=4096, microbatches=1, remat="full", moments="bfloat16"),
 }
-BIG_MODEL_OPTIONS = ["model.moe_impl=expert_parallel", "model.dtype=bfloat16", "model.attention_impl=blocked", "mesh.zero3=true", "mesh.fsdp=true"]
+BIG_MODEL_OPTIONS = ["model.moe_impl=expert_parallel", "model.dtype=bfloat16", "model.attention_impl=blocked",
+                     "model.moe_capacity_fractions=[1.0]", "model.moe_slot_passes=true",
+                     "mesh.zero3=true", "mesh.fsdp=true"]
 
 
 def setup_overrides(rc: RunConfig, topo: Topology, expert: int, tensor: int, tokens: int, microbatches: int,
