@@ -13,12 +13,11 @@ whole state) and from this repository, `--repeats` times each, alternating, and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+from results_io import write_results  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,12 +91,7 @@ def main() -> None:
         sb = "-" if r["state_bytes"] is None else f"{r['state_bytes'] / 2 ** 20:.0f}"
         w, p = r["median_whole_mb"], r["median_params_only_mb"]
         lines.append(f"| {r['preset']} | {sb} | {w:.0f} | {p:.0f} | {w - p:.0f} | {p / w:.2f} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "generate_rss.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "generate_rss.json"), "w") as fh:
-        json.dump(rows, fh, indent=2)
-    print("\n".join(lines))
+    write_results(args.out, "generate_rss", lines, rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import numpy as np
+from results_io import write_results  # noqa: E402
 
 WORKER_ENV = "DSV3_SHARDED_LOAD_WORKER"
 
@@ -201,12 +202,7 @@ def main() -> None:
               "likely the file pages safe_open maps while it reads; for the sharded loads, one region being "
               "assembled plus allocator slack). rchar 0 for `whole`: safe_open reads through mmap. The MTP copies "
               "of embed_tokens and lm_head are not read by the sharded load."]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "hf_sharded_load.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "hf_sharded_load.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
-    print("\n".join(lines))
+    write_results(args.out, "hf_sharded_load", lines, results)
 
 
 if __name__ == "__main__":
