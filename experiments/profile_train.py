@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--preset", default="bench")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--show", action="append", default=[],
+                   help="also list the top ops of each category containing this text (repeatable)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     rc = run_preset(args.preset).override(args.overrides)
@@ -95,6 +97,11 @@ def main() -> None:
     print(f"\ntop {args.top} ops:")
     for n, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"{ms:8.1f} ms {ms / total:6.1%} {n:30s} {names[n][1][:28]:28s} {names[n][0][-90:]}")
+    for text in args.show:
+        print(f"\ntop {args.top} ops of the categories containing {text!r}:")
+        picked = [(n, ms) for n, ms in ops.items() if text in category(names[n][0])]
+        for n, ms in sorted(picked, key=lambda kv: -kv[1])[:args.top]:
+            print(f"{ms:8.1f} ms {ms / total:6.1%} {n:30s} {names[n][1][:28]:28s} {names[n][0][-90:]}")
 
 
 if __name__ == "__main__":
