@@ -25,9 +25,10 @@ def _tree(seed: int):
             "lm_head": jax.random.normal(k[2], (5, 7))}
 
 
+@pytest.mark.parametrize("loop_bytes", [0, None])      # every stacked leaf layer by layer; the default rule
 @pytest.mark.parametrize("moments", ["float32", "bfloat16"])
 @pytest.mark.parametrize("grad_clip", [1e3, 0.5])      # the clip idle, then active
-def test_layerwise_adamw_equals_the_optax_chain(moments, grad_clip):
+def test_layerwise_adamw_equals_the_optax_chain(moments, grad_clip, loop_bytes):
     """Four steps (warm-up lr, weight decay, both moment dtypes, clip on and off): params and every moment
     equal optax's to 1e-6 relative. Both compute the same fp32 expressions; only the order of a few
     multiplications differs (an ulp or two per step), far below 1e-6, while a wrong bias correction, clip or
@@ -38,7 +39,7 @@ def test_layerwise_adamw_equals_the_optax_chain(moments, grad_clip):
     params = _tree(0)
     ref_p, ref_s = params, opt.init(params)
     p, s = params, opt.init(params)
-    step = jax.jit(lambda g, s, p: apply_adamw(tc, g, s, p, optax.tree.norm(g), jnp.array(True)))
+    step = jax.jit(lambda g, s, p: apply_adamw(tc, g, s, p, optax.tree.norm(g), jnp.array(True), loop_bytes))
     for i in range(4):
         grads = jax.tree.map(lambda x: x * 3.0, _tree(i + 1))
         updates, ref_s = opt.update(grads, ref_s, ref_p)
@@ -49,14 +50,16 @@ def test_layerwise_adamw_equals_the_optax_chain(moments, grad_clip):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-7)
 
 
-def test_a_skipped_step_changes_nothing():
+@pytest.mark.parametrize("loop_bytes", [0, None])
+def test_a_skipped_step_changes_nothing(loop_bytes):
     """ok=False (a non-finite loss or gradient): params, moments and both step counts stay exactly as they were."""
     tc = run_preset("tiny").train
     opt = make_optimizer(tc)
     params = _tree(0)
     state = opt.init(params)
     grads = jax.tree.map(lambda x: x * jnp.nan, _tree(1))
-    p, s = jax.jit(lambda: apply_adamw(tc, grads, state, params, optax.tree.norm(grads), jnp.array(False)))()
+    p, s = jax.jit(lambda: apply_adamw(tc, grads, state, params, optax.tree.norm(grads), jnp.array(False),
+                                             loop_bytes))()
     for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((params, state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -75,15 +75,25 @@ def is_stacked(path) -> bool:
     return any(getattr(k, "key", None) in STACKS for k in path)
 
 
-def apply_adamw(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array, ok: jax.Array):
+# A stacked leaf at least this large (its global size, in bytes) is updated one layer at a time; a smaller one
+# in one fused pass. Every stacked matrix of the 671B model is far above it; the CPU presets' leaves are below,
+# where the loop's per-layer slices and writes cost more than the temporaries they save
+# (experiments/results/train_speed.md).
+LAYER_LOOP_MIN_BYTES = 64 << 20
+
+
+def apply_adamw(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array, ok: jax.Array,
+                layer_loop_min_bytes: int | None = None):
     """make_optimizer's update (clip by global norm, AdamW, learning rate) and optax.apply_updates in one pass,
     one layer at a time: -> (new params, new opt_state). Same math and state layout as the optax chain.
 
     The optax chain builds every intermediate (clipped grads, fp32 moments before their store, updates, new
-    params) for the whole tree at once: several full fp32 copies of the model per device. Here a stacked [L,...]
-    leaf is updated layer by layer in a fori_loop that writes params and moments back in place, so the
-    temporaries are one layer's. `grad_norm` is the global norm of `grads` (computed once by the caller);
+    params) for the whole tree at once: several full fp32 copies of the model per device. Here a large stacked
+    [L,...] leaf (`layer_loop_min_bytes`, default LAYER_LOOP_MIN_BYTES) is updated layer by layer in a
+    fori_loop that writes params and moments back in place, so the temporaries are one layer's; smaller leaves
+    in one elementwise pass each. `grad_norm` is the global norm of `grads` (computed once by the caller);
     where `ok` is false (a non-finite step) nothing changes, selected per layer instead of copying the tree."""
+    min_bytes = LAYER_LOOP_MIN_BYTES if layer_loop_min_bytes is None else layer_loop_min_bytes
     f32 = jnp.float32
     clip_state, (adam, decay_state, sched) = opt_state
     count = optax.safe_increment(adam.count)
@@ -104,7 +114,7 @@ def apply_adamw(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array,
                 jnp.where(ok, nu_new.astype(nu.dtype), nu))
 
     def leaf(path, g, p, mu, nu, decay):
-        if not is_stacked(path):
+        if not is_stacked(path) or p.size * p.dtype.itemsize < min_bytes:
             return one(g, p, mu, nu, decay)
 
         def layer(i, carry):
