@@ -4,10 +4,9 @@ Benchmark config (preset `bench`): hidden 512, 8 heads, 4 layers (first 1 dense)
 experts of width 256, top-4, 1 shared, n_group 4, topk_group 2, q_lora 128, kv_lora 64, nope 32, rope 16,
 v 32, vocab 1024, MTP depth 1, batch 8 x 256 tokens.
 
-Model FLOPs per step = 3 x forward (backward = 2 x forward), forward = 2 x tokens x active matmul params
-(routed experts scaled by K/E; the embedding lookup is no matmul; the head counted once per use) plus
-attention 2 x B x T^2 x H x (qk_head_dim + v_head_dim) per layer (full T^2, as in the PaLM MFU convention,
-though the causal block skip computes less: model/mla.py causal_attention_core).
+Model FLOPs per step: dsv3_jax/params.py train_flops_per_step (3 x forward; 2 x tokens x activated matmul params
+plus attention at full T^2, the PaLM MFU convention, though the causal block skip computes less:
+model/mla.py causal_attention_core).
 The reference is an n^3 matmul in the compute dtype (`--matmul-size`, 2048) timed in the same run; with
 `--peak-flops` (the device's dense peak for that dtype, e.g. 989e12 for an H200 in bf16) the summary also
 gives MFU = model FLOP/s / peak. Timings: warm-up, then the median of several steps, each ended by
@@ -40,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from dsv3_jax.config import MeshConfig, RunConfig, run_preset  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
-from dsv3_jax.params import count_params  # noqa: E402
+from dsv3_jax.params import train_flops_per_step  # noqa: E402
 from dsv3_jax.sharding import activate, make_mesh  # noqa: E402
 from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
 from dsv3_jax.train.state import create_train_state  # noqa: E402
@@ -53,20 +52,7 @@ MAXTEXT_TOKENS_PER_S = 450     # MaxText 0.2.5 on this config and machine class,
 
 
 def model_flops_per_step(rc: RunConfig, mtp: bool) -> float:
-    mc, tc = rc.model, rc.train
-    counts = count_params(mc)
-    tokens = tc.global_batch_size * tc.seq_len
-    head = mc.hidden_size * mc.vocab_size
-    active = counts["activated_without_embedding"]
-    attn_layers = mc.num_hidden_layers
-    if mtp and mc.num_nextn_predict_layers:
-        e_scale = mc.num_experts_per_tok / mc.n_routed_experts
-        per_expert_set = 3 * mc.hidden_size * mc.moe_intermediate_size * mc.n_routed_experts
-        active += (counts["mtp"] - per_expert_set * (1 - e_scale) * mc.num_nextn_predict_layers
-                   + head * mc.num_nextn_predict_layers)
-        attn_layers += mc.num_nextn_predict_layers
-    attn = 2 * tc.global_batch_size * tc.seq_len ** 2 * mc.num_attention_heads * (mc.qk_head_dim + mc.v_head_dim)
-    return 3 * (2 * tokens * active + attn * attn_layers)
+    return train_flops_per_step(rc.model, rc.train.global_batch_size, rc.train.seq_len, mtp)
 
 
 def time_fn(fn, n: int, warmup: int = 2) -> float:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dsv3_jax.config import run_preset
 from dsv3_jax.errors import InputError
+from dsv3_jax.params import train_flops_per_step
 from dsv3_jax.pod import topology as topo_lib
 from dsv3_jax.pod.compile import collective_bytes
 from dsv3_jax.pod.topology import parse_topology
@@ -100,6 +102,9 @@ def test_tiny_train_step_compiles_for_a_tpu_slice_through_the_cli():
     assert r["params_bytes"] > 0 and r["opt_state_bytes"] == pytest.approx(r["params_bytes"], rel=0.01)
     assert r["argument_bytes"] >= r["params_bytes"] + r["opt_state_bytes"] + r["batch_bytes"]
     assert r["flops_per_device"] > 0 and r["collective_bytes"]["all-gather"] > 0
+    # the model FLOPs (params.py) of the 8 x 64-token step, split over 4 devices; XLA's own figure kept beside
+    assert r["flops_per_device"] == pytest.approx(train_flops_per_step(run_preset("tiny").override(
+        ["model.num_hidden_layers=2"]).model, 8, 64) / 4, rel=1e-9) and r["xla_flops_per_device"] > 0
     # fits is decided by the peak of the HBM heap the compiler lays out (what it checks for RESOURCE_EXHAUSTED):
     # it holds the arguments and is at most the sum of every allocation that memory_analysis() reports
     assert r["bytes_per_device"] == r["peak_bytes"]

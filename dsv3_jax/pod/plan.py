@@ -71,6 +71,7 @@ def search_space(rc: RunConfig, topo: Topology) -> list[list[str]]:
 def plan_one(rc: RunConfig, topo: Topology, step: str = "train", devices=None, **decode) -> dict:
     """Compile one setup; -> the report row (JSON-able)."""
     from .compile import compile_train_step
+    from ..params import decode_flops_per_step, train_flops_per_step
     devices = devices if devices is not None else topo.devices()
     hbm = topo.gen.hbm_bytes
     if step == "train":
@@ -79,7 +80,14 @@ def plan_one(rc: RunConfig, topo: Topology, step: str = "train", devices=None, *
         from .serving import compile_decode_step
         report = compile_decode_step(rc, devices, hbm, **decode)
     tokens = report.get("tokens_per_device", 0)
-    flops = report.get("flops_per_device")
+    # The model's FLOPs per device (params.py): XLA's cost analysis counts each loop body once (the layer
+    # scan, the microbatch scan), so its figure (kept as xla_flops_per_device) is not the step's.
+    if step == "train":
+        model_flops = train_flops_per_step(rc.model, rc.train.global_batch_size, rc.train.seq_len)
+    else:
+        model_flops = decode_flops_per_step(rc.model, report["batch"], report["context"])
+    flops = model_flops / len(devices)
+    xla_flops = report.pop("flops_per_device", None)
     return {"topology": topo.accelerator_type, "libtpu_topology": topo.libtpu_name, "chips": topo.chips,
             "devices": topo.num_devices, "step": step, "hbm_bytes_per_device": hbm,
             "options": {"moment_dtype": rc.train.moment_dtype, "remat_policy": rc.model.remat_policy,
@@ -88,7 +96,8 @@ def plan_one(rc: RunConfig, topo: Topology, step: str = "train", devices=None, *
                         "moe_impl": rc.model.moe_impl},
             "global_batch": rc.train.global_batch_size, "seq_len": rc.train.seq_len,
             "peak_tflops_per_chip": topo.gen.peak_bf16_flops / 1e12,
-            **report, "tokens_per_device": tokens, "flops_per_device": flops}
+            **report, "tokens_per_device": tokens, "flops_per_device": flops, "xla_flops_per_device": xla_flops,
+            "seconds_at_peak": flops / (topo.gen.peak_bf16_flops / topo.gen.devices_per_chip)}
 
 
 def _gib(x) -> str:
@@ -112,8 +121,9 @@ def format_report(r: dict) -> str:
              f"fits: {'yes' if r['fits'] else 'no'}" + ("  (compiler: RESOURCE_EXHAUSTED: " + r.get('error', '')[:300]
                                                          + ")" if r.get("oom") else ""),
              f"compile {r.get('compile_s')} s (lower {r.get('lower_s')} s)",
-             f"FLOPs per device per step: {r['flops_per_device']:.3e}" if r.get("flops_per_device") else
-             "FLOPs: -"]
+             f"model FLOPs per device per step: {r['flops_per_device']:.3e} ({r['seconds_at_peak']:.3f} s at the "
+             f"bf16 peak; XLA's cost analysis, loop bodies once: {r.get('xla_flops_per_device') or 0:.3e})"
+             if r.get("flops_per_device") else "FLOPs: -"]
     if c:
         lines.append("collective bytes per device per step (GiB): " +
                      ", ".join(f"{k} {_gib(v)}" for k, v in c.items()))
@@ -221,7 +231,7 @@ def _tokens(rc: RunConfig, topo: Topology) -> int:
 def _json_summary(r: dict) -> dict:
     keys = ("preset", "step", "topology", "libtpu_topology", "chips", "devices", "mesh", "tokens_per_device", "global_batch",
             "seq_len", "options", "bytes_per_device", "hbm_bytes_per_device", "fits", "flops_per_device",
-            "compile_s", "lower_s", "params_bytes", "opt_state_bytes", "batch_bytes", "other_state_bytes",
+            "xla_flops_per_device", "seconds_at_peak", "compile_s", "lower_s", "params_bytes", "opt_state_bytes", "batch_bytes", "other_state_bytes",
             "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes", "memory_analysis_bytes",
             "collective_bytes", "oom", "error")
     return {k: r.get(k) for k in keys if k in r}
