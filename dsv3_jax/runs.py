@@ -94,17 +94,23 @@ def export_run(run_dir: str, out: str, dtype: str = "bfloat16", shard_size_bytes
 # ----------------------------------------------------------------------------------------------------------
 # train --init-from HF_DIR
 
+def run_choices(cfg: ModelConfig) -> dict:
+    """The model fields a run chooses and an HF config.json does not carry (dtype, moe_impl, remat, the
+    attention and dispatch options, ...): kept from the run's own config on top of a checkpoint's."""
+    import dataclasses
+    from .config import _HF_FIELDS
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
+            if f.name not in _HF_FIELDS and f.name != "rope_scaling"}
+
+
 def init_from_config(hf_dir: str, rc: RunConfig) -> RunConfig:
     """The run config of a fine-tune: the model from HF_DIR's config.json (keeping the run's non-HF model
     fields such as moe_impl, dtype and remat), the tokenizer from HF_DIR's tokenizer.json when present."""
     import dataclasses
-    from .config import _HF_FIELDS, load_hf_config
+    from .config import load_hf_config
     if not os.path.isdir(hf_dir):
         raise MissingInputError(f"--init-from {hf_dir}: no such directory")
-    hf_cfg = load_hf_config(hf_dir)
-    keep = {f.name: getattr(rc.model, f.name) for f in dataclasses.fields(ModelConfig)
-            if f.name not in _HF_FIELDS and f.name != "rope_scaling"}
-    model = hf_cfg.replace(**keep)
+    model = load_hf_config(hf_dir).replace(**run_choices(rc.model))
     train = rc.train
     tok = os.path.join(hf_dir, TOKENIZER_FILE)
     if os.path.isfile(tok) and train.tokenizer is None:
@@ -122,10 +128,10 @@ def init_variables(hf_dir: str, rc: RunConfig, mesh, fresh: dict) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*has no MTP module.*")
         loaded_cfg, loaded = load_checkpoint(hf_dir, dtype=cfg.param_dtype, mesh=mesh, zero3=rc.mesh.zero3, **kw)
-    loaded_cfg = loaded_cfg.replace(dtype=cfg.dtype)        # the compute dtype is the run's own choice
+    loaded_cfg = loaded_cfg.replace(**run_choices(cfg))     # dtype, dispatch, attention: the run's own choice
     if loaded_cfg.replace(num_nextn_predict_layers=cfg.num_nextn_predict_layers) != cfg:
-        diff = {k: (v, getattr(cfg, k)) for k, v in loaded_cfg.to_dict().items()
-                if k != "num_nextn_predict_layers" and getattr(cfg, k) != v}
+        diff = {k: (getattr(loaded_cfg, k), getattr(cfg, k)) for k in loaded_cfg.to_dict()
+                if k != "num_nextn_predict_layers" and getattr(cfg, k) != getattr(loaded_cfg, k)}
         raise InputError(f"--init-from {hf_dir}: model.* overrides change the checkpoint's architecture "
                          f"(checkpoint vs asked: {diff}); only non-architecture fields (moe_impl, dtype, remat_policy, "
                          f"...) may be overridden")

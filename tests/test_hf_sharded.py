@@ -85,3 +85,21 @@ def test_each_shard_reads_only_its_slices(tmp_path, random_variables, monkeypatc
     print(f"\nread {read} of {total} bytes ({read / total:.2f}); the MTP copies are {dup} bytes")
     assert read <= total - dup + 4096
     assert read >= (total - dup) * 0.9
+
+
+def test_init_from_keeps_the_runs_own_model_choices(tmp_path, random_variables):
+    """`train --init-from` with model overrides a config.json does not carry (attention form, dispatch, slot
+    passes, capacities, remat): the checkpoint loads onto the mesh with them, bitwise, and the run keeps them.
+    Before, any such field the loader was not handed read as an architecture change and was refused."""
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.runs import init_from_config, init_variables
+    path = str(tmp_path / "c")
+    v = random_variables(CFG, seed=3)
+    save_checkpoint(path, CFG, v)
+    rc = init_from_config(path, run_preset("tiny").override([
+        "model.attention_impl=blocked", "model.attention_block=64", "model.moe_slot_passes=true",
+        "model.moe_capacity_fractions=[1.0]", "model.remat_policy=full", "model.moe_impl=dense"]))
+    assert (rc.model.attention_impl, rc.model.moe_slot_passes, rc.model.hidden_size) == ("blocked", True,
+                                                                                         CFG.hidden_size)
+    loaded = init_variables(path, rc, make_mesh(MeshConfig(data=2, expert=2, tensor=2)), fresh=v)
+    _assert_bitwise(loaded["params"], load_checkpoint(path)[1]["params"])
