@@ -5,8 +5,9 @@ activations and gradients) with malloc and frees them at the end of the step. gl
 above its mmap threshold with a fresh mmap and returns them with munmap, and the threads' arenas trim
 their heaps, so every step touches hundreds of MB of new pages, each a minor fault the kernel zero-fills.
 The settings below (no mmap for large blocks, no trimming, one arena) make the next step reuse the freed
-blocks; the resident size stays at its peak. Measured effect on the bench step:
-experiments/results/train_speed.md ("Routed experts (session 6)").
+blocks; the resident size stays at its peak. Pages released outside malloc (stacks of threads that exit,
+direct mmaps) still fault. Measured effect on the bench step: experiments/results/train_speed.md
+("Routed experts (session 6)").
 
 They have to be in effect before any thread has made its own arena (numpy's and XLA's thread pools start
 early), which `mallopt` from inside the process cannot guarantee once numpy or jax is imported, so
