@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsv3_jax.config import MeshConfig, RunConfig, run_preset  # noqa: E402
+from dsv3_jax.host_malloc import reuse_freed_memory  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
 from dsv3_jax.params import train_flops_per_step  # noqa: E402
 from dsv3_jax.sharding import activate, make_mesh  # noqa: E402
@@ -161,6 +162,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write bench_train.{md,png} here (e.g. experiments/results)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if os.environ["JAX_PLATFORMS"] == "cpu":
+        reuse_freed_memory()        # restarts once with glibc malloc settings (dsv3_jax/host_malloc.py)
     rc = run_preset(args.preset)
     if args.dtype:
         rc = rc.override([f"model.dtype={DTYPE_ALIASES.get(args.dtype, args.dtype)}"])
