@@ -37,6 +37,31 @@ def _init_distributed(args) -> None:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 
+def _reuse_host_memory_on_cpu(args) -> None:
+    """A training run on XLA:CPU restarts once with glibc malloc settings under which each step reuses the
+    last step's freed buffers instead of page-faulting fresh ones (dsv3_jax/host_malloc.py). Skipped when an
+    accelerator runs the step, when GLIBC_TUNABLES already sets malloc options (the way to opt out), and in a
+    multi-process run whose platform is not named by JAX_PLATFORMS (asking jax for its backend would come
+    before jax.distributed.initialize)."""
+    from . import host_malloc
+    if host_malloc.in_effect():
+        print("XLA:CPU host memory: freed buffers are reused (glibc malloc settings of dsv3_jax/host_malloc.py; "
+              "GLIBC_TUNABLES=glibc.malloc.check=0 opts out)", file=sys.stderr, flush=True)
+        return
+    if not host_malloc.supported():
+        return
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        on_cpu = platforms.split(",")[0].strip() == "cpu"
+    elif args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        on_cpu = False
+    else:
+        import jax
+        on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
+        host_malloc.reuse_freed_memory()
+
+
 def _parse_mesh(text: str | None) -> list[str]:
     if not text:
         return []
@@ -206,6 +231,8 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     if args.command == "plan":
         args.mesh = _parse_mesh(args.mesh)
+    if args.command == "train" and argv is None:      # a program of its own (never a caller's process)
+        _reuse_host_memory_on_cpu(args)
     if args.command == "train" and args.run_dir is None:
         args.run_dir = os.path.join("runs", args.preset or ("finetune" if args.init_from else "tiny"))
     if args.command == "convert" and args.dtype is None:

@@ -11,6 +11,7 @@ the profiler and other processes inflate every op's time. The runs behind experi
 from __future__ import annotations
 
 import argparse
+import os
 import collections
 import glob
 import gzip
@@ -22,6 +23,7 @@ import jax
 
 from bench_train import make_runner  # noqa: E402  (sets JAX_PLATFORMS=cpu unless set)
 from dsv3_jax.config import run_preset
+from dsv3_jax.host_malloc import reuse_freed_memory
 
 # Category keys, first match wins, looked up in an op's op_name; "transpose(" in it marks the backward.
 CATEGORIES = (("moe/while", "MoE expert loops"), ("moe/shared", "shared expert"), ("moe/", "MoE routing, dispatch"),
@@ -77,6 +79,8 @@ def main() -> None:
                    help="also list the top ops of each category containing this text (repeatable)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if os.environ["JAX_PLATFORMS"] == "cpu":
+        reuse_freed_memory()        # the malloc settings bench_train.py and the train CLI run with
     rc = run_preset(args.preset).override(args.overrides)
     run = make_runner(rc)
     names = op_names(run.compiled_text())

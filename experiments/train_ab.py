@@ -13,11 +13,13 @@ baseline time / variant time, for both clocks. Results of these runs: experiment
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 from bench_train import make_runner  # noqa: E402  (sets JAX_PLATFORMS=cpu unless set)
 from dsv3_jax.config import run_preset
+from dsv3_jax.host_malloc import reuse_freed_memory
 
 
 def parse_variant(text: str):
@@ -33,6 +35,8 @@ def main() -> None:
     p.add_argument("--mtp", choices=("both", "on", "off"), default="both")
     p.add_argument("variants", nargs="+", help="NAME=OVERRIDE[,OVERRIDE...]; the first is the baseline")
     args = p.parse_args()
+    if os.environ["JAX_PLATFORMS"] == "cpu":
+        reuse_freed_memory()        # the malloc settings bench_train.py and the train CLI run with
     base = run_preset(args.preset)
     tokens = base.train.global_batch_size * base.train.seq_len
     runs = {}

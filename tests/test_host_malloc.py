@@ -51,3 +51,43 @@ def test_reuse_freed_memory_stops_per_step_page_faults():
     # while the heap regrows, hence the minimum, not the median).
     assert off["faults"] >= 4096, off
     assert on["faults"] < off["faults"] / 20, (off, on)
+
+
+@pytest.mark.parametrize("env,coordinator,restarts", [
+    ({"JAX_PLATFORMS": "cpu"}, None, True),
+    ({"JAX_PLATFORMS": "cuda"}, None, False),
+    ({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.check=0"}, None, False),   # the opt-out
+    ({}, "localhost:1234", False),          # multi-process, platform unnamed: jax must not start first
+    ({"JAX_PLATFORMS": "cpu"}, "localhost:1234", True),
+])
+def test_train_cli_restarts_with_the_settings_only_on_cpu(monkeypatch, env, coordinator, restarts):
+    """The decision of `python -m dsv3_jax train`: restart with the settings where XLA:CPU runs the step."""
+    import argparse
+    from dsv3_jax import __main__ as cli, host_malloc
+    if not supported():
+        pytest.skip("C library is not glibc")
+    for k in ("JAX_PLATFORMS", "GLIBC_TUNABLES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(host_malloc.os, "execv", lambda *a: calls.append(a))      # the restart itself
+    cli._reuse_host_memory_on_cpu(argparse.Namespace(coordinator=coordinator))
+    assert bool(calls) == restarts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_train_cli_runs_with_the_settings(tmp_path):
+    """The path users run: the train CLI on CPU restarts itself once with the settings (the line it prints
+    after the restart) and trains."""
+    if not supported():
+        pytest.skip("C library is not glibc")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax", "train", "--preset", "tiny", "--run-dir",
+                          str(tmp_path / "run"), "--no-progress", "train.steps=2", "train.global_batch_size=2",
+                          "train.seq_len=32"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("freed buffers are reused") == 1, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 2
