@@ -434,10 +434,10 @@ def test_block_size_rule_and_capacity_config():
 # ---------------------------------------------------------------------------------------------------
 # the few-token path (expert_few.py) that decode steps take
 
-@pytest.mark.parametrize("kind,n", [("random", 1), ("same", 6), ("uneven", 20)])
+@pytest.mark.parametrize("kind,n", [("random", 3), ("same", 6), ("uneven", 20)])
 def test_few_token_path_matches_reference(kind, n):
     """few_local against the per-token reference, outputs and gradients, same 1e-5 tolerance (module
-    docstring): n=1 (one decode token, K of E experts used, blocks of 4 rows mostly empty), 'same' (K
+    docstring): n=3 (a batch-3 decode step, blocks of 4 rows mostly empty), 'same' (K
     experts with 6 rows each: a full block of 4 and a partial one each, most of the table's blocks skip),
     'uneven' n=20 (N*K = 60 >= 4E: blocks of 8 rows; one expert on every token, so 3 blocks, one on
     none). Gradients through routed_experts with gather_if_few, which takes this
@@ -469,7 +469,7 @@ def test_few_token_path_matches_reference(kind, n):
 
 def test_few_token_path_only_for_few_tokens():
     """Past FEW_PAIRS_PER_EXPERT * E pairs (a prefill, a train step) the implementation's own kernel runs;
-    at most E / GATHER_EXPERTS_PER_PAIR pairs (one token, K=2 of E=8) the per-pair gather does."""
+    up to GATHER_TOKENS tokens (batch-1 decode and verify steps) the per-pair gather does."""
     rng = np.random.default_rng(3)
     n = dispatch.FEW_PAIRS_PER_EXPERT * E // K + 1
     idx, w = routing("random", n, rng)
@@ -480,5 +480,5 @@ def test_few_token_path_only_for_few_tokens():
         return {e.primitive.name for e in _eqns(jax.make_jaxpr(lambda *a: dispatch.routed_experts(
             make_cfg(), *a, gather_if_few=True))(x, idx, w, wgu, wd).jaxpr)}
     assert "cond" not in primitives(x, idx, w) and "while" in primitives(x, idx, w)      # blocked loops
-    assert dispatch.GATHER_EXPERTS_PER_PAIR * 2 <= E
-    assert {"cond", "while", "scan"}.isdisjoint(primitives(x[:1], idx[:1, :2], w[:1, :2]))
+    assert {"cond", "while", "scan"}.isdisjoint(primitives(x[:dispatch.GATHER_TOKENS], idx[:dispatch.GATHER_TOKENS],
+                                                          w[:dispatch.GATHER_TOKENS]))

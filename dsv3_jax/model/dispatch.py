@@ -16,9 +16,10 @@ dropped, and is checked against the same per-token reference in tests/test_moe_d
                               with ragged_dot, moving rows with ragged_all_to_all);
                      CPU:     expert_parallel on a mesh whose expert axis is above 1, blocked otherwise.
 A handful of tokens (`gather_if_few`, the MoE layer's call: decode and speculative verify steps) take a
-shortcut first. On CPU without a mesh: `gather` (the chosen experts' weights gathered per pair) while
-N*K <= E / GATHER_EXPERTS_PER_PAIR (one decode token), else `few_local` (expert_few.py: small row blocks of
-the experts chosen, not a loop over all E) while N*K <= FEW_PAIRS_PER_EXPERT * E. Elsewhere (GPU/TPU, or a
+shortcut first. On CPU without a mesh: `gather` (the chosen experts' weights gathered per pair) for up to
+GATHER_TOKENS tokens (batch-1 decode and verify steps, where a loop's fixed cost per iteration outweighs
+copying a few experts' weights), else `few_local` (expert_few.py: small row blocks of the experts chosen,
+not a loop over all E) while N*K <= FEW_PAIRS_PER_EXPERT * E. Elsewhere (GPU/TPU, or a
 mesh with dense), `gather` while N*K <= E. Measured: experiments/results/bench_moe_few.md.
 This docstring is the one place that rule is written down. Why blocked on CPU and ragged elsewhere:
 experiments/results/bench_moe.md (ragged_dot is several times slower than the blocked loops on XLA:CPU).
@@ -40,7 +41,7 @@ from .expert_parallel import EXPERT_AXIS, axis_size, current_mesh, mesh_platform
 from .layers import dtype_of
 
 
-GATHER_EXPERTS_PER_PAIR = 4   # on CPU, gather while N*K <= E / this (experiments/results/bench_moe_few.md)
+GATHER_TOKENS = 2             # on CPU, gather for up to this many tokens (experiments/results/bench_moe_few.md)
 FEW_PAIRS_PER_EXPERT = 8      # on CPU, few_local while N*K <= this * E (same table)
 
 
@@ -63,12 +64,14 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
     on_mesh = mesh is not None and mesh.size > 1
     impl = resolve_impl(cfg, mesh)
     e = w_gate_up.shape[0]
-    cpu_few = gather_if_few and not on_mesh and mesh_platform(mesh) == "cpu"
-    if cpu_few and GATHER_EXPERTS_PER_PAIR * idx.size > e and idx.size <= FEW_PAIRS_PER_EXPERT * e:
-        dt = dtype_of(cfg.dtype)
-        w1 = w_gate_up.reshape(e, w_gate_up.shape[1], -1).astype(dt)                    # [E, D, 2F]
-        return few_local(x.astype(dt), idx, w, w1, w_down.astype(dt))
-    if gather_if_few and idx.size <= e and (not on_mesh or impl == "dense"):
+    if gather_if_few and not on_mesh and mesh_platform(mesh) == "cpu":
+        if idx.shape[0] <= GATHER_TOKENS:
+            return gather(cfg, x, idx, w, w_gate_up, w_down)
+        if idx.size <= FEW_PAIRS_PER_EXPERT * e:
+            dt = dtype_of(cfg.dtype)
+            w1 = w_gate_up.reshape(e, w_gate_up.shape[1], -1).astype(dt)                # [E, D, 2F]
+            return few_local(x.astype(dt), idx, w, w1, w_down.astype(dt))
+    elif gather_if_few and idx.size <= e and (not on_mesh or impl == "dense"):
         return gather(cfg, x, idx, w, w_gate_up, w_down)
     if impl == "dense":
         return dense(cfg, x, idx, w, w_gate_up, w_down)
