@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import dispatch, expert_kernels, expert_parallel as ep_mod
+from dsv3_jax.model import dispatch, expert_few, expert_kernels, expert_parallel as ep_mod
 from dsv3_jax.model.moe import MoE, route
 
 IMPLS = ("auto", "dense", "ragged", "blocked", "expert_parallel")
@@ -429,3 +429,56 @@ def test_block_size_rule_and_capacity_config():
     rc = RunConfig(make_cfg()).override(["model.moe_capacity_fractions=[0.25,1]"])
     assert rc.model.moe_capacity_fractions == (0.25, 1)
     assert ep_mod.exchange_shape(rc.model, 64, 4).capacities == (16, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the few-token path (expert_few.py) that decode steps take
+
+@pytest.mark.parametrize("kind,n", [("random", 3), ("same", 6), ("uneven", 20)])
+def test_few_token_path_matches_reference(kind, n):
+    """few_local against the per-token reference, outputs and gradients, same 1e-5 tolerance (module
+    docstring): n=3 (a batch-3 decode step, blocks of 4 rows mostly empty), 'same' (K
+    experts with 6 rows each: a full block of 4 and a partial one each, most of the table's blocks skip),
+    'uneven' n=20 (N*K = 60 >= 4E: blocks of 8 rows; one expert on every token, so 3 blocks, one on
+    none). Gradients through routed_experts with gather_if_few, which takes this
+    path without a mesh while N*K <= FEW_PAIRS_PER_EXPERT * E whatever the moe_impl (checked in the
+    traced program: its lax.cond)."""
+    rng = np.random.default_rng([n, len(kind), 7])
+    idx, w = routing(kind, n, rng)
+    wgu, wd = weights(rng)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    dy = rng.normal(size=(n, D)).astype(np.float32)
+    want_y, want_g = reference(x, idx, w, wgu, wd, dy)
+    close(expert_few.few_local(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w),
+                               jnp.asarray(wgu).reshape(E, D, 2 * F), jnp.asarray(wd)), want_y)
+    assert n * K <= dispatch.FEW_PAIRS_PER_EXPERT * E
+    for impl in IMPLS:
+        cfg = make_cfg(moe_impl=impl)
+        assert "cond" in {e.primitive.name for e in _eqns(jax.make_jaxpr(
+            lambda *a: dispatch.routed_experts(cfg, *a, gather_if_few=True))(x, idx, w, wgu, wd).jaxpr)}
+
+    def f(x, w, wgu, wd, idx, dy):
+        y, vjp = jax.vjp(lambda *p: dispatch.routed_experts(make_cfg(), p[0], idx, *p[1:], gather_if_few=True),
+                         x, w, wgu, wd)
+        return y, vjp(dy)
+    y, grads = jax.jit(f)(x, w, wgu, wd, idx, dy)
+    close(y, want_y)
+    for got, want in zip(grads, want_g):
+        close(got, want)
+
+
+def test_few_token_path_only_for_few_tokens():
+    """Past FEW_PAIRS_PER_EXPERT * E pairs (a prefill, a train step) the implementation's own kernel runs;
+    up to GATHER_TOKENS tokens (batch-1 decode and verify steps) the per-pair gather does."""
+    rng = np.random.default_rng(3)
+    n = dispatch.FEW_PAIRS_PER_EXPERT * E // K + 1
+    idx, w = routing("random", n, rng)
+    wgu, wd = weights(rng)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+
+    def primitives(x, idx, w):
+        return {e.primitive.name for e in _eqns(jax.make_jaxpr(lambda *a: dispatch.routed_experts(
+            make_cfg(), *a, gather_if_few=True))(x, idx, w, wgu, wd).jaxpr)}
+    assert "cond" not in primitives(x, idx, w) and "while" in primitives(x, idx, w)      # blocked loops
+    assert {"cond", "while", "scan"}.isdisjoint(primitives(x[:dispatch.GATHER_TOKENS], idx[:dispatch.GATHER_TOKENS],
+                                                          w[:dispatch.GATHER_TOKENS]))

@@ -15,6 +15,12 @@ dropped, and is checked against the same per-token reference in tests/test_moe_d
                      GPU/TPU: ragged (so on a mesh whose expert axis is above 1, the expert-parallel form
                               with ragged_dot, moving rows with ragged_all_to_all);
                      CPU:     expert_parallel on a mesh whose expert axis is above 1, blocked otherwise.
+A handful of tokens (`gather_if_few`, the MoE layer's call: decode and speculative verify steps) take a
+shortcut first. On CPU without a mesh: `gather` (the chosen experts' weights gathered per pair) for up to
+GATHER_TOKENS tokens (batch-1 decode and verify steps, where a loop's fixed cost per iteration outweighs
+copying a few experts' weights), else `few_local` (expert_few.py: small row blocks of the experts chosen,
+not a loop over all E) while N*K <= FEW_PAIRS_PER_EXPERT * E. Elsewhere (GPU/TPU, or a
+mesh with dense), `gather` while N*K <= E. Measured: experiments/results/bench_moe_few.md.
 This docstring is the one place that rule is written down. Why blocked on CPU and ragged elsewhere:
 experiments/results/bench_moe.md (ragged_dot is several times slower than the blocked loops on XLA:CPU).
 A mesh is "there" when `jax.set_mesh` (or `dsv3_jax.sharding.activate`) made one ambient with more than
@@ -29,9 +35,14 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..config import ModelConfig
+from .expert_few import few_local
 from .expert_kernels import combine, local_experts
 from .expert_parallel import EXPERT_AXIS, axis_size, current_mesh, mesh_platform, sharded_experts
 from .layers import dtype_of
+
+
+GATHER_TOKENS = 2             # on CPU, gather for up to this many tokens (experiments/results/bench_moe_few.md)
+FEW_PAIRS_PER_EXPERT = 8      # on CPU, few_local while N*K <= this * E (same table)
 
 
 def resolve_impl(cfg: ModelConfig, mesh=None) -> str:
@@ -47,12 +58,20 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
                    w_down: jax.Array, *, mesh=None, gather_if_few: bool = False) -> jax.Array:
     """x [N,D], idx/w [N,K], w_gate_up [E,D,2,F], w_down [E,F,D] -> [N,D] in the compute dtype.
 
-    mesh: default the ambient one. gather_if_few: with N*K <= E (a decode step) and no mesh (or dense),
-    read only the chosen experts' weights (`gather`) whatever the implementation."""
+    mesh: default the ambient one. gather_if_few: for a handful of tokens (a decode step), read only the
+    chosen experts' weights (`few_local` or `gather`, module docstring) whatever the implementation."""
     mesh = mesh if mesh is not None else current_mesh()
     on_mesh = mesh is not None and mesh.size > 1
     impl = resolve_impl(cfg, mesh)
-    if gather_if_few and idx.size <= w_gate_up.shape[0] and (not on_mesh or impl == "dense"):
+    e = w_gate_up.shape[0]
+    if gather_if_few and not on_mesh and mesh_platform(mesh) == "cpu":
+        if idx.shape[0] <= GATHER_TOKENS:
+            return gather(cfg, x, idx, w, w_gate_up, w_down)
+        if idx.size <= FEW_PAIRS_PER_EXPERT * e:
+            dt = dtype_of(cfg.dtype)
+            w1 = w_gate_up.reshape(e, w_gate_up.shape[1], -1).astype(dt)                # [E, D, 2F]
+            return few_local(x.astype(dt), idx, w, w1, w_down.astype(dt))
+    elif gather_if_few and idx.size <= e and (not on_mesh or impl == "dense"):
         return gather(cfg, x, idx, w, w_gate_up, w_down)
     if impl == "dense":
         return dense(cfg, x, idx, w, w_gate_up, w_down)
