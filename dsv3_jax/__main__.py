@@ -44,11 +44,7 @@ def _reuse_host_memory_on_cpu(args) -> None:
     multi-process run whose platform is not named by JAX_PLATFORMS (asking jax for its backend would come
     before jax.distributed.initialize)."""
     from . import host_malloc
-    if host_malloc.in_effect():
-        print("XLA:CPU host memory: freed buffers are reused (glibc malloc settings of dsv3_jax/host_malloc.py; "
-              "GLIBC_TUNABLES=glibc.malloc.check=0 opts out)", file=sys.stderr, flush=True)
-        return
-    if not host_malloc.supported():
+    if host_malloc.in_effect() or not host_malloc.supported():
         return
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:

@@ -78,16 +78,28 @@ def test_train_cli_restarts_with_the_settings_only_on_cpu(monkeypatch, env, coor
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_train_cli_runs_with_the_settings(tmp_path):
-    """The path users run: the train CLI on CPU restarts itself once with the settings (the line it prints
-    after the restart) and trains."""
+    """The path users run: the train CLI on CPU restarts itself once with the settings (same process, new
+    environment: read from /proc while it trains) and trains."""
+    import time
+    from dsv3_jax.host_malloc import TUNABLES
     if not supported():
         pytest.skip("C library is not glibc")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    out = subprocess.run([sys.executable, "-m", "dsv3_jax", "train", "--preset", "tiny", "--run-dir",
-                          str(tmp_path / "run"), "--no-progress", "train.steps=2", "train.global_batch_size=2",
-                          "train.seq_len=32"],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stderr.count("freed buffers are reused") == 1, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 2
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3_jax", "train", "--preset", "tiny", "--run-dir",
+                             str(tmp_path / "run"), "--no-progress", "train.steps=2", "train.global_batch_size=2",
+                             "train.seq_len=32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    seen, deadline = False, time.time() + 120
+    while not seen and proc.poll() is None and time.time() < deadline:
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as fh:
+                raw = fh.read()         # glibc splits GLIBC_TUNABLES at ':' in place when it reads it
+                seen = all(part.encode() in raw for part in TUNABLES.split(":"))
+        except OSError:
+            pass
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert seen, "the train CLI did not restart with the malloc settings"
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 2
