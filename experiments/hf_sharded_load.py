@@ -178,7 +178,7 @@ def main() -> None:
     results["shards_checked_bitwise"] = checked
 
     mb = 1 / 2 ** 20
-    lines = [f"# Sharded import, 2 processes x 4 CPU devices (experiments/hf_sharded_load.py)", "",
+    lines = ["# Sharded import, 2 processes x 4 CPU devices (experiments/hf_sharded_load.py)", "",
              f"Checkpoint: {total * mb:.0f} MiB fp32 in {len(files)} files ({args.experts} experts per MoE layer, "
              f"largest tensor {largest * mb:.0f} MiB). Every shard of both sharded layouts equals the one-process "
              f"load bitwise ({checked} shards checked).", "",
