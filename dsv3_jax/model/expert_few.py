@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax import lax
+
+from .expert_kernels import _glu, sort_by_expert
 
 
 def rows_per_block(num_pairs: int, num_experts: int) -> int:
@@ -33,10 +34,8 @@ def block_table(idx: jax.Array, num_experts: int, rows: int):
     """idx [N,K] -> (table [B,R] pair ids, P marking an empty slot; expert [B] of each block; count: blocks
     in use, the first `count` rows of the table)."""
     p = idx.size
-    flat = idx.reshape(-1)                                                        # [P]
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)                      # pairs by expert
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)              # [E]
-    sorted_expert = flat[order]
+    order, _, sizes = sort_by_expert(idx, num_experts)                            # [P] by expert, [E]
+    sorted_expert = idx.reshape(-1)[order]
     rank = jnp.arange(p, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
     blocks = (sizes + rows - 1) // rows                                           # [E] blocks per expert
     block = (jnp.cumsum(blocks) - blocks)[sorted_expert] + rank // rows           # [P] each pair's block
@@ -63,7 +62,7 @@ def few_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax
         a1 = lax.dynamic_index_in_dim(w1, expert[b], keepdims=False)              # [D, 2F]
         a2 = lax.dynamic_index_in_dim(w2, expert[b], keepdims=False)              # [F, D]
         h = xz[token[b]] @ a1                                                     # [R, 2F]
-        return y.at[token[b]].add(((nn.silu(h[:, :f]) * h[:, f:]) @ a2) * gate[b][:, None])
+        return y.at[token[b]].add((_glu(h, f) @ a2) * gate[b][:, None])
 
     y = lax.fori_loop(0, table.shape[0], lambda b, y: lax.cond(b < count, run, lambda b, y: y, b, y),
                       jnp.zeros((n + 1, w2.shape[2]), x.dtype))

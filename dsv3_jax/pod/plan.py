@@ -231,7 +231,8 @@ def _tokens(rc: RunConfig, topo: Topology) -> int:
 def _json_summary(r: dict) -> dict:
     keys = ("preset", "step", "topology", "libtpu_topology", "chips", "devices", "mesh", "tokens_per_device", "global_batch",
             "seq_len", "options", "bytes_per_device", "hbm_bytes_per_device", "fits", "flops_per_device",
-            "xla_flops_per_device", "seconds_at_peak", "compile_s", "lower_s", "params_bytes", "opt_state_bytes", "batch_bytes", "other_state_bytes",
+            "xla_flops_per_device", "seconds_at_peak", "compile_s", "lower_s", "params_bytes", "opt_state_bytes",
+            "batch_bytes", "other_state_bytes",
             "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes", "memory_analysis_bytes",
             "collective_bytes", "oom", "error")
     return {k: r.get(k) for k in keys if k in r}
