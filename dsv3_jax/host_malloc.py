@@ -4,10 +4,10 @@ XLA:CPU allocates each step's large temporary buffers (the MoE kernel's sorted r
 activations and gradients) with malloc and frees them at the end of the step. glibc serves allocations
 above its mmap threshold with a fresh mmap and returns them with munmap, and the threads' arenas trim
 their heaps, so every step touches hundreds of MB of new pages, each a minor fault the kernel zero-fills.
-The settings below (no mmap for large blocks, no trimming, one arena) make the next step reuse the freed
-blocks; the resident size stays at its peak. Pages released outside malloc (stacks of threads that exit,
-direct mmaps) still fault. Measured effect on the bench step: experiments/results/train_speed.md
-("Routed experts (session 6)").
+The settings below (no mmap for large blocks, no trimming at any size, one arena) make the next step
+reuse the freed blocks; the resident size stays at its peak (no faults per bench step after the first
+few, when the heap reaches that peak). Measured effect on the bench step:
+experiments/results/train_speed.md ("Routed experts (session 6)", and the trim threshold in session 7).
 
 They have to be in effect before any thread has made its own arena (numpy's and XLA's thread pools start
 early), which `mallopt` from inside the process cannot guarantee once numpy or jax is imported, so
@@ -20,7 +20,11 @@ from __future__ import annotations
 import os
 import sys
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.arena_max=1"
+# glibc gives the free top of its main heap back (brk shrinks) once it reaches trim_threshold. The bench
+# step's temporaries alone leave more than 2 GiB free at the top at the end of a step, so a threshold of
+# 2 GiB - 1 (the first version) still trimmed and re-faulted the heap every few steps; 2**62 never trims.
+TRIM_THRESHOLD = 2 ** 62
+TUNABLES = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={TRIM_THRESHOLD}:glibc.malloc.arena_max=1"
 
 
 def in_effect() -> bool:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from dsv3_jax.host_malloc import supported
+from dsv3_jax import host_malloc
+from dsv3_jax.host_malloc import TRIM_THRESHOLD, TUNABLES, supported
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +52,45 @@ def test_reuse_freed_memory_stops_per_step_page_faults():
     # while the heap regrows, hence the minimum, not the median).
     assert off["faults"] >= 4096, off
     assert on["faults"] < off["faults"] / 20, (off, on)
+
+
+TOP_CHILD = """
+import ctypes, importlib.util, json, resource, sys
+spec = importlib.util.spec_from_file_location("host_malloc", sys.argv[2])    # alone: no jax import, fast
+host_malloc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_malloc)
+if sys.argv[1] == "on":
+    assert host_malloc.reuse_freed_memory()          # restarts this child once with the settings
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+size = 2 ** 31 + 2 ** 28                             # 2.25 GiB, freed at the heap's top
+def use_and_free():
+    block = libc.malloc(size)
+    assert block
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+use_and_free()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+use_and_free()
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_a_large_free_top_of_the_heap_is_kept():
+    """glibc trims the free top of the heap once it reaches trim_threshold; the bench step frees more than
+    2 GiB there every step, so the settings must never trim (a 2 GiB threshold re-faulted it)."""
+    if not supported():
+        pytest.skip("C library is not glibc")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    run = lambda mode, extra: json.loads(subprocess.run(
+        [sys.executable, "-c", TOP_CHILD, mode, host_malloc.__file__], capture_output=True, text=True, check=True, timeout=120,
+        env=dict(env, **extra)).stdout.strip().splitlines()[-1])["faults"]
+    pages = (2 ** 31 + 2 ** 28) // 4096
+    # The same settings with the old 2 GiB - 1 threshold fault the block in again (so this test can fail):
+    old = TUNABLES.replace(f"trim_threshold={TRIM_THRESHOLD}", "trim_threshold=2147483647")
+    assert run("off", {"GLIBC_TUNABLES": old}) > pages // 2
+    assert run("on", {}) < pages // 100
 
 
 @pytest.mark.parametrize("env,coordinator,restarts", [
