@@ -126,6 +126,8 @@ def write_results(out_dir: str, rows: list, summary: dict) -> None:
     lines += ["", "```", json.dumps(summary, indent=1), "```"]
     with open(os.path.join(out_dir, "bench_train.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "bench_train.json"), "w") as f:      # read by readme_table.py
+        json.dump({"summary": summary, "rows": rows}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -159,7 +161,7 @@ def main() -> None:
                    help="the device's dense peak FLOP/s in the compute dtype (H200 bf16: 989e12): adds MFU")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 reference matmul")
     p.add_argument("--torch-peer", default=None, help="path of ../shared/peers/torch_peer.py: run it each round")
-    p.add_argument("--out", default=None, help="write bench_train.{md,png} here (e.g. experiments/results)")
+    p.add_argument("--out", default=None, help="write bench_train.{md,json,png} here (e.g. experiments/results)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if os.environ["JAX_PLATFORMS"] == "cpu":
@@ -197,7 +199,7 @@ def main() -> None:
                "batch": rc.train.global_batch_size, "seq_len": rc.train.seq_len,
                "moe_impl": rc.model.moe_impl, "tokens_per_s": on, "tokens_per_s_no_mtp": off,
                "model_flops_per_s": f_mtp * on / tokens, "model_flops_per_s_no_mtp": f_no * off / tokens,
-               "matmul_flops_per_s": mm, "flops_fraction": f_mtp * on / tokens / mm,
+               "matmul_flops_per_s": mm, "matmul_size": args.matmul_size, "flops_fraction": f_mtp * on / tokens / mm,
                "flops_fraction_no_mtp": f_no * off / tokens / mm}
     if args.preset == "bench" and jax.default_backend() == "cpu":
         summary["vs_maxtext"] = on / MAXTEXT_TOKENS_PER_S

@@ -110,6 +110,8 @@ def main() -> dict:
         "tiny_bytes_per_token_layer": int(rows[0]["mla_bytes"]),
     }
     assert summary["v3_671b_bytes_per_token_layer"] == 1152 and summary["v3_671b_mha_ratio"] == 56.9
+    with open(os.path.join(RESULTS, "kv_cache.json"), "w") as f:         # read by readme_table.py
+        json.dump(summary, f, indent=1)
     print(json.dumps(summary))
     return summary
 
