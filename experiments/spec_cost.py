@@ -51,8 +51,7 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS
 from dsv3_jax.infer import init_cache, split_variables
-from dsv3_jax.infer.decode import (CHUNK, forward, jit_decode_steps, layout, main_logits, mtp_forward,
-                                   on_device_steps)
+from dsv3_jax.infer.decode import CHUNK, forward, jit_decode_steps, layout, main_logits, mtp_forward
 from dsv3_jax.infer.request import GenerationRequest, start_request
 from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
 from dsv3_jax.model import dispatch
@@ -128,18 +127,6 @@ def one_pass_step(which: str):
     return step
 
 
-def jit_steps(cfg, step_fn):
-    """`jit_speculative_steps` with another step function."""
-    def fn(params, rs, cache, st, active, sampling, step, n):
-        def one(carry, j):
-            st, cache = carry
-            st, cache, out = step_fn(cfg, params, rs, cache, st, active, sampling, step + j)
-            return (st, cache), out
-        (st, cache), outs = on_device_steps(one, CHUNK)((st, cache), n)
-        return st, cache, outs
-    return jax.jit(fn, donate_argnums=(2,))
-
-
 def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
     """{(kind, rule): run()} for kind plain / speculative and each rule in RULES, plus the speculative step's
     two passes alone ('draft pass', 'verify pass') under the current rule: run() makes one device call of
@@ -159,7 +146,7 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
     progs, saved = {}, dispatch.CAPACITY_ROWS
     builds = {"plain": lambda: jit_decode_steps.__wrapped__(cfg, True, CHUNK),
               "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
-              **{p: lambda p=p: jit_steps(cfg, one_pass_step(p)) for p in PASSES}}
+              **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}
     try:
         for rule, rows_limit in RULES.items():
             dispatch.CAPACITY_ROWS = rows_limit                     # read at trace time, by the lower() below
