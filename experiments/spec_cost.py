@@ -12,21 +12,37 @@ speculative.py drafts). This script measures c1, c2 and cm on the device (N pass
 one host round trip, `block_until_ready`, after compiling; the passes alternate over several repeats; medians),
 at batch 1 and batch 8, and prints the bound at the measured acceptance and at a = 1.
 
+It also times the whole steps as decoding runs them: a device call of CHUNK plain steps (`jit_decode_steps`)
+and one of CHUNK speculative steps (`jit_speculative_steps`: draft, verify, accept, state updates), after a
+prefill of random prompts, for the few-token expert rule before this session (`few_local`: CAPACITY_ROWS = 0)
+and now (`capacity_local`); spec step / plain step is the ratio the tokens per step must beat. With
+--profile-batch, a jax.profiler trace of those calls splits each step into parts (each XLA op's exclusive
+time, mapped to the model code through the compiled HLO's op_name metadata, as experiments/profile_train.py
+does): the table of what a speculative step's time is made of.
+
+Rows of a batch get different tokens (each pass feeds back argmax + a per-row offset), so the routed experts
+see a decode step's spread of experts rather than one routing repeated B times.
+
 It also times the matmul kernels alone: a chain of four [256,768] x [768,256] MLP pairs (the tiny preset's
 dense-MLP shapes) on 1 and on 2 rows, in XLA and, when torch is installed, in torch. A 2-row product that
 costs as much as a 1-row one is what lets speculation pay off; the ratio shows how far this machine's kernels
 are from that.
 
-    python experiments/spec_cost.py [--run-dir RUN] [--acceptance A]
+    python experiments/spec_cost.py [--run-dir RUN] [--acceptance A] [--batches 1,8,16] [--profile-batch 8]
 Writes experiments/results/spec_cost.{md,json}; the last printed line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
+import glob
+import gzip
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -35,19 +51,32 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS
 from dsv3_jax.infer import init_cache, split_variables
-from dsv3_jax.infer.decode import forward, main_logits, mtp_forward
+from dsv3_jax.infer.decode import CHUNK, forward, jit_decode_steps, layout, main_logits, mtp_forward
+from dsv3_jax.infer.request import GenerationRequest, start_request
+from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
+from dsv3_jax.model import dispatch
 from dsv3_jax.testing import random_variables
+from profile_train import op_names
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONTEXT = 176      # cached tokens the passes attend to (a 48-token prompt + 128 new, as in bench_decode)
+PROMPT, NEW = 48, 128
+SLOTS = layout([[0] * PROMPT], NEW, CONTEXT)[1]        # bench_decode's cache size for those requests
+RULES = {"few_local": 0, "capacity_local": dispatch.CAPACITY_ROWS}      # the few-token rule, before / now
+CURRENT = "capacity_local"
+PASSES = ("draft pass", "verify pass", "both passes")
 
 
 def pass_fn(cfg, kind: str, batch: int, tokens: int, n: int):
     """jit(params, rs, cache) -> ids: n passes of `kind` ('main' or 'mtp') over `tokens` new tokens per row,
-    each pass feeding its argmax to the next (so none can be skipped), in one fori_loop."""
+    each pass feeding its argmax (plus a per-row offset, so rows differ) to the next (so none can be skipped),
+    in one fori_loop."""
+    offset = (31 * jnp.arange(batch, dtype=jnp.int32)[:, None] + 7 * jnp.arange(tokens, dtype=jnp.int32))
+
     def fn(params, rs, cache):
         def body(i, carry):
             cache, tok = carry
+            tok = (tok + offset) % cfg.vocab_size
             pos = jnp.broadcast_to(CONTEXT + jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
             if kind == "main":
                 h0, cache = forward(cfg, params, rs, cache, tok, pos)
@@ -63,7 +92,7 @@ def pass_fn(cfg, kind: str, batch: int, tokens: int, n: int):
 
 def pass_costs(cfg, params, rs, batch: int, n: int, repeats: int) -> dict:
     """Median device microseconds per pass for main T=1, main T=2 and MTP T=2 at `batch` rows."""
-    cache = init_cache(cfg, batch, CONTEXT + 16)
+    cache = init_cache(cfg, batch, SLOTS)
     fns = {"main_1": pass_fn(cfg, "main", batch, 1, n), "main_2": pass_fn(cfg, "main", batch, 2, n),
            "mtp_2": pass_fn(cfg, "mtp", batch, 2, n)}
     for f in fns.values():
@@ -75,6 +104,146 @@ def pass_costs(cfg, params, rs, batch: int, n: int, repeats: int) -> dict:
             f(params, rs, cache).block_until_ready()
             times[k].append((time.perf_counter() - t0) / n * 1e6)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def one_pass_step(which: str):
+    """A speculative step cut down to its passes, same signature as `speculative_step`: the MTP draft ('draft
+    pass'), the two-token main forward and head ('verify pass'), or both ('both passes', the verify taking the
+    draft's argmax as its second token): greedy, no acceptance, sampling or state updates."""
+    def step(cfg, params, rs, cache, st, active, sampling, step):
+        second = st.tok_prev
+        if which in ("draft pass", "both passes"):
+            pos = jnp.stack([st.length - 2, st.length - 1], axis=1)
+            logits, _, cache = mtp_forward(cfg, params, rs, cache, jnp.stack([st.h_prev, st.h_last], axis=1),
+                                           jnp.stack([st.tok_prev, st.tok_pend], axis=1), pos, k=0,
+                                           key_valid=pos >= 0, outputs_from=1)
+            second = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+        if which in ("verify pass", "both passes"):
+            pos = jnp.stack([st.length, st.length + 1], axis=1)
+            h0, cache = forward(cfg, params, rs, cache, jnp.stack([st.tok_pend, second], axis=1), pos)
+            logits = main_logits(cfg, params, h0)
+        tok = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+        return st._replace(tok_pend=tok), cache, (tok, tok, tok == st.tok_pend)
+    return step
+
+
+def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
+    """{(kind, rule): run()} for kind plain / speculative and each rule in RULES, plus the speculative step's
+    two passes alone ('draft pass', 'verify pass') under the current rule: run() makes one device call of
+    CHUNK steps from the same state (a prefill of `batch` random prompts), compiled under that rule.
+    Returns with the compiled HLO text of each as run.hlo."""
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, PROMPT)] for _ in range(batch)]
+    req = GenerationRequest(prompts, NEW, max_len=CONTEXT)
+    active = jnp.ones((batch,), bool)
+    plain, spec = start_request(cfg, params, rs, req, mtp=False), start_request(cfg, params, rs, req, mtp=True)
+    rows = np.arange(batch)
+    state = SpecState(jnp.asarray(spec.lengths), jnp.asarray(spec.tokens[rows, spec.lengths - 1]), spec.tok,
+                      spec.prefill.h_prev, spec.prefill.h_last)
+    args = {"plain": lambda c: (params, rs, c, plain.tok, jnp.asarray(plain.lengths), active, plain.sampling, 1,
+                                CHUNK),
+            "speculative": lambda c: (params, rs, c, state, active, spec.sampling, 1, CHUNK)}
+    progs, saved = {}, dispatch.CAPACITY_ROWS
+    builds = {"plain": lambda: jit_decode_steps.__wrapped__(cfg, True, CHUNK),
+              "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
+              **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}
+    try:
+        for rule, rows_limit in RULES.items():
+            dispatch.CAPACITY_ROWS = rows_limit                     # read at trace time, by the lower() below
+            for kind, build in builds.items():
+                if kind in PASSES and rule != CURRENT:
+                    continue
+                start = plain if kind == "plain" else spec
+                compiled = build().lower(*args["plain" if kind == "plain" else "speculative"](start.cache)).compile()
+                box = {"cache": jax.tree.map(jnp.copy, start.cache)}
+
+                def run(compiled=compiled, box=box, make=args["plain" if kind == "plain" else "speculative"]):
+                    out = compiled(*make(box["cache"]))             # the cache is donated: keep the new one
+                    box["cache"] = out[-2]
+                    jax.block_until_ready(out[-1])
+                run.hlo = compiled.as_text()
+                progs[(kind, rule)] = run
+    finally:
+        dispatch.CAPACITY_ROWS = saved
+    return progs
+
+
+def step_costs(progs: dict, repeats: int, calls: int = 5) -> tuple[dict, dict]:
+    """Median device microseconds per step of each program, the programs alternating over `repeats`; and per
+    rule the median over repeats of that repeat's speculative / plain ratio (steadier on a shared machine)."""
+    for run in progs.values():
+        run()
+    times = {k: [] for k in progs}
+    for _ in range(repeats):
+        for k, run in progs.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                run()
+            times[k].append((time.perf_counter() - t0) / (calls * CHUNK) * 1e6)
+    ratios = {rule: statistics.median(s / p for s, p in zip(times[("speculative", rule)], times[("plain", rule)]))
+              for rule in RULES}
+    return {k: statistics.median(v) for k, v in times.items()}, ratios
+
+
+def part_of(op: str) -> str:
+    """The part of a decode step an XLA op belongs to, from its op_name metadata."""
+    if "mtp_depth" in op:
+        return "MTP draft (the whole module)"
+    if "main_logits" in op:
+        return "output head"
+    if "moe/" in op:
+        if "dynamic_index_in_dim" in op:
+            return "routed experts: weight slices copied out (few_local)"
+        if "cond/branch_" in op or "moe/while" in op:
+            return "routed experts: kernel"
+        return "shared expert" if "moe/shared" in op else "routing, rest of the MoE layer"
+    if "/mlp/" in op:
+        return "dense MLP"
+    if "attn" in op:
+        return "attention"
+    if "_layers/" in op:
+        return "layer loop: weights sliced from the stack, norms, residuals"
+    return "step loop, sampling, acceptance, state"
+
+
+def step_parts(progs: dict, rounds: int = 10) -> dict:
+    """{(kind, rule): {part: us per step}} from one jax.profiler trace of `rounds` rounds, each calling every
+    program once (alternating, as the timings do); each XLA op event's exclusive time (its duration minus that
+    of the events nested in it on its thread) goes to the program whose call it falls in."""
+    progs = {key: run for key, run in progs.items() if key[0] not in PASSES}
+    names = {key: op_names(run.hlo) for key, run in progs.items()}
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(rounds):
+                for key, run in progs.items():
+                    with jax.profiler.TraceAnnotation("|".join(key)):
+                        run()
+        events = [e for e in json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))
+                  ["traceEvents"] if e.get("ph") == "X"]
+    calls = sorted((e["ts"], e["ts"] + e["dur"], tuple(e["name"].split("|"))) for e in events
+                   if tuple(e["name"].split("|")) in progs)
+    ops = [e for e in events if "hlo_op" in e.get("args", {})]
+    threads = collections.defaultdict(list)
+    for e in ops:
+        threads[e["tid"]].append(e)
+    for evs in threads.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack = []
+        for e in evs:
+            e["excl"] = e["dur"]
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                stack.pop()
+            if stack:
+                stack[-1]["excl"] -= e["dur"]
+            stack.append(e)
+    starts = [c[0] for c in calls]
+    parts = {key: collections.Counter() for key in progs}
+    for e in ops:
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i >= 0 and e["ts"] <= calls[i][1]:
+            key = calls[i][2]
+            parts[key][part_of(names[key].get(e["args"]["hlo_op"], ("",))[0])] += e["excl"] / (rounds * CHUNK)
+    return {key: dict(c) for key, c in parts.items()}
 
 
 def matmul_costs(n: int, repeats: int) -> dict:
@@ -135,6 +304,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--passes", type=int, default=100, help="passes per device call")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--profile-batch", type=int, default=0,
+                    help="trace the whole steps at this batch and tabulate their parts (0: no trace)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     if args.run_dir:
@@ -152,6 +323,22 @@ def main(argv=None) -> dict:
         rows.append({"batch": b, **{k: round(v, 1) for k, v in c.items()},
                      "c2_over_c1": round(c["main_2"] / c["main_1"], 3), "cm_over_c1": round(c["mtp_2"] / c["main_1"], 3),
                      "bound_at_acceptance": round(bound(c, args.acceptance), 3), "bound_at_1": round(bound(c, 1.0), 3)})
+        progs = chunk_programs(cfg, params, rs, b)
+        steps, ratios = step_costs(progs, args.repeats)
+        for rule in RULES:
+            rows[-1][rule] = {"plain_step": round(steps[("plain", rule)], 1),
+                              "spec_step": round(steps[("speculative", rule)], 1),
+                              "spec_over_plain": round(ratios[rule], 3),
+                              "bound_at_acceptance": round((1 + args.acceptance) / ratios[rule], 3)}
+        rows[-1][CURRENT].update({p.split()[0]: round(steps[(p, CURRENT)], 1) for p in PASSES})
+        rows[-1][CURRENT]["passes_over_plain"] = round(
+            (steps[("draft pass", CURRENT)] + steps[("verify pass", CURRENT)]) / steps[("plain", CURRENT)], 3)
+        rows[-1][CURRENT]["both_over_plain"] = round(steps[("both passes", CURRENT)] / steps[("plain", CURRENT)], 3)
+        if b == args.profile_batch:
+            parts = step_parts(progs)
+            rows[-1]["parts"] = {f"{kind} {rule}": {k: round(v, 1) for k, v in d.items()}
+                                 for (kind, rule), d in parts.items()}
+        del progs
         print(f"batch {b}: {rows[-1]}", flush=True)
     mm = matmul_costs(args.passes, args.repeats)
     print(f"matmul pairs (us): {mm}", flush=True)
@@ -167,6 +354,40 @@ def main(argv=None) -> dict:
     for r in rows:
         lines.append(f"| {r['batch']} | {r['main_1']:.0f} | {r['main_2']:.0f} | {r['mtp_2']:.0f} | {r['c2_over_c1']:.2f} | "
                      f"{r['cm_over_c1']:.2f} | {r['bound_at_acceptance']:.2f}x | {r['bound_at_1']:.2f}x |")
+    lines += ["", f"Whole steps as decoding runs them: device microseconds per step in calls of {CHUNK} steps "
+              f"(median of {args.repeats} alternating repeats of 5 calls), after a prefill of {PROMPT}-token random "
+              f"prompts, {SLOTS} cache slots; the few-token expert rule before this session (few_local) and now "
+              "(capacity_local); speculative / plain is the median of the per-repeat ratios. Bound = (1 + a) / "
+              "that ratio: what the speculative step's own overhead leaves of the speed-up at acceptance a. Draft "
+              "and verify: the speculative step cut down to one of its passes (same loop, state and caches; no "
+              "acceptance), under the current rule; both: the two passes in one step, still without acceptance, "
+              "sampling or state updates.", "",
+              "| batch | expert rule | plain step | draft pass | verify pass | (draft + verify) / plain | "
+              f"both passes / plain | speculative step | speculative / plain | bound at a={args.acceptance} |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for rule in RULES:
+            q = r[rule]
+            passes = (f"{q['draft']:.0f} | {q['verify']:.0f} | {q['passes_over_plain']:.2f} | "
+                      f"{q['both_over_plain']:.2f}" if "draft" in q else "- | - | - | -")
+            lines.append(f"| {r['batch']} | {rule} | {q['plain_step']:.0f} | {passes} | {q['spec_step']:.0f} | "
+                         f"{q['spec_over_plain']:.2f} | {q['bound_at_acceptance']:.2f}x |")
+    for r in rows:
+        if "parts" in r:
+            cols = [f"{kind} {rule}" for rule in RULES for kind in ("plain", "speculative")]
+            names = sorted({k for d in r["parts"].values() for k in d}, key=lambda k: -r["parts"][cols[-1]].get(k, 0))
+            plain_total = {rule: sum(r["parts"][f"plain {rule}"].values()) for rule in RULES}
+            lines += ["", f"What a step's time is made of at batch {r['batch']}: microseconds per step (exclusive "
+                      "time of each XLA op in a jax.profiler trace of 10 alternating calls of each program, mapped to the model code through "
+                      "the op_name metadata; the profiler inflates every op, so read the shares: in brackets, "
+                      "as a fraction of the same rule's plain step).", "",
+                      "| part | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+            for name in names + ["total"]:
+                cells = []
+                for c in cols:
+                    v = sum(r["parts"][c].values()) if name == "total" else r["parts"][c].get(name, 0.0)
+                    cells.append(f"{v:.0f} ({v / plain_total[c.split(' ', 1)[1]]:.2f})")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Matmul kernels alone, microseconds per [256,768] x [768,256] MLP pair (four distinct pairs):", "",
               "| library | 1 row | 2 rows | 2 rows / 1 row |", "|---|---|---|---|"]
     for lib, t in mm.items():

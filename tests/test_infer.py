@@ -142,6 +142,15 @@ def test_speculative_greedy_equals_plain_greedy():
     assert stats["tokens_per_forward"] == pytest.approx(1.0 + stats["acceptance_rate"])
 
 
+def test_speculative_greedy_equals_plain_greedy_batch_8():
+    """Batch 8, where plain steps (8 tokens), verify steps (16) and MTP drafts (8) all choose most of the 8
+    experts and so take capacity_local (dsv3_jax/model/dispatch.py): the same tokens as plain greedy."""
+    prompts = prompts_20()[5:13]
+    plain, _ = generate(CFG_A, variables(CFG_A), prompts, max_new_tokens=32, max_len=MAX_LEN)
+    spec, stats = generate(CFG_A, variables(CFG_A), prompts, max_new_tokens=32, speculative=True, max_len=MAX_LEN)
+    assert spec == plain and stats["drafts"] > 0
+
+
 def agreeing_variables(cfg):
     """A model whose MTP draft agrees with the main model on half of the tokens.
 

@@ -467,6 +467,48 @@ def test_few_token_path_matches_reference(kind, n):
         close(got, want)
 
 
+@pytest.mark.parametrize("kind,n,fits", [("random", 4, True), ("same", 6, True), ("uneven", 20, False)])
+def test_capacity_path_matches_reference(kind, n, fits):
+    """capacity_local (C row slots per expert, matmuls batched over E) against the per-token reference, same
+    1e-5 tolerance. Where every expert's pairs fit in C (random n=4; 'same': K experts with 6 pairs each,
+    C=8), the slot form alone matches; where one expert has more (uneven n=20: expert 0 on all 20 tokens,
+    C=18), the slot form drops pairs (checked: off by more than 1e-3) and capacity_local must take its
+    few_local fallback to match."""
+    rng = np.random.default_rng([n, len(kind), 11])
+    idx, w = routing(kind, n, rng)
+    wgu, wd = weights(rng)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    want_y, _ = reference(x, idx, w, wgu, wd, np.zeros((n, D), np.float32))
+    c = expert_few.expert_capacity(n * K, E)
+    assert (np.bincount(idx.ravel(), minlength=E).max() <= c) == fits
+    args = [jnp.asarray(a) for a in (x, idx, w, wgu.reshape(E, D, 2 * F), wd)]
+    slots = expert_few.capacity_slots(*args, c)
+    if fits:
+        close(slots, want_y)
+    else:
+        assert np.abs(np.asarray(slots) - want_y).max() > 1e-3
+    close(jax.jit(expert_few.capacity_local)(*args), want_y)
+
+
+@pytest.mark.parametrize("e,k,n,want", [(8, 3, 3, "capacity"), (8, 3, 21, "capacity"), (16, 2, 4, "few"),
+                                        (32, 2, 16, "capacity"), (32, 2, 17, "few")])
+def test_capacity_path_only_when_most_experts_are_chosen(monkeypatch, e, k, n, want):
+    """The few-token rule (dispatch docstring): capacity_local once N*K >= E and its E*C rows are at most
+    CAPACITY_ROWS (E=32, K=2: 16 tokens give C=4, 128 rows; 17 give C=6, 192 rows), few_local below E pairs
+    (E=16, K=2, 4 tokens) or past that; the output matches the reference either way."""
+    chosen = []
+    for name in ("capacity_local", "few_local"):
+        monkeypatch.setattr(dispatch, name, lambda *a, _f=getattr(expert_few, name), _n=name: (
+            chosen.append(_n.split("_")[0]), _f(*a))[1])
+    rng = np.random.default_rng([e, k, n])
+    idx, w = routing("random", n, rng, e, k)
+    wgu, wd = weights(rng, e)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    y = dispatch.routed_experts(make_cfg(), *(jnp.asarray(a) for a in (x, idx, w, wgu, wd)), gather_if_few=True)
+    assert chosen == [want]
+    close(y, reference(x, idx, w, wgu, wd, np.zeros((n, D), np.float32))[0])
+
+
 def test_few_token_path_only_for_few_tokens():
     """Past FEW_PAIRS_PER_EXPERT * E pairs (a prefill, a train step) the implementation's own kernel runs;
     up to GATHER_TOKENS tokens (batch-1 decode and verify steps) the per-pair gather does."""

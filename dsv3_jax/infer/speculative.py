@@ -111,14 +111,15 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
 
 
 @functools.lru_cache(maxsize=32)
-def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK):
+def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK, step_fn=speculative_step):
     """jit(up to n_max speculative steps on the device): (params, router_state, cache, state, active,
     sampling, step, n) -> (state, cache, (first, bonus, accepted) each [n_max, B]), cache donated;
-    step j's randomness is fold_in(sampling.key, step + j)."""
+    step j's randomness is fold_in(sampling.key, step + j). step_fn: `speculative_step` or a stand-in with
+    its signature (experiments/spec_cost.py times the step's passes alone that way)."""
     def fn(params, router_state, cache, st, active, sampling: Sampling, step, n):
         def one(carry, j):
             st, cache = carry
-            st, cache, emitted = speculative_step(cfg, params, router_state, cache, st, active, sampling, step + j)
+            st, cache, emitted = step_fn(cfg, params, router_state, cache, st, active, sampling, step + j)
             return (st, cache), emitted
         (st, cache), outs = on_device_steps(one, n_max)((st, cache), n)
         return st, cache, outs

@@ -18,9 +18,11 @@ dropped, and is checked against the same per-token reference in tests/test_moe_d
 A handful of tokens (`gather_if_few`, the MoE layer's call: decode and speculative verify steps) take a
 shortcut first. On CPU without a mesh: `gather` (the chosen experts' weights gathered per pair) for up to
 GATHER_TOKENS tokens (batch-1 decode and verify steps, where a loop's fixed cost per iteration outweighs
-copying a few experts' weights), else `few_local` (expert_few.py: small row blocks of the experts chosen,
-not a loop over all E) while N*K <= FEW_PAIRS_PER_EXPERT * E. Elsewhere (GPU/TPU, or a
-mesh with dense), `gather` while N*K <= E. Measured: experiments/results/bench_moe_few.md.
+copying a few experts' weights), else while N*K <= FEW_PAIRS_PER_EXPERT * E: `capacity_local` (expert_few.py:
+C row slots per expert, matmuls batched over all E with the weights read in place) when N*K >= E (most
+experts chosen) and its E*C rows are at most CAPACITY_ROWS, else `few_local` (small row blocks of the
+experts chosen, not a loop over all E). Elsewhere (GPU/TPU, or a mesh with dense), `gather` while N*K <= E.
+Measured: experiments/results/bench_moe_few.md, and for capacity_local experiments/results/spec_cost.md.
 This docstring is the one place that rule is written down. Why blocked on CPU and ragged elsewhere:
 experiments/results/bench_moe.md (ragged_dot is several times slower than the blocked loops on XLA:CPU).
 A mesh is "there" when `jax.set_mesh` (or `dsv3_jax.sharding.activate`) made one ambient with more than
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..config import ModelConfig
-from .expert_few import few_local
+from .expert_few import capacity_local, expert_capacity, few_local
 from .expert_kernels import combine, local_experts
 from .expert_parallel import EXPERT_AXIS, axis_size, current_mesh, mesh_platform, sharded_experts
 from .layers import dtype_of
@@ -43,6 +45,7 @@ from .layers import dtype_of
 
 GATHER_TOKENS = 2             # on CPU, gather for up to this many tokens (experiments/results/bench_moe_few.md)
 FEW_PAIRS_PER_EXPERT = 8      # on CPU, few_local while N*K <= this * E (same table)
+CAPACITY_ROWS = 160           # on CPU, capacity_local instead while N*K >= E and E * capacity <= this
 
 
 def resolve_impl(cfg: ModelConfig, mesh=None) -> str:
@@ -70,7 +73,8 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
         if idx.size <= FEW_PAIRS_PER_EXPERT * e:
             dt = dtype_of(cfg.dtype)
             w1 = w_gate_up.reshape(e, w_gate_up.shape[1], -1).astype(dt)                # [E, D, 2F]
-            return few_local(x.astype(dt), idx, w, w1, w_down.astype(dt))
+            most = idx.size >= e and e * expert_capacity(idx.size, e) <= CAPACITY_ROWS
+            return (capacity_local if most else few_local)(x.astype(dt), idx, w, w1, w_down.astype(dt))
     elif gather_if_few and idx.size <= e and (not on_mesh or impl == "dense"):
         return gather(cfg, x, idx, w, w_gate_up, w_down)
     if impl == "dense":

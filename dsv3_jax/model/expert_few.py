@@ -13,7 +13,15 @@ pairs per expert on average) and runs only those blocks:
 The loop has a static trip count (lax.fori_loop lowers to scan, so reverse-mode autodiff works); blocks
 past the number used skip their work with lax.cond. Measured against the other candidates in
 experiments/results/bench_moe_few.md; dispatch.py decides when this path runs.
-Axis letters: see layers.py (P = token-expert pairs, N*K of them; R = rows per block).
+
+`capacity_local` is the form for a few tokens that choose most of the experts (a decode step of a batch,
+a speculative verify step): C row slots per expert and two matmuls batched over all E experts. Its point is
+the weights: `few_local` indexes one expert's weights per block, and XLA:CPU copies that slice out of the
+[E, ...] array before the matmul (a profile of the batch-8 decode step: those copies cost about 3x the
+matmuls that read them); the batched matmuls read every expert's weights in place, and the empty slots'
+arithmetic costs less than the copies once most experts are chosen (experiments/results/spec_cost.md).
+Axis letters: see layers.py (P = token-expert pairs, N*K of them; R = rows per block; C = row slots per
+expert).
 """
 
 from __future__ import annotations
@@ -67,3 +75,41 @@ def few_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax
     y = lax.fori_loop(0, table.shape[0], lambda b, y: lax.cond(b < count, run, lambda b, y: y, b, y),
                       jnp.zeros((n + 1, w2.shape[2]), x.dtype))
     return y[:n]
+
+
+def expert_capacity(num_pairs: int, num_experts: int) -> int:
+    """C: row slots per expert in `capacity_local`, twice the average pairs per expert plus 2, so that a step
+    whose routing overflows them (and falls back to `few_local`) is rare."""
+    return 2 * -(-num_pairs // num_experts) + 2
+
+
+def capacity_slots(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax.Array,
+                   capacity: int) -> jax.Array:
+    """`few_local`'s contract when no expert has more than `capacity` (C) pairs (pairs past C are dropped):
+    each expert's pairs gathered into its C row slots, then two matmuls batched over the expert axis, which
+    read every expert's weights in place."""
+    n, k = idx.shape
+    e, d, f2 = w1.shape
+    p = idx.size
+    order, _, sizes = sort_by_expert(idx, e)                                      # [P], [E]
+    sorted_expert = idx.reshape(-1)[order]
+    rank = jnp.arange(p, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
+    slot = jnp.where(rank < capacity, sorted_expert * capacity + rank, e * capacity)   # [P]; E*C: dropped
+    table = jnp.full((e * capacity,), p, jnp.int32).at[slot].set(order, mode="drop")    # [E*C], P: empty
+    token = jnp.where(table < p, table // k, n)                                   # [E*C]; n: the zero row
+    gate = jnp.concatenate([w.reshape(-1).astype(x.dtype), jnp.zeros((1,), x.dtype)])[table]       # [E*C]
+    xz = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])                         # [N+1, D]
+    h = jnp.einsum("ECD,EDF->ECF", xz[token].reshape(e, capacity, d), w1)         # [E, C, 2F]
+    a = _glu(h.reshape(e * capacity, f2), f2 // 2).reshape(e, capacity, f2 // 2)  # [E, C, F]
+    y = jnp.einsum("ECF,EFD->ECD", a, w2).reshape(e * capacity, -1)               # [E*C, D]
+    return jnp.zeros((n + 1, y.shape[1]), x.dtype).at[token].add(y * gate[:, None])[:n]
+
+
+def capacity_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax.Array,
+                   capacity: int | None = None) -> jax.Array:
+    """Same contract as `few_local`, for a few tokens that choose most of the experts: `capacity_slots` with
+    C = `expert_capacity` (or `capacity`), or `few_local` on a step where some expert has more than C pairs
+    (lax.cond), so no pair is ever dropped."""
+    c = capacity or expert_capacity(idx.size, w1.shape[0])
+    fits = sort_by_expert(idx, w1.shape[0])[2].max() <= c
+    return lax.cond(fits, lambda *a: capacity_slots(*a, c), few_local, x, idx, w, w1, w2)
