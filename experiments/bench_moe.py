@@ -227,8 +227,8 @@ def variant_impls(e, k, d, f):
     out = {
         "kept: experts x (full + tail) blocks, h saved": functools.partial(dispatch.routed_experts, cfg),
         "one block size (no tail blocks)": functools.partial(_custom(
-            functools.partial(kernels._ffn_blocks_fwd, tail=block),
-            functools.partial(kernels._ffn_blocks_bwd, tail=block), True), block),
+            functools.partial(kernels._ffn_blocks_fwd, blocks=(block,)),
+            functools.partial(kernels._ffn_blocks_bwd, blocks=(block,)), True), block),
         "h recomputed in backward": functools.partial(
             _custom(kernels._ffn_blocks_fwd, kernels._ffn_blocks_bwd, False), block),
         "flat loop over used blocks": functools.partial(_custom(_flat_fwd, _flat_bwd, True), block),
