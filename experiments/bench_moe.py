@@ -21,12 +21,14 @@ dedup with the capacity ladder, for routing with the group limit (topk_group=4 o
 really needs is reported too (what ragged_all_to_all would move).
 
 --variants times the blocked variants that were tried (see dsv3_jax/model/expert_kernels.py's docstring); the
-static-scan variant only up to E=64 (about a minute per step at E=256).
+static-scan variant only up to E=64 (about a minute per step at E=256). --ab times the kept kernel against
+itself with other block schedules (the loops' block sizes), all in one interleaved group per E.
 
-Writes experiments/results/bench_moe.{md,png,json} (and bench_moe_variants.md with --variants); the last
-printed line is one JSON object with time_ratio_e64_vs_e8 and flops_fraction_e64 of `blocked`.
+Writes experiments/results/bench_moe.{md,png,json} (bench_moe_variants.md with --variants, bench_moe_ab.md
+with --ab); the last printed line is one JSON object with time_ratio_e64_vs_e8 and flops_fraction_e64 of
+`blocked`.
 
-    python experiments/bench_moe.py [--quick] [--ragged-max-experts 16] [--variants]
+    python experiments/bench_moe.py [--quick] [--ragged-max-experts 16] [--variants] [--ab]
 """
 
 from __future__ import annotations
@@ -227,8 +229,8 @@ def variant_impls(e, k, d, f):
     out = {
         "kept: experts x (full + tail) blocks, h saved": functools.partial(dispatch.routed_experts, cfg),
         "one block size (no tail blocks)": functools.partial(_custom(
-            functools.partial(kernels._ffn_blocks_fwd, tail=block),
-            functools.partial(kernels._ffn_blocks_bwd, tail=block), True), block),
+            functools.partial(kernels._ffn_blocks_fwd, blocks=(block,)),
+            functools.partial(kernels._ffn_blocks_bwd, blocks=(block,)), True), block),
         "h recomputed in backward": functools.partial(
             _custom(kernels._ffn_blocks_fwd, kernels._ffn_blocks_bwd, False), block),
         "flat loop over used blocks": functools.partial(_custom(_flat_fwd, _flat_bwd, True), block),
@@ -236,6 +238,60 @@ def variant_impls(e, k, d, f):
     if e <= 64:                              # about a minute per step at E=256
         out["static scan + autodiff"] = functools.partial(_scan_autodiff, block)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# block schedules of the kept kernel, timed against each other in one interleaved group (--ab)
+
+def schedule_variants(e, k, d, f) -> dict:
+    """name -> (forward block sizes, backward block sizes) for the kept path's loops (None: its defaults)."""
+    block = kernels.block_size(make_cfg(e, k, d, f))
+    tail, rungs = kernels.tail_rows(block), kernels.rungs(block)
+    chunk = kernels.BWD_CHUNK_BLOCKS * block
+    return {"kept: rungs, backward in chunks first": None,
+            "before session 7: full blocks, then blocks of block/2": ((block, tail), (block, tail)),
+            "rungs, no backward chunks": (rungs, rungs),
+            "full blocks, then block/2; backward chunks": ((block, tail), (chunk, block, tail))}
+
+
+def compiled_with_schedule(cfg, schedule, data):
+    """step_fn of dispatch.routed_experts, compiled with the loops' block sizes replaced (the kernel looks
+    its loop functions up when it is traced)."""
+    fwd, bwd = kernels._ffn_blocks_fwd, kernels._ffn_blocks_bwd
+    if schedule:
+        kernels._ffn_blocks_fwd = functools.partial(fwd, blocks=schedule[0])
+        kernels._ffn_blocks_bwd = functools.partial(bwd, blocks=schedule[1])
+    try:
+        return step_fn(functools.partial(dispatch.routed_experts, cfg)).lower(*data).compile()
+    finally:
+        kernels._ffn_blocks_fwd, kernels._ffn_blocks_bwd = fwd, bwd
+
+
+def schedules_ab(args, experts):
+    """Every schedule and the matmul reference interleaved in one group per E; ratios to the kept one."""
+    n, d, f, k = args.tokens, args.hidden, args.width, args.topk
+    lines = [f"# Block schedules of the blocked kernel, forward + backward (N={n}, K={k}, D={d}, F={f}, fp32; "
+             f"{os.cpu_count()} cores, jax {jax.__version__})", "",
+             f"`python experiments/bench_moe.py --ab --tokens {n} --experts {args.experts} --topk {k}`: per E, every "
+             f"schedule and the dense matmul of the same FLOPs in one group, {args.rounds} interleaved rounds, "
+             "medians; ratios of process CPU time (steadier than wall clock when other jobs share the cores).",
+             "", "| E | schedule | wall ms | cpu ms | cpu / kept | wall / kept | cpu / matmul |",
+             "|---|---|---|---|---|---|---|"]
+    for e in experts:
+        x, idx, w, wgu, wd, dy = make_inputs(n, d, f, e, k)
+        data = (x, w, wgu, wd, idx, dy)
+        cfg = make_cfg(e, k, d, f)
+        group = {"matmul": dense_matmul_step(n * k, d, f)}
+        for name, schedule in schedule_variants(e, k, d, f).items():
+            group[name] = (compiled_with_schedule(cfg, schedule, data), data)
+        wall, cpu = time_interleaved(group, args.rounds, args.warmup)
+        kept = next(iter(schedule_variants(e, k, d, f)))
+        for name in list(group)[1:]:
+            lines.append(f"| {e} | {name} | {1e3 * wall[name]:.0f} | {1e3 * cpu[name]:.0f} | "
+                         f"{cpu[name] / cpu[kept]:.3f} | {wall[name] / wall[kept]:.3f} | "
+                         f"{cpu[name] / cpu['matmul']:.2f} |")
+    open(os.path.join(RESULTS, "bench_moe_ab.md"), "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -327,6 +383,8 @@ def main():
     ap.add_argument("--ep-experts", type=int, default=64)
     ap.add_argument("--no-ep", action="store_true", help="skip the expert-parallel traffic part")
     ap.add_argument("--variants", action="store_true", help="time the blocked variants instead")
+    ap.add_argument("--ab", action="store_true",
+                    help="time the kept kernel's block schedules against each other (bench_moe_ab.md)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, no ragged beyond E=8")
     ap.add_argument("--ep-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -338,6 +396,8 @@ def main():
     n, d, f, k = args.tokens, args.hidden, args.width, args.topk
     p = n * k
     experts = [int(v) for v in args.experts.split(",")]
+    if args.ab:
+        return schedules_ab(args, experts)
     flops = 3 * 2 * p * (d * 2 * f + f * d)              # forward + backward (2x) of both matmuls
     print(f"N={n} D={d} F={f} K={k} P={p}; {flops / 1e9:.1f} GFLOP per step; devices {jax.devices()}",
           flush=True)

@@ -162,6 +162,27 @@ def test_blocked_dropless_everything_on_one_expert():
         close(got, want)
 
 
+@pytest.mark.parametrize("n,block", [(75, 16), (56, 32), (37, 4)])
+def test_blocked_every_block_size(n, block):
+    """Expert 5 holds every token (K=2, the second expert random), so its rows take each block size the
+    loops have: n=75, block 16: the backward's 64-row block, then a rounded-up 8-row tail; n=56, block 32:
+    one block each of 32, 16 and 8 rows; n=37, block 4: 16-row backward blocks, then rounded-up 4-row
+    blocks. The other experts take the tails only. Against the float64 reference at the same 1e-5 of scale
+    as the other tests (fp32 sums over at most n rows)."""
+    rng = np.random.default_rng([n, block])
+    others = np.array([e for e in range(E) if e != 5])
+    idx = np.stack([np.full(n, 5), rng.choice(others, n)], axis=1).astype(np.int32)
+    w = rng.uniform(0.1, 1.0, (n, 2)).astype(np.float32)
+    wgu, wd = weights(rng)
+    x, dy = (rng.normal(size=(n, D)).astype(np.float32) for _ in range(2))
+    want_y, want_g = reference(x, idx, w, wgu, wd, dy)
+    cfg = make_cfg(moe_impl="blocked", num_experts_per_tok=2, moe_block_size=block)
+    y, grads = run_impl(cfg, x, idx, w, wgu, wd, dy)
+    close(y, want_y)
+    for got, want in zip(grads, want_g):
+        close(got, want)
+
+
 def test_blocked_backward_accumulates_per_expert():
     """The custom backward writes each expert's weight gradient once: the loop over blocks carries
     [D, 2F] and [F, D] accumulators, never a stacked [E, D, 2F] / [E, F, D] gradient (which is what
@@ -174,7 +195,10 @@ def test_blocked_backward_accumulates_per_expert():
     jaxpr = jax.make_jaxpr(jax.grad(lambda wgu, wd: jnp.sum(dispatch.routed_experts(
         cfg, x, jnp.asarray(idx), jnp.asarray(w), wgu, wd)), (0, 1)))(jnp.asarray(wgu), jnp.asarray(wd))
     block_loops = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "while"]   # dynamic trip counts
-    assert len(block_loops) == 4, "full and tail blocks, in the forward and in the backward"
+    block = expert_kernels.block_rows(cfg, idx.size)
+    rungs = len(expert_kernels.rungs(block))
+    chunk = expert_kernels.BWD_CHUNK_BLOCKS * block <= idx.size + block      # the backward's longer blocks
+    assert len(block_loops) == 2 * rungs + chunk, "one loop per block size, in the forward and the backward"
     carried = {tuple(v.aval.shape) for loop in block_loops for v in loop.outvars}
     assert (D, 2 * F) in carried and (F, D) in carried
     assert (E, D, 2 * F) not in carried and (E, F, D) not in carried

@@ -13,14 +13,16 @@ Axis letters: see layers.py (P = token-expert pairs, N*K of them).
    read never runs off the end).
 3. A loop over experts (`fori_loop`; the expert's weights picked once with `dynamic_index`) with inner loops
    over the dynamic number of blocks that expert needs: `count // block` full blocks, then the remainder in
-   blocks of `block / 2` rows, each two 2-D matmuls on a `dynamic_slice` of `xs`, written back with
-   `dynamic_update_slice`. Groups are not padded in memory: an expert's last block reads and writes rows of
-   the next expert(s), which later iterations overwrite (the loop runs in expert order).
+   at most one block of each smaller rung (block / 2, block / 4, ... 8 rows; `rungs`), each two 2-D matmuls
+   on a `dynamic_slice` of `xs`, written back with `dynamic_update_slice`. Groups are not padded in memory:
+   an expert's last block reads and writes rows of the next expert(s), which later iterations overwrite
+   (the loop runs in expert order).
 4. Gather-only combine: `y[n] = sum_k w[n,k] * ys[inverse[n,k]]` as K row gathers and adds.
 The backward is a `jax.custom_vjp` with the same loops (autodiff cannot reverse a dynamic trip count, and a
 static scan would add a dense [E, D, 2F] weight-gradient update per block): per expert it accumulates the
-weight gradients of its blocks in fp32 carries and writes them once; `h = x W_gate_up` is saved from the
-forward. Why this variant and not the others: measured in experiments/results/bench_moe_variants.md.
+weight gradients of its blocks in fp32 carries and writes them once, over blocks of BWD_CHUNK_BLOCKS * block
+rows first (longer weight-gradient contractions, fewer adds), then the forward's rungs; `h = x W_gate_up` is
+saved from the forward. Why this variant and not the others: measured in experiments/results/bench_moe_variants.md.
 
 `ragged`: pairs sorted by expert, one `jax.lax.ragged_dot` grouped GEMM per projection (XLA's grouped
 matmul on GPU/TPU; slow on XLA:CPU).
@@ -133,20 +135,44 @@ def block_rows(cfg: ModelConfig, num_pairs: int) -> int:
 
 
 def tail_rows(block: int) -> int:
-    """Rows per tail block: an expert's last `count % block` rows run in blocks of this size (half a
-    block: a quarter measured the same at E=64 and slightly slower at E=256)."""
+    """Rows of the first tail block: an expert's last `count % block` rows start with at most one block of
+    this size (half a block), then the smaller rungs (`rungs`)."""
     return min(block, max(8, block // 2))
 
 
-def _spans(count, block, tail):
-    """(full blocks, tail blocks) for an expert with `count` rows."""
-    full = count // block
-    return full, (count - full * block + tail - 1) // tail
+def rungs(block: int) -> tuple:
+    """Block sizes an expert's rows run in: `count // block` blocks of `block` rows, then at most one block
+    of each smaller rung (tail_rows of the rung above, down to 8 rows), the last rung rounded up: an expert
+    wastes fewer than 8 rows on its tail instead of up to block / 2."""
+    sizes = [block]
+    while tail_rows(sizes[-1]) < sizes[-1]:
+        sizes.append(tail_rows(sizes[-1]))
+    return tuple(sizes)
 
 
-def _ffn_blocks_fwd(xs, sizes, starts, w1, w2, block, save_h, tail=None):
-    """xs [P+block, D] sorted by expert -> ys [P+block, D] (and h [P+block, 2F] when save_h)."""
-    tail = tail_rows(block) if tail is None else tail
+# The backward's first rung, in blocks: its weight-gradient products `a^T b` contract over this many rows
+# at once, with fewer fp32 accumulations (experiments/results/train_speed.md, "Routed experts (session 7)").
+BWD_CHUNK_BLOCKS = 4
+
+
+def _over_rows(start, count, sizes, rows_at, carry):
+    """Run `rows_at(r, size, last, carry)` over the rows [start, start + count) in blocks of `sizes`:
+    as many as fit of each size in turn, the last size rounded up (`last` True: its rows past `count`
+    belong to later experts, or to the zero padding after the final one)."""
+    r, left = start, count
+    for n, size in enumerate(sizes):
+        last = n == len(sizes) - 1
+        trips = (left + size - 1) // size if last else left // size
+        carry = lax.fori_loop(0, trips, lambda j, c, r=r, size=size, last=last:
+                              rows_at(r + j * size, size, last, c), carry)
+        r, left = r + trips * size, left - trips * size
+    return carry
+
+
+def _ffn_blocks_fwd(xs, sizes, starts, w1, w2, block, save_h, blocks=None):
+    """xs [P+block, D] sorted by expert -> ys [P+block, D] (and h [P+block, 2F] when save_h). `blocks`:
+    the block sizes (default rungs(block))."""
+    blocks = blocks or rungs(block)
     num_experts, _, f2 = w1.shape
     f = f2 // 2
     rows = xs.shape[0]
@@ -156,24 +182,23 @@ def _ffn_blocks_fwd(xs, sizes, starts, w1, w2, block, save_h, tail=None):
     def expert(i, carry):
         a1 = lax.dynamic_index_in_dim(w1, i, keepdims=False)                    # [D, 2F]
         a2 = lax.dynamic_index_in_dim(w2, i, keepdims=False)                    # [F, D]
-        start = starts[i]
-        full, tails = _spans(sizes[i], block, tail)
 
-        def rows_at(r, size, carry):
+        def rows_at(r, size, last, carry):      # rows past the count: overwritten by later experts
             ys, hs = carry
             h = _mm(lax.dynamic_slice_in_dim(xs, r, size), a1)                  # [size, 2F]
             ys = lax.dynamic_update_slice_in_dim(ys, _mm(_glu(h, f), a2), r, 0)
             if save_h:
                 hs = lax.dynamic_update_slice_in_dim(hs, h, r, 0)
             return ys, hs
-        carry = lax.fori_loop(0, full, lambda j, c: rows_at(start + j * block, block, c), carry)
-        return lax.fori_loop(0, tails, lambda j, c: rows_at(start + full * block + j * tail, tail, c), carry)
+        return _over_rows(starts[i], sizes[i], blocks, rows_at, carry)
     return lax.fori_loop(0, num_experts, expert, (ys, hs))
 
 
-def _ffn_blocks_bwd(xs, hs, dys, sizes, starts, w1, w2, block, tail=None):
-    """Cotangents of _ffn_blocks_fwd: (dxs [P+block, D], dw1 [E,D,2F], dw2 [E,F,D])."""
-    tail = tail_rows(block) if tail is None else tail
+def _ffn_blocks_bwd(xs, hs, dys, sizes, starts, w1, w2, block, blocks=None):
+    """Cotangents of _ffn_blocks_fwd: (dxs [P+block, D], dw1 [E,D,2F], dw2 [E,F,D]). `blocks`: the block
+    sizes (default BWD_CHUNK_BLOCKS * block where there are that many rows, then rungs(block))."""
+    chunk = BWD_CHUNK_BLOCKS * block
+    blocks = blocks or ((chunk,) if chunk <= xs.shape[0] else ()) + rungs(block)
     num_experts, _, f2 = w1.shape
     f = f2 // 2
     like = (xs, dys, w1, w2) + ((hs,) if hs is not None else ())
@@ -183,13 +208,12 @@ def _ffn_blocks_bwd(xs, hs, dys, sizes, starts, w1, w2, block, tail=None):
         a1 = lax.dynamic_index_in_dim(w1, i, keepdims=False)
         a2 = lax.dynamic_index_in_dim(w2, i, keepdims=False)
         start, count = starts[i], sizes[i]
-        full, tails = _spans(count, block, tail)
 
-        def rows_at(r, size, masked, carry):
+        def rows_at(r, size, last, carry):
             dxs, g1, g2 = carry
             xb = lax.dynamic_slice_in_dim(xs, r, size)
             dyb = lax.dynamic_slice_in_dim(dys, r, size)
-            if masked:                                                          # rows of later experts
+            if last:                                                            # rows of later experts
                 dyb = jnp.where((r - start + jnp.arange(size) < count)[:, None], dyb, 0)
             h = lax.dynamic_slice_in_dim(hs, r, size) if hs is not None else _mm(xb, a1)
             g2 = g2 + _mm_tn(_glu(h, f), dyb)                                   # [F, D]
@@ -198,9 +222,7 @@ def _ffn_blocks_bwd(xs, hs, dys, sizes, starts, w1, w2, block, tail=None):
             dxs = lax.dynamic_update_slice_in_dim(dxs, _mm_nt(dh, a1), r, 0)
             return dxs, g1, g2
         carry = (dxs, _zeros(a1.shape, jnp.float32, *like), _zeros(a2.shape, jnp.float32, *like))
-        carry = lax.fori_loop(0, full, lambda j, c: rows_at(start + j * block, block, False, c), carry)
-        dxs, g1, g2 = lax.fori_loop(
-            0, tails, lambda j, c: rows_at(start + full * block + j * tail, tail, True, c), carry)
+        dxs, g1, g2 = _over_rows(start, count, blocks, rows_at, carry)
         return (dxs, lax.dynamic_update_index_in_dim(dw1, g1.astype(dw1.dtype), i, 0),
                 lax.dynamic_update_index_in_dim(dw2, g2.astype(dw2.dtype), i, 0))
     return lax.fori_loop(0, num_experts, expert, (_zeros(xs.shape, xs.dtype, *like),
