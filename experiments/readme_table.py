@@ -70,7 +70,8 @@ def _decode_ab_rows(d: dict) -> list[tuple[str, str, str]]:
     if not plain:
         return []
     base, new = plain["median"]["base"], plain["median"]["new"]
-    return [("plain greedy decoding at batch 8 (tiny) against the tree before the decode work (b1bbd96)",
+    return [("plain greedy decoding at batch 8 (tiny preset), the decode work's tree as it landed (session 6) "
+             "against the tree before it (b1bbd96)",
              f"{base:.0f} -> {new:.0f} tokens/s: {plain['ratio'][0]:.2f}x",
              "`python experiments/decode_ab.py --tree base=OLD --tree new=. --rounds 3`")]
 
