@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import warnings
+from typing import Optional
 
 import jax
 
@@ -16,23 +18,50 @@ from ..config import ModelConfig
 from ..errors import InputError, MissingInputError
 
 
-def load_run(run_dir: str, mesh=None):
+GENERATE_DTYPES = ("float32", "bfloat16")
+
+
+def with_dtype(cfg: ModelConfig, variables, dtype: Optional[str]):
+    """(cfg, variables) computing and storing in `dtype` (None: unchanged). Every parameter is cast except the
+    router and its bias, which stay fp32 whatever the dtype (arXiv 2412.19437, sections 2.1.2 and 3.3.2); the
+    latent cache follows cfg.dtype. bf16 halves the weights' memory and the cache's."""
+    if dtype is None:
+        return cfg, variables
+    if dtype not in GENERATE_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: use one of {', '.join(GENERATE_DTYPES)}")
+    from flax import traverse_util
+    from ..hf_layout import leaf_dtype
+    from ..safetensors_io import np_dtype
+    flat = traverse_util.flatten_dict(variables)
+    flat = {k: v.astype(leaf_dtype(k, np_dtype(dtype))) for k, v in flat.items()}
+    return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), traverse_util.unflatten_dict(flat)
+
+
+def load_run(run_dir: str, mesh=None, dtype: Optional[str] = None):
     """(model config, variables, tokenizer) from the newest good checkpoint of a training run: params and
-    router state only (the optimizer state is never read), placed on `mesh` (default: one device)."""
+    router state only (the optimizer state is never read), placed on `mesh` (default: one device), in
+    `dtype` (None: the run's own; see `with_dtype`). The checksums are checked on the saved dtype."""
     from ..data import load_tokenizer
     from ..runs import restore_variables
     rc, _, variables = restore_variables(run_dir, mesh)
-    return rc.model, variables, load_tokenizer(rc.train.tokenizer)
+    cfg, variables = with_dtype(rc.model, variables, dtype)
+    return cfg, variables, load_tokenizer(rc.train.tokenizer)
 
 
-def load_hf(hf_dir: str, mesh=None):
-    """(model config, variables, tokenizer) of an HF checkpoint directory, sharded onto `mesh` if given."""
+def load_hf(hf_dir: str, mesh=None, dtype: Optional[str] = None):
+    """(model config, variables, tokenizer) of an HF checkpoint directory, sharded onto `mesh` if given,
+    read straight into `dtype` (None: float32; the router stays fp32)."""
     from ..data import load_tokenizer
     from ..hf import load_checkpoint
+    from ..safetensors_io import np_dtype
     tok_path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise MissingInputError(f"{hf_dir} has no tokenizer.json")
-    cfg, variables = load_checkpoint(hf_dir, mesh=mesh)
+    if dtype is not None and dtype not in GENERATE_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: use one of {', '.join(GENERATE_DTYPES)}")
+    cfg, variables = load_checkpoint(hf_dir, dtype=np_dtype(dtype or "float32"), mesh=mesh)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     return cfg, variables, load_tokenizer(tok_path)
 
 
@@ -89,7 +118,9 @@ def run_generate(args) -> int:
             validate_for_mesh(load_run_config(args.run_dir).model if args.run_dir else load_hf_config(args.hf_dir),
                               mesh)
     cfg: ModelConfig
-    cfg, variables, tokenizer = load_run(args.run_dir, mesh) if args.run_dir else load_hf(args.hf_dir, mesh)
+    dtype = getattr(args, "dtype", None)
+    cfg, variables, tokenizer = (load_run(args.run_dir, mesh, dtype) if args.run_dir
+                                 else load_hf(args.hf_dir, mesh, dtype))
     prompt = [int(t) for t in tokenizer.encode(args.prompt)]
     if not prompt:
         raise InputError("the prompt encodes to no tokens")
@@ -108,6 +139,7 @@ def run_generate(args) -> int:
                             stream_callback=stream, eos_id=getattr(tokenizer, "eos_id", None))
     stream.close()
     if not quiet:
+        stats = dict(stats, dtype=cfg.dtype)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}),
               file=sys.stderr)
     return 0
