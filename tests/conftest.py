@@ -23,3 +23,15 @@ def _random_variables(cfg, seed: int = 0):
 def random_variables():
     """`random_variables(cfg, seed=0)` -> variables dict (see _random_variables)."""
     return _random_variables
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """A tiny DeepSeek-V3 saved by transformers' own save_pretrained, plus a byte-level tokenizer.json
+    (tests/hf_utils.py); skipped without torch, transformers and tokenizers. Tests only read it."""
+    for module in ("torch", "transformers", "tokenizers"):
+        pytest.importorskip(module)
+    from hf_utils import write_transformers_checkpoint
+    path = str(tmp_path_factory.mktemp("released"))
+    write_transformers_checkpoint(path)
+    return path

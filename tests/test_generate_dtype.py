@@ -13,16 +13,7 @@ from dsv3_jax.errors import InputError
 from dsv3_jax.infer.cli import load_hf, with_dtype
 from dsv3_jax.model import Transformer
 
-from hf_utils import TINY, cli, write_transformers_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    for module in ("torch", "transformers", "tokenizers"):
-        pytest.importorskip(module)
-    path = str(tmp_path_factory.mktemp("released"))
-    write_transformers_checkpoint(path)
-    return path
+from hf_utils import TINY, cli  # noqa: E402
 
 
 def _dtypes(variables) -> dict:

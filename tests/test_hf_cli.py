@@ -14,18 +14,9 @@ import os
 import numpy as np
 import pytest
 
-from hf_utils import TINY, cli, transformers_logits, write_transformers_checkpoint  # noqa: E402
+from hf_utils import TINY, cli, transformers_logits  # noqa: E402
 
 MESH = "data=2,expert=2,tensor=2"
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    for module in ("torch", "transformers", "tokenizers"):
-        pytest.importorskip(module)
-    path = str(tmp_path_factory.mktemp("released"))
-    write_transformers_checkpoint(path)
-    return path
 
 
 @pytest.mark.parametrize("argv,message", [
