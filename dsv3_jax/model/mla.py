@@ -251,14 +251,20 @@ def _attention_core_fwd(q, k, v, mask):
 
 def _attention_core_bwd(res, do):
     q, k, v, mask, probs, o = res
-    dv = jnp.einsum("BHTS,BHTV->BHSV", probs.astype(do.dtype), do)
+    # dV = P^T dO and dK = dS^T Q contract over T, the rows of P and dS: as such, XLA:CPU runs them outside its
+    # fast matmul library. Transposing the narrow operands instead (dO^T [V,T], Q^T [K,T], a fraction of the
+    # [T,S] size) makes them the plain products dV^T = dO^T P and dK^T = Q^T dS; the barriers keep XLA from
+    # folding the transposes back into the products.
+    q_t, do_t = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)))
+    dv_t = jnp.einsum("BHVT,BHTS->BHVS", do_t, probs.astype(do.dtype))
     dp = jnp.einsum("BHTV,BHSV->BHTS", do, v, preferred_element_type=jnp.float32)
     # Softmax backward; rowsum(P * dP) = rowsum(dO * O), a reduction over V instead of over S.
     row = (do.astype(jnp.float32) * o.astype(jnp.float32)).sum(-1, keepdims=True)
     ds = (probs * (dp - row)).astype(q.dtype)
     dq = jnp.einsum("BHTS,BHSK->BHTK", ds, k)
-    dk = jnp.einsum("BHTS,BHTK->BHSK", ds, q)
-    return dq, dk, dv, None
+    dk_t = jnp.einsum("BHKT,BHTS->BHKS", q_t, ds)
+    dk_t, dv_t = jax.lax.optimization_barrier((dk_t, dv_t))
+    return dq, jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3), None
 
 
 attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
