@@ -61,8 +61,8 @@ def main() -> None:
           "|---|---|---|---|---|")
     for n in steps:
         ratio, cpu_ratio = (statistics.median(a / x for a, x in zip(clock["full"], clock[n])) for clock in (times, cpu))
-        print(f"| {n} | {statistics.median(times[n]) * 1e3:.1f} | {ratio:.2f}x | {statistics.median(cpu[n]) * 1e3:.1f} | "
-              f"{cpu_ratio:.2f}x |")
+        print(f"| {n} | {statistics.median(times[n]) * 1e3:.1f} | {ratio:.2f}x | "
+              f"{statistics.median(cpu[n]) * 1e3:.1f} | {cpu_ratio:.2f}x |")
 
 
 if __name__ == "__main__":
