@@ -2,10 +2,15 @@
 one-device step, each XLA op's exclusive time mapped to the model code through the compiled HLO's op_name
 metadata, summed into categories (forward / backward of attention, MoE loops, dense MLP, ...).
 
-    python experiments/profile_train.py [--preset bench] [--steps 3] [--top 25] [key=value overrides]
+    python experiments/profile_train.py [--preset bench] [--steps 3] [--top 25] [--show TEXT] [--dots]
+        [key=value overrides]
 
 Prints the categories (ms per step and share) and the top ops. Shares are what to read on a loaded machine:
-the profiler and other processes inflate every op's time. The runs behind experiments/results/train_speed.md.
+the profiler and other processes inflate every op's time. `--dots` lists the matrix products XLA:CPU left
+outside its fast-library (YNN) fusions: typically contractions over an operand's rows (a^T b). Their
+traced times are not to be trusted (a 6 GFLOP one traced at under 1 ms: its work runs on threads the trace
+does not attribute to it), so compare variants by process CPU time (train_ab.py) instead. The runs behind
+experiments/results/train_speed.md.
 """
 
 from __future__ import annotations
@@ -63,6 +68,20 @@ def op_names(hlo_text: str) -> dict:
     return out
 
 
+def plain_dots(hlo_text: str) -> list:
+    """(result shape, contracting dims, op_name) of each dot outside a fused computation."""
+    out, computation = [], ""
+    for line in hlo_text.splitlines():
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            computation = head.group(1)
+        elif " dot(" in line and not computation.startswith("fused_computation"):
+            dims = " ".join(re.findall(r"\w+_contracting_dims=\{[\d,]*\}", line))
+            op = re.search(r'op_name="([^"]*)"', line)
+            out.append((re.search(r"= (\S+) dot\(", line).group(1), dims, op.group(1) if op else ""))
+    return out
+
+
 def category(op_name: str) -> str:
     for key, label in CATEGORIES:
         if key in op_name:
@@ -77,13 +96,20 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--show", action="append", default=[],
                    help="also list the top ops of each category containing this text (repeatable)")
+    p.add_argument("--dots", action="store_true", help="list the dots outside YNN fusions (see above)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if os.environ["JAX_PLATFORMS"] == "cpu":
         reuse_freed_memory()        # the malloc settings bench_train.py and the train CLI run with
     rc = run_preset(args.preset).override(args.overrides)
     run = make_runner(rc)
-    names = op_names(run.compiled_text())
+    hlo = run.compiled_text()
+    names = op_names(hlo)
+    if args.dots:
+        dots = plain_dots(hlo)
+        print(f"{len(dots)} dots outside YNN fusions:")
+        for shape, dims, op in dots:
+            print(f"  {shape:28s} {dims:50s} {category(op)}: {op[-80:]}")
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             seconds = run(args.steps)

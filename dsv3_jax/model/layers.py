@@ -49,14 +49,43 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N,A] @ w [A,B] -> [N,B], with the weight gradient computed as a plain product.
+
+    Autodiff's dW = x^T dy contracts over the rows of both operands, a form XLA:CPU runs outside its fast
+    matmul library; transposing the narrower of x and dy first (and, if that is dy, the small [B,A] result
+    back) makes it a standard [A,N] @ [N,B] product. The barriers keep XLA from folding the transposes
+    back into the product. Same products and sums as autodiff."""
+    return jnp.dot(x, w)
+
+
+def _dense_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _dense_bwd(res, dy):
+    x, w = res
+    dx = jnp.dot(dy, w.T)                                                         # [N,A]
+    if x.shape[1] <= dy.shape[1]:
+        dw = jnp.dot(jax.lax.optimization_barrier(x.T), dy)                       # [A,N] @ [N,B]
+    else:
+        dw_t = jnp.dot(jax.lax.optimization_barrier(dy.T), x)                     # [B,N] @ [N,A]
+        dw = jax.lax.optimization_barrier(dw_t).T
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
     """`down(silu(gate(x)) * up(x))` on 2-D activations `[N, D]` (2-D matmuls are fastest on CPU).
 
     w_gate_up: [D, 2, F] (gate first); w_down: [F, D]."""
     d, _, f = w_gate_up.shape
-    h = jnp.dot(x.astype(dtype), w_gate_up.reshape(d, 2 * f).astype(dtype))    # [N, 2F]
+    h = dense(x.astype(dtype), w_gate_up.reshape(d, 2 * f).astype(dtype))      # [N, 2F]
     h = nn.silu(h[:, :f]) * h[:, f:]                                              # [N, F]
-    return jnp.dot(h, w_down.astype(dtype))                                       # [N, D]
+    return dense(h, w_down.astype(dtype))                                         # [N, D]
 
 
 class MLP(nn.Module):

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ..config import ModelConfig
 from .attention import blocked_attention
-from .layers import RMSNorm, constrain, dtype_of, param
+from .layers import RMSNorm, constrain, dense, dtype_of, param
 from .rope import apply_rope
 
 NEG_INF = -1e30  # finite, so fully-masked rows (padding) give a uniform softmax, not NaN
@@ -86,14 +86,15 @@ class MLA(nn.Module):
         b, t, d = x.shape
         x2 = x.reshape(b * t, d).astype(dt)
         if c.q_lora_rank is not None:
-            a = jnp.dot(x2, self.q_kv_a_proj.astype(dt)).reshape(b, t, -1)        # [B,T,Q+C+R]
+            a = dense(x2, self.q_kv_a_proj.astype(dt)).reshape(b, t, -1)          # [B,T,Q+C+R]
             a = checkpoint_name(a, "mla_down_proj")
             q_c = self.q_a_norm(a[..., :c.q_lora_rank])                           # [B,T,Q]
             kv = a[..., c.q_lora_rank:]                                           # [B,T,C+R]
-            q = jnp.einsum("BTQ,QHK->BTHK", q_c, self.q_b_proj.astype(dt))
+            w_qb = self.q_b_proj.astype(dt)                                       # [Q,H,K]
+            q = dense(q_c.reshape(b * t, -1), w_qb.reshape(w_qb.shape[0], -1)).reshape(b, t, *w_qb.shape[1:])
         else:
             q = jnp.einsum("BTD,DHK->BTHK", x.astype(dt), self.q_proj.astype(dt))
-            kv = checkpoint_name(jnp.dot(x2, self.kv_a_proj.astype(dt)).reshape(b, t, -1), "mla_down_proj")
+            kv = checkpoint_name(dense(x2, self.kv_a_proj.astype(dt)).reshape(b, t, -1), "mla_down_proj")
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         q_nope, q_pe = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         c_kv = self.kv_a_norm(kv[..., :c.kv_lora_rank])                          # norm on the latent only
@@ -120,7 +121,10 @@ class MLA(nn.Module):
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         # Heads-major [B,H,T,*] operands for the two attention matmuls: with [B,T,H,*] operands XLA:CPU picks
         # a transposed layout for the probs x values product that runs several times slower.
-        kv = jnp.einsum("BSC,CHK->BHSK", c_kv.astype(dt), self.kv_b_proj.astype(dt))
+        b, s, _ = c_kv.shape
+        w_kvb = self.kv_b_proj.astype(dt)                                                  # [C,H,nope+V]
+        kv = dense(c_kv.reshape(b * s, -1).astype(dt), w_kvb.reshape(w_kvb.shape[0], -1))
+        kv = jnp.swapaxes(kv.reshape(b, s, *w_kvb.shape[1:]), 1, 2)                        # [B,H,S,nope+V]
         k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]   # [B,H,S,nope], [B,H,S,V]
         # One score matmul over [nope | rope] (the shared rope key broadcast to every head) instead of two
         # and an add over the [B,H,T,S] scores; the softmax scale is folded into the (smaller) queries.
@@ -228,7 +232,8 @@ class MLA(nn.Module):
     def output(self, o: jax.Array) -> jax.Array:
         """o [B,T,H,V] -> [B,T,D] through o_proj."""
         dt = dtype_of(self.cfg.dtype)
-        return jnp.einsum("BTHV,HVD->BTD", o.astype(dt), self.o_proj.astype(dt))
+        b, t, h, v = o.shape
+        return dense(o.reshape(b * t, h * v).astype(dt), self.o_proj.astype(dt).reshape(h * v, -1)).reshape(b, t, -1)
 
 
 @jax.custom_vjp
@@ -251,14 +256,20 @@ def _attention_core_fwd(q, k, v, mask):
 
 def _attention_core_bwd(res, do):
     q, k, v, mask, probs, o = res
-    dv = jnp.einsum("BHTS,BHTV->BHSV", probs.astype(do.dtype), do)
+    # dV = P^T dO and dK = dS^T Q contract over T, the rows of P and dS: as such, XLA:CPU runs them outside its
+    # fast matmul library. Transposing the narrow operands instead (dO^T [V,T], Q^T [K,T], a fraction of the
+    # [T,S] size) makes them the plain products dV^T = dO^T P and dK^T = Q^T dS; the barriers keep XLA from
+    # folding the transposes back into the products.
+    q_t, do_t = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)))
+    dv_t = jnp.einsum("BHVT,BHTS->BHVS", do_t, probs.astype(do.dtype))
     dp = jnp.einsum("BHTV,BHSV->BHTS", do, v, preferred_element_type=jnp.float32)
     # Softmax backward; rowsum(P * dP) = rowsum(dO * O), a reduction over V instead of over S.
     row = (do.astype(jnp.float32) * o.astype(jnp.float32)).sum(-1, keepdims=True)
     ds = (probs * (dp - row)).astype(q.dtype)
     dq = jnp.einsum("BHTS,BHSK->BHTK", ds, k)
-    dk = jnp.einsum("BHTS,BHTK->BHSK", ds, q)
-    return dq, dk, dv, None
+    dk_t = jnp.einsum("BHKT,BHTS->BHKS", q_t, ds)
+    dk_t, dv_t = jax.lax.optimization_barrier((dk_t, dv_t))
+    return dq, jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3), None
 
 
 attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
