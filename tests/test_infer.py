@@ -211,6 +211,17 @@ def test_eos_stops_rows_inside_a_device_call():
         assert streamed == expect, f"speculative={spec}"
 
 
+def test_queue_speculative_equals_plain_greedy():
+    """Speculative decoding on the queue path (generate(..., batch_size=8), dsv3_jax/infer/queue.py): 10
+    prompts through 8 slots; rows accept different numbers of drafts, so slots free up at different steps and
+    the last two prompts start beside running rows: each prompt's tokens are its plain greedy output alone."""
+    full, _ = plain_greedy_20()
+    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:10], max_new_tokens=64, speculative=True,
+                          max_len=MAX_LEN, batch_size=8)
+    assert out == full[:10] and stats["refills"] == 2 and stats["drafts"] > 0
+
+
+@pytest.mark.slow
 def test_queue_outputs_equal_each_prompt_alone():
     """The serving queue (generate(..., batch_size=8), dsv3_jax/infer/queue.py): 20 prompts through 8 slots,
     rows stopping at an eos at different steps (so slots are refilled in the middle of others' decoding),
@@ -240,10 +251,10 @@ def test_queue_one_new_token_and_more_slots_than_prompts():
     """max_new_tokens=1: every request is done by its own prefill (the queue refills straight on); a
     batch_size above the number of prompts uses one slot per prompt."""
     full, _ = plain_greedy_20()
-    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:5], max_new_tokens=1, max_len=MAX_LEN, batch_size=2)
-    assert out == [o[:1] for o in full[:5]] and stats["main_forwards"] == 0
-    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:3], max_new_tokens=5, max_len=MAX_LEN, batch_size=50)
-    assert out == [o[:5] for o in full[:3]] and stats["batch_size"] == 3
+    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:9], max_new_tokens=1, max_len=MAX_LEN, batch_size=8)
+    assert out == [o[:1] for o in full[:9]] and stats["main_forwards"] == 0 and stats["refills"] == 1
+    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:8], max_new_tokens=5, max_len=MAX_LEN, batch_size=50)
+    assert out == [o[:5] for o in full[:8]] and stats["batch_size"] == 8
 
 
 @pytest.mark.parametrize("batch_size", [0, -2, 2.5, True, "8"])

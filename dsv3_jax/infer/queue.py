@@ -4,8 +4,9 @@ row's request is done the next prompt is prefilled into that row and decodes bes
 
 Why: one request per batch runs until its slowest row is done, and rows that finish early (eos, or in
 speculative decoding fewer rejected drafts) idle meanwhile; a serving queue gives their slot to the next
-request. A refill prefills the new prompt alone (batch 1, expanded MLA, as `prefill`) and writes that row of
-the batch cache in place (`jit_refill`); slot == position (cache.py), so the row's positions restart at 0 and
+request. A refill prefills the new prompts (expanded MLA, as `prefill`; the rows freed by one device call
+together, their count padded to a power of two so that few shapes compile) and writes those rows of the
+batch cache in place (`jit_refill`); slot == position (cache.py), so the row's positions restart at 0 and
 the previous request's entries past the new prompt are masked until overwritten. Every row decodes at its
 own offset, so greedy output per prompt is what the prompt gives alone. Sampling (temperature > 0) keeps the
 model's distribution, but a request's draws depend on its slot and steps, not only on the seed.
@@ -44,7 +45,8 @@ class Engine(NamedTuple):
     mtp: bool                        # the prefill fills MTP module 1's cache too
     tokens_per_step: int             # the most tokens a step emits per row
     init: Callable                   # (batch, cfg) -> the per-row decode state, all rows empty
-    set_row: Callable                # (state, row, first token, prompt length, last prompt token, Prefill) -> state
+    set_rows: Callable               # (state, rows [k], first tokens [k], prompt lengths [k], last prompt
+                                     #  tokens [k], Prefill of k rows) -> state
     steps: Callable                  # cfg -> jitted (params, rs, cache, state, active, sampling, step, n) -> ...
     emitted: Callable                # one step's host outputs -> per-row token lists (for every row)
 
@@ -61,7 +63,7 @@ def _plain_steps(cfg):
 PLAIN = Engine(
     mtp=False, tokens_per_step=1,
     init=lambda b, cfg: (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)),   # (pending token, position)
-    set_row=lambda st, r, tok, n, last, pre: (st[0].at[r].set(tok[0]), st[1].at[r].set(n)),
+    set_rows=lambda st, r, tok, n, last, pre: (st[0].at[r].set(tok), st[1].at[r].set(n)),
     steps=_plain_steps,
     emitted=lambda out: [[int(t)] for t in out])
 
@@ -69,28 +71,32 @@ SPECULATIVE = Engine(
     mtp=True, tokens_per_step=2,
     init=lambda b, cfg: SpecState(*(jnp.zeros((b,), jnp.int32) for _ in range(3)),
                                   *(jnp.zeros((b, cfg.hidden_size), dtype_of(cfg.dtype)) for _ in range(2))),
-    set_row=lambda st, r, tok, n, last, pre: SpecState(
-        st.length.at[r].set(n), st.tok_prev.at[r].set(last), st.tok_pend.at[r].set(tok[0]),
-        st.h_prev.at[r].set(pre.h_prev[0].astype(st.h_prev.dtype)),
-        st.h_last.at[r].set(pre.h_last[0].astype(st.h_last.dtype))),
+    set_rows=lambda st, r, tok, n, last, pre: SpecState(
+        st.length.at[r].set(n), st.tok_prev.at[r].set(last), st.tok_pend.at[r].set(tok),
+        st.h_prev.at[r].set(pre.h_prev.astype(st.h_prev.dtype)),
+        st.h_last.at[r].set(pre.h_last.astype(st.h_last.dtype))),
     steps=lambda cfg: jit_speculative_steps(cfg),
     emitted=lambda out: [[int(f), int(b)] if a else [int(f)] for f, b, a in zip(*out)])
 
 
 @functools.lru_cache(maxsize=32)
 def jit_refill(cfg: ModelConfig, engine_name: str):
-    """jit((params, rs, cache, state, row, tokens [1,T], length [1], key, temperature, top_p) -> (first token
-    [1], cache, state)): prefill one prompt alone into a fresh one-row cache of the batch cache's size, write
-    that row of the batch cache (every layer, MTP caches included) and of the decode state. Cache donated."""
+    """jit((params, rs, cache, state, rows [k], tokens [k,T], lengths [k], key, temperature, top_p) -> (first
+    tokens [k], cache, state)): prefill k prompts into a fresh k-row cache of the batch cache's size, write
+    those rows of the batch cache (every layer, MTP caches included) and of the decode state. A row may
+    repeat (padding: the same prompt into the same row twice writes the same values). Cache donated."""
     engine = ENGINES[engine_name]
 
-    def fn(params, rs, cache, state, row, tokens, length, key, temperature, top_p):
-        one = jax.tree.map(lambda a: jnp.zeros(a.shape[:1] + (1,) + a.shape[2:], a.dtype), cache)
-        out = prefill(cfg, params, rs, one, tokens, length, mtp=engine.mtp)
-        cache = jax.tree.map(lambda big, new: jax.lax.dynamic_update_index_in_dim(big, new[:, 0], row, 1),
-                             cache, out.cache)
+    def fn(params, rs, cache, state, rows, tokens, lengths, key, temperature, top_p):
+        k = rows.shape[0]
+        fresh = jax.tree.map(lambda a: jnp.zeros(a.shape[:1] + (k,) + a.shape[2:], a.dtype), cache)
+        out = prefill(cfg, params, rs, fresh, tokens, lengths, mtp=engine.mtp)
+        for j in range(k):
+            cache = jax.tree.map(lambda big, new: jax.lax.dynamic_update_index_in_dim(big, new[:, j], rows[j], 1),
+                                 cache, out.cache)
         tok = sample(out.logits, key, temperature, top_p)
-        return tok, cache, engine.set_row(state, row, tok, length[0], tokens[0, length[0] - 1], out)
+        last = tokens[jnp.arange(k), lengths - 1]
+        return tok, cache, engine.set_rows(state, rows, tok, lengths, last, out)
     return jax.jit(fn, donate_argnums=(2,))
 
 
@@ -160,7 +166,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     batch = min(batch_size, len(req.prompts))
     t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len)
     sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))
-    first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # request i's first token: fold_in(this, i)
+    first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a refill's first tokens: fold_in(this, i)
     cache = init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=engine.mtp)
     state = engine.init(batch, cfg)
     refill, steps = jit_refill(cfg, name), engine.steps(cfg)
@@ -171,14 +177,19 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
         free = slots.free_rows()
         if free:
             t1 = time.perf_counter()
-            for r in free[:len(req.prompts) - slots.next]:
-                i = slots.start(r)
-                tokens, lengths = pad_prompts([req.prompts[i]], t_pad)
-                tok, cache, state = refill(params, router_state, cache, state, jnp.int32(r), jnp.asarray(tokens),
-                                           jnp.asarray(lengths), jax.random.fold_in(first_keys, i),
-                                           sampling.temperature, sampling.top_p)
-                slots.add([[int(tok[0])] if q == r else [] for q in range(batch)], np.arange(batch) == r)
-                refills += 1
+            rows = free[:len(req.prompts) - slots.next]
+            reqs = [slots.start(r) for r in rows]
+            k = min(batch, 1 << (len(rows) - 1).bit_length())              # padded to a power of two
+            pad = lambda xs: xs + xs[:1] * (k - len(xs))
+            tokens, lengths = pad_prompts(pad([req.prompts[i] for i in reqs]), t_pad)
+            tok, cache, state = refill(params, router_state, cache, state, jnp.asarray(pad(rows), jnp.int32),
+                                       jnp.asarray(tokens), jnp.asarray(lengths), jax.random.fold_in(first_keys, reqs[0]),
+                                       sampling.temperature, sampling.top_p)
+            tok, firsts = np.asarray(tok), [[] for _ in range(batch)]
+            for j, r in enumerate(rows):
+                firsts[r] = [int(tok[j])]
+            slots.add(firsts, np.isin(np.arange(batch), rows))
+            refills += len(rows)
             prefill_s += time.perf_counter() - t1
             continue                                    # a refilled request may already be done (max_new_tokens 1, eos)
         active = slots.active
