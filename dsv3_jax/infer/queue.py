@@ -156,7 +156,8 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
 
     stats: new_tokens, queue_s (the whole queue: prefills and decode), prefill_s (the first fill and every
     refill), decode_s (queue_s - prefill_s), tokens_per_s (new tokens / queue_s), decode_tokens_per_s (new
-    tokens / decode_s), refills, main_forwards (device steps run), and for speculative decoding drafts,
+    tokens / decode_s), refills, main_forwards (device steps run), device_calls (decode calls),
+    prefill_calls, batch_size (slots used), and for speculative decoding drafts,
     accepted, acceptance_rate, tokens_per_forward."""
     if speculative and (cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params):
         raise InputError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
@@ -172,7 +173,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     refill, steps = jit_refill(cfg, name), engine.steps(cfg)
     slots = Slots(req, batch)
     t0 = time.perf_counter()
-    prefill_s, refills, forwards, drafts, accepted = 0.0, 0, 0, 0, 0
+    prefill_s, refills, forwards, drafts, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0
     while True:
         free = slots.free_rows()
         if free:
@@ -190,6 +191,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
                 firsts[r] = [int(tok[j])]
             slots.add(firsts, np.isin(np.arange(batch), rows))
             refills += len(rows)
+            prefills += 1
             prefill_s += time.perf_counter() - t1
             continue                                    # a refilled request may already be done (max_new_tokens 1, eos)
         active = slots.active
@@ -199,6 +201,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
         n = min(CHUNK, -(-(min(left) if slots.waiting else max(left)) // engine.tokens_per_step))
         state, cache, outs = steps(params, router_state, cache, state, jnp.asarray(active), sampling, forwards + 1, n)
         outs = jax.device_get(outs)
+        calls += 1
         for j in range(n):
             live = slots.active
             if not live.any():
@@ -214,6 +217,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     stats: dict[str, Any] = dict(new_tokens=new, queue_s=queue_s, prefill_s=prefill_s, decode_s=queue_s - prefill_s,
                                  tokens_per_s=new / queue_s, decode_tokens_per_s=new / max(queue_s - prefill_s, 1e-9),
                                  refills=refills - batch, main_forwards=forwards, batch_size=batch,
+                                 device_calls=calls, prefill_calls=prefills,
                                  speculative=speculative, tokens_per_forward=1.0)
     if speculative:
         rate = accepted / drafts if drafts else 0.0
