@@ -386,8 +386,8 @@ def main(argv=None) -> dict:
               "acceptance), under the current rule; both: the two passes in one step, still without acceptance, "
               "sampling or state updates; twice: one pass run twice in one step.", "",
               "| batch | expert rule | plain step | draft pass | verify pass | (draft + verify) / plain | "
-              f"both passes / plain | draft twice / plain | verify twice / plain | speculative step | speculative / plain | "
-              f"bound at a={args.acceptance} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "both passes / plain | draft twice / plain | verify twice / plain | speculative step | "
+              f"speculative / plain | bound at a={args.acceptance} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for rule in RULES:
             q = r[rule]

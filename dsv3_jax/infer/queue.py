@@ -118,7 +118,8 @@ class Slots:
 
     def done(self, i: int) -> bool:
         o = self.out[i]
-        return len(o) >= self.req.max_new_tokens or (self.req.eos_id is not None and bool(o) and o[-1] == self.req.eos_id)
+        eos = self.req.eos_id
+        return len(o) >= self.req.max_new_tokens or (eos is not None and bool(o) and o[-1] == eos)
 
     @property
     def active(self) -> np.ndarray:
@@ -184,8 +185,8 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
             pad = lambda xs: xs + xs[:1] * (k - len(xs))
             tokens, lengths = pad_prompts(pad([req.prompts[i] for i in reqs]), t_pad)
             tok, cache, state = refill(params, router_state, cache, state, jnp.asarray(pad(rows), jnp.int32),
-                                       jnp.asarray(tokens), jnp.asarray(lengths), jax.random.fold_in(first_keys, reqs[0]),
-                                       sampling.temperature, sampling.top_p)
+                                       jnp.asarray(tokens), jnp.asarray(lengths),
+                                       jax.random.fold_in(first_keys, reqs[0]), sampling.temperature, sampling.top_p)
             tok, firsts = np.asarray(tok), [[] for _ in range(batch)]
             for j, r in enumerate(rows):
                 firsts[r] = [int(tok[j])]

@@ -22,7 +22,8 @@ copying a few experts' weights), else while N*K <= FEW_PAIRS_PER_EXPERT * E: `ca
 C row slots per expert, matmuls batched over all E with the weights read in place) when N*K >= E (most
 experts chosen) and its E*C rows are at most CAPACITY_ROWS, else `few_local` (small row blocks of the
 experts chosen, not a loop over all E). A `capacity_local` step whose routing overflows C falls back to
-E*N row slots (no overflow possible) while those are at most CAPACITY_ROWS, else to `few_local`. Elsewhere (GPU/TPU, or a mesh with dense), `gather` while N*K <= E.
+E*N row slots (no overflow possible) while those are at most CAPACITY_ROWS, else to `few_local`.
+Elsewhere (GPU/TPU, or a mesh with dense), `gather` while N*K <= E.
 Measured: experiments/results/bench_moe_few.md, and for capacity_local experiments/results/spec_cost.md.
 This docstring is the one place that rule is written down. Why blocked on CPU and ragged elsewhere:
 experiments/results/bench_moe.md (ragged_dot is several times slower than the blocked loops on XLA:CPU).
