@@ -19,10 +19,16 @@ Part 3 (`--batch 1,4,8,16`): plain and speculative greedy generate() of the same
 that many validation prompts (one request per batch; rows that accept different numbers of drafts stay in one
 batch), alternating rounds; decode tokens/s summed over the rows, acceptance, and the median per-round ratio.
 
+Part 4 (`--queue Q`, 0 for none): the serving queue (`generate(..., batch_size=B)`, dsv3_jax/infer/queue.py):
+for each B of `--queue-batch` (default: the part-3 batches), Q*B validation prompts through B slots, a slot
+refilled with the next prompt as soon as its request is done, plain and speculative alternating rounds
+(outputs checked equal); tokens/s over the whole queue (the refills' prefills included) and decode-only (the
+prefills' time left out). Part 3 keeps measuring one request per batch, which waits for its slowest row.
+
 Writes experiments/results/bench_decode.{md,png,json}; the last printed line is JSON with `tokens_per_forward`
 and `speculative_speedup` (of the checkpoint, or of the random model when there is none).
 
-    python experiments/bench_decode.py [--run-dir RUN] [--batch 1,4,8,16] [--quick]
+    python experiments/bench_decode.py [--run-dir RUN] [--batch 1,4,8,16] [--queue 4] [--quick]
 """
 
 from __future__ import annotations
@@ -223,7 +229,47 @@ def compare_batches(cfg, variables, prompts, batches, new_tokens, repeats) -> li
     return rows
 
 
-def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list, batch_rows=()) -> None:
+def compare_queue(cfg, variables, prompts, batches, per_slot, new_tokens, repeats) -> list[dict]:
+    """Plain and speculative greedy generation of per_slot * b prompts through b slots (the serving queue), for
+    each b in `batches`: warmed up, then `repeats` rounds with plain and speculative alternating (outputs
+    checked equal). Tokens/s of a run: all new tokens / the queue's seconds (prefills included), and / its
+    decode seconds (prefills left out)."""
+    max_len = max(len(p) for p in prompts) + new_tokens
+    rows = []
+    for b in batches:
+        queue = [prompts[i % len(prompts)] for i in range(per_slot * b)]
+        run = lambda spec: generate(cfg, variables, queue, new_tokens, speculative=spec, max_len=max_len, batch_size=b)
+        run(False), run(True)                                                      # warm-up: compiles
+        rates = {(spec, k): [] for spec in (False, True) for k in ("tokens_per_s", "decode_tokens_per_s")}
+        for _ in range(repeats):
+            for spec in (False, True):
+                out, stats = run(spec)
+                for k in ("tokens_per_s", "decode_tokens_per_s"):
+                    rates[(spec, k)].append(stats[k])
+                if spec:
+                    assert out == plain_out, "speculative greedy output differs from plain greedy (queue)"
+                    spec_stats = stats
+                else:
+                    plain_out, plain_stats = out, stats
+        ratio = lambda k: statistics.median(t / p for p, t in zip(rates[(False, k)], rates[(True, k)]))
+        rows.append({"batch": b, "requests": len(queue),
+                     "plain_tokens_per_s": statistics.median(rates[(False, "tokens_per_s")]),
+                     "spec_tokens_per_s": statistics.median(rates[(True, "tokens_per_s")]),
+                     "plain_decode_tokens_per_s": statistics.median(rates[(False, "decode_tokens_per_s")]),
+                     "spec_decode_tokens_per_s": statistics.median(rates[(True, "decode_tokens_per_s")]),
+                     "acceptance_rate": spec_stats["acceptance_rate"],
+                     "tokens_per_forward": spec_stats["tokens_per_forward"],
+                     "plain_forwards": plain_stats["main_forwards"], "spec_forwards": spec_stats["main_forwards"],
+                     "speedup": ratio("tokens_per_s"), "decode_speedup": ratio("decode_tokens_per_s")})
+        r = rows[-1]
+        print(f"  queue, batch {b:3d} ({len(queue)} requests): plain {r['plain_tokens_per_s']:.1f} tok/s, "
+              f"speculative {r['spec_tokens_per_s']:.1f} tok/s, speedup {r['speedup']:.2f}x (decode only "
+              f"{r['decode_speedup']:.2f}x), acceptance {r['acceptance_rate']:.2f}", flush=True)
+    return rows
+
+
+def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list, batch_rows=(),
+         queue_rows=()) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -259,6 +305,15 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
         bs = [r["batch"] for r in batch_rows]
         ax3.plot(bs, [r["plain_tokens_per_s"] for r in batch_rows], "o-", label="plain")
         ax3.plot(bs, [r["spec_tokens_per_s"] for r in batch_rows], "s-", label="speculative (MTP draft)")
+        if queue_rows:
+            qs = [r["batch"] for r in queue_rows]
+            per_slot = queue_rows[0]["requests"] // queue_rows[0]["batch"]
+            ax3.plot(qs, [r["plain_tokens_per_s"] for r in queue_rows], "o--", color="C0",
+                     label=f"plain, queue of {per_slot}x batch (prefills in)")
+            ax3.plot(qs, [r["spec_tokens_per_s"] for r in queue_rows], "s--", color="C1", label="speculative, queue")
+            for r in queue_rows:
+                ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
+                             xytext=(0, -12), ha="center", fontsize=8, color="C1")
         for r in batch_rows:
             ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)
@@ -291,6 +346,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--agree-presets", default="tiny,small",
                     help="presets of the constructed agreeing-draft models ('' for none)")
     ap.add_argument("--batch", default="1,4,8,16", help="batch sizes of the part-3 table ('' for none)")
+    ap.add_argument("--queue", type=int, default=0,
+                    help="part 4: this many requests per slot through the serving queue (0: no part 4)")
+    ap.add_argument("--queue-batch", default=None, help="slots of the part-4 queues (default: --batch)")
     ap.add_argument("--quick", action="store_true", help="contexts 128,1024 and fewer repeats (smoke test)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from bench_decode.json")
@@ -300,7 +358,7 @@ def main(argv=None) -> dict:
             saved = json.load(f)
         contexts = sorted({r["context"] for r in saved["decode"]})
         plot(args.out, saved["summary"]["preset"], contexts, saved["decode"], saved["speculative"],
-             saved.get("batches", ()))
+             saved.get("batches", ()), saved.get("queue", ()))
         return saved["summary"]
     if args.quick:
         args.contexts, args.steps, args.repeats, args.new_tokens = "128,1024", 2, 2, 32
@@ -365,6 +423,17 @@ def main(argv=None) -> dict:
     for r in batch_rows:
         r["model"] = label
 
+    # Part 4.
+    qbatches = [int(b) for b in (args.batch if args.queue_batch is None else args.queue_batch).split(",") if b]
+    queue_rows = []
+    if args.queue > 0 and qbatches:
+        print(f"part 4: queues of {args.queue} requests per slot, slots {qbatches}, {label}", flush=True)
+        if len(prompts) < args.queue * max(qbatches) and args.run_dir and os.path.exists(args.run_dir):
+            prompts = validation_prompts(run_cfg, tokenizer, args.queue * max(qbatches), args.prompt_tokens)
+        queue_rows = compare_queue(scfg, variables, prompts, qbatches, args.queue, args.new_tokens, args.repeats)
+        for r in queue_rows:
+            r["model"] = label
+
     # Report.
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared: 1-min load average {os.getloadavg()[0]:.1f} "
                f"at the end), jax {jax.__version__} ({jax.default_backend()})")
@@ -402,6 +471,23 @@ def main(argv=None) -> dict:
         for r in batch_rows:
             lines.append(f"| {r['batch']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
                          f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
+    if queue_rows:
+        lines += ["", f"## Serving queue: plain and speculative greedy decoding with slots refilled ({label}, "
+                  f"{queue_rows[0]['requests'] // queue_rows[0]['batch']} requests per slot, {args.new_tokens} new "
+                  "tokens per request, validation-text prompts; `generate(..., batch_size=B)`: a slot takes the "
+                  "next request as soon as its own is done; after a warm-up, "
+                  f"{args.repeats} rounds, plain and speculative alternating; median tokens/s over the whole queue "
+                  "(all new tokens / the queue's wall time, every prefill included) and decode-only (prefill time "
+                  "left out), and the medians of the per-round ratios; identical outputs checked). This is the "
+                  "serving case; the table above is one request per batch, which waits for its slowest row.", "",
+                  "| slots (batch) | requests | plain tok/s | speculative tok/s | speculative / plain | "
+                  "plain decode-only tok/s | speculative decode-only tok/s | decode-only speculative / plain | "
+                  "acceptance | main forwards (plain / spec) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in queue_rows:
+            lines.append(f"| {r['batch']} | {r['requests']} | {r['plain_tokens_per_s']:.1f} | "
+                         f"{r['spec_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['plain_decode_tokens_per_s']:.1f} | "
+                         f"{r['spec_decode_tokens_per_s']:.1f} | {r['decode_speedup']:.2f}x | "
+                         f"{r['acceptance_rate']:.2f} | {r['plain_forwards']} / {r['spec_forwards']} |")
     if note:
         lines += ["", f"Note: {note}."]
     if label != f"random {args.spec_preset}" and scfg.vocab_size == 256:
@@ -412,7 +498,7 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    plot(args.out, args.preset, contexts, rows, spec_rows, batch_rows)
+    plot(args.out, args.preset, contexts, rows, spec_rows, batch_rows, queue_rows)
 
     main_row = spec_rows[0]
     summary = {
@@ -430,10 +516,14 @@ def main(argv=None) -> dict:
         "speculative_speedup": round(r["speedup"], 3)} for r in spec_rows[1:]}
     summary["batches"] = {str(r["batch"]): {k: round(r[k], 3) for k in (
         "plain_tokens_per_s", "spec_tokens_per_s", "acceptance_rate", "speedup")} for r in batch_rows}
+    summary["queue"] = {str(r["batch"]): {k: round(r[k], 3) for k in (
+        "plain_tokens_per_s", "spec_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate")}
+        for r in queue_rows}
     if note:
         summary["note"] = note
     with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
-        json.dump({"summary": summary, "decode": rows, "speculative": spec_rows, "batches": batch_rows}, f,
+        json.dump({"summary": summary, "decode": rows, "speculative": spec_rows, "batches": batch_rows,
+                   "queue": queue_rows}, f,
                   indent=2)
     print("\n".join(lines))
     print(json.dumps(summary))

@@ -64,7 +64,7 @@ PROMPT, NEW = 48, 128
 SLOTS = layout([[0] * PROMPT], NEW, CONTEXT)[1]        # bench_decode's cache size for those requests
 RULES = {"few_local": 0, "capacity_local": dispatch.CAPACITY_ROWS}      # the few-token rule, before / now
 CURRENT = "capacity_local"
-PASSES = ("draft pass", "verify pass", "both passes")
+PASSES = ("draft pass", "verify pass", "both passes", "draft twice", "verify twice")
 
 
 def pass_fn(cfg, kind: str, batch: int, tokens: int, n: int):
@@ -109,7 +109,17 @@ def pass_costs(cfg, params, rs, batch: int, n: int, repeats: int) -> dict:
 def one_pass_step(which: str):
     """A speculative step cut down to its passes, same signature as `speculative_step`: the MTP draft ('draft
     pass'), the two-token main forward and head ('verify pass'), or both ('both passes', the verify taking the
-    draft's argmax as its second token): greedy, no acceptance, sampling or state updates."""
+    draft's argmax as its second token): greedy, no acceptance, sampling or state updates. 'draft twice' /
+    'verify twice': that pass run twice in one step (the second fed the first's output): whether a step
+    doing more of the same work costs in proportion, against 'both passes', which mixes two weight sets."""
+    if which.endswith("twice"):
+        once = one_pass_step(which.split()[0] + " pass")
+
+        def twice(cfg, params, rs, cache, st, active, sampling, step):
+            st, cache, out = once(cfg, params, rs, cache, st, active, sampling, step)
+            return once(cfg, params, rs, cache, st, active, sampling, step)
+        return twice
+
     def step(cfg, params, rs, cache, st, active, sampling, step):
         second = st.tok_prev
         if which in ("draft pass", "both passes"):
@@ -306,6 +316,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--profile-batch", type=int, default=0,
                     help="trace the whole steps at this batch and tabulate their parts (0: no trace)")
+    ap.add_argument("--ffn-scale", type=float, default=0.0,
+                    help="random weights with every FFN width (dense, experts) scaled by this: a model with fewer "
+                         "weight bytes per step (the together penalty against the working set)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     if args.run_dir:
@@ -315,6 +328,10 @@ def main(argv=None) -> dict:
     else:
         cfg = PRESETS["tiny"]
         variables, label = random_variables(cfg, 0), "random tiny"
+    if args.ffn_scale:
+        cfg = cfg.replace(intermediate_size=int(cfg.intermediate_size * args.ffn_scale),
+                          moe_intermediate_size=int(cfg.moe_intermediate_size * args.ffn_scale))
+        variables, label = random_variables(cfg, 0), f"{label}, FFN widths x{args.ffn_scale}, random weights"
     params, rs = split_variables(variables)
 
     rows = []
@@ -330,10 +347,13 @@ def main(argv=None) -> dict:
                               "spec_step": round(steps[("speculative", rule)], 1),
                               "spec_over_plain": round(ratios[rule], 3),
                               "bound_at_acceptance": round((1 + args.acceptance) / ratios[rule], 3)}
-        rows[-1][CURRENT].update({p.split()[0]: round(steps[(p, CURRENT)], 1) for p in PASSES})
+        rows[-1][CURRENT].update({p.split()[0]: round(steps[(p, CURRENT)], 1) for p in PASSES[:3]})
         rows[-1][CURRENT]["passes_over_plain"] = round(
             (steps[("draft pass", CURRENT)] + steps[("verify pass", CURRENT)]) / steps[("plain", CURRENT)], 3)
         rows[-1][CURRENT]["both_over_plain"] = round(steps[("both passes", CURRENT)] / steps[("plain", CURRENT)], 3)
+        for p in ("draft twice", "verify twice"):
+            rows[-1][CURRENT][p.replace(" ", "_") + "_over_plain"] = round(
+                steps[(p, CURRENT)] / steps[("plain", CURRENT)], 3)
         if b == args.profile_batch:
             parts = step_parts(progs)
             rows[-1]["parts"] = {f"{kind} {rule}": {k: round(v, 1) for k, v in d.items()}
@@ -344,7 +364,10 @@ def main(argv=None) -> dict:
     print(f"matmul pairs (us): {mm}", flush=True)
 
     lines = ["# Speculative step cost model", "",
-             f"Model: {label} ({cfg.num_hidden_layers} layers + 1 MTP block). {os.cpu_count()} CPU cores, jax "
+             f"Model: {label} ({cfg.num_hidden_layers} layers + 1 MTP block; parameters "
+             f"{sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) / 2 ** 20:.1f} MiB, of which MTP module 1 "
+             f"{sum(a.nbytes for a in jax.tree_util.tree_leaves(params['mtp_0'])) / 2 ** 20:.1f} MiB). "
+             f"{os.cpu_count()} CPU cores, jax "
              f"{jax.__version__}. Device microseconds per pass ({args.passes} passes per device call, median of "
              f"{args.repeats} alternating repeats), {CONTEXT} cached tokens.", "",
              f"Bound = (1 + a) / (c2/c1 + cm/c1), the speed-up over plain decoding of a speculative step that costs "
@@ -361,15 +384,16 @@ def main(argv=None) -> dict:
               "that ratio: what the speculative step's own overhead leaves of the speed-up at acceptance a. Draft "
               "and verify: the speculative step cut down to one of its passes (same loop, state and caches; no "
               "acceptance), under the current rule; both: the two passes in one step, still without acceptance, "
-              "sampling or state updates.", "",
+              "sampling or state updates; twice: one pass run twice in one step.", "",
               "| batch | expert rule | plain step | draft pass | verify pass | (draft + verify) / plain | "
-              f"both passes / plain | speculative step | speculative / plain | bound at a={args.acceptance} |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "both passes / plain | draft twice / plain | verify twice / plain | speculative step | "
+              f"speculative / plain | bound at a={args.acceptance} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for rule in RULES:
             q = r[rule]
             passes = (f"{q['draft']:.0f} | {q['verify']:.0f} | {q['passes_over_plain']:.2f} | "
-                      f"{q['both_over_plain']:.2f}" if "draft" in q else "- | - | - | -")
+                      f"{q['both_over_plain']:.2f} | {q['draft_twice_over_plain']:.2f} | "
+                      f"{q['verify_twice_over_plain']:.2f}" if "draft" in q else "- | - | - | - | - | -")
             lines.append(f"| {r['batch']} | {rule} | {q['plain_step']:.0f} | {passes} | {q['spec_step']:.0f} | "
                          f"{q['spec_over_plain']:.2f} | {q['bound_at_acceptance']:.2f}x |")
     for r in rows:

@@ -211,6 +211,59 @@ def test_eos_stops_rows_inside_a_device_call():
         assert streamed == expect, f"speculative={spec}"
 
 
+def test_queue_speculative_equals_plain_greedy():
+    """Speculative decoding on the queue path (generate(..., batch_size=8), dsv3_jax/infer/queue.py): 10
+    prompts through 8 slots; rows accept different numbers of drafts, so slots free up at different steps and
+    the last two prompts start beside running rows: each prompt's tokens are its plain greedy output alone."""
+    full, _ = plain_greedy_20()
+    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:10], max_new_tokens=64, speculative=True,
+                          max_len=MAX_LEN, batch_size=8)
+    assert out == full[:10] and stats["refills"] == 2 and stats["drafts"] > 0
+
+
+@pytest.mark.slow
+def test_queue_outputs_equal_each_prompt_alone():
+    """The serving queue (generate(..., batch_size=8), dsv3_jax/infer/queue.py): 20 prompts through 8 slots,
+    rows stopping at an eos at different steps (so slots are refilled in the middle of others' decoding),
+    for plain and speculative decoding: each prompt's tokens and stream are exactly its plain greedy output
+    alone (cut after its first eos), and 12 refills ran."""
+    from dsv3_jax.infer.decode import CHUNK
+    full, _ = plain_greedy_20()
+    eos = full[0][CHUNK + 3]
+    expect = [o[:o.index(eos) + 1] if eos in o else o for o in full]
+    assert len({len(e) for e in expect}) > 3
+    for spec in (False, True):
+        streamed = [[] for _ in expect]
+
+        def collect(new):
+            assert len(new) == len(expect)
+            for row, toks in zip(streamed, new):
+                row.extend(toks)
+        out, stats = generate(CFG_A, variables(CFG_A), prompts_20(), max_new_tokens=64, eos_id=int(eos),
+                              speculative=spec, stream_callback=collect, max_len=MAX_LEN, batch_size=8)
+        assert out == expect, f"speculative={spec}"
+        assert streamed == expect, f"speculative={spec}"
+        assert stats["refills"] == 12 and stats["new_tokens"] == sum(map(len, expect))
+        assert stats["queue_s"] >= stats["prefill_s"] > 0
+
+
+def test_queue_one_new_token_and_more_slots_than_prompts():
+    """max_new_tokens=1: every request is done by its own prefill (the queue refills straight on); a
+    batch_size above the number of prompts uses one slot per prompt."""
+    full, _ = plain_greedy_20()
+    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:9], max_new_tokens=1, max_len=MAX_LEN, batch_size=8)
+    assert out == [o[:1] for o in full[:9]] and stats["main_forwards"] == 0 and stats["refills"] == 1
+    out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:8], max_new_tokens=5, max_len=MAX_LEN, batch_size=50)
+    assert out == [o[:5] for o in full[:8]] and stats["batch_size"] == 8
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, True, "8"])
+def test_queue_bad_batch_size(batch_size):
+    from dsv3_jax.errors import InputError
+    with pytest.raises(InputError, match="batch_size must be an integer >= 1"):
+        generate(CFG_A, variables(CFG_A), [[1, 2]], max_new_tokens=4, batch_size=batch_size)
+
+
 # 5. Speculative sampling keeps the target distribution --------------------------------------------------------
 
 def test_acceptance_rule_output_is_distributed_as_p():

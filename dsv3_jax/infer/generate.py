@@ -18,6 +18,7 @@ import numpy as np
 from ..config import ModelConfig
 from .decode import CHUNK, jit_decode_steps, split_variables
 from .request import DecodeClock, GenerationRequest, StreamCallback, start_request
+from .queue import check_batch_size, queue_generate
 from .speculative import speculative_generate
 
 
@@ -60,7 +61,8 @@ def validate_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top
 def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, speculative: bool = False,
              stream_callback: Optional[StreamCallback] = None, *, eos_id: Optional[int] = None,
-             cache_dtype=None, max_len: Optional[int] = None) -> tuple[list[list[int]], dict]:
+             cache_dtype=None, max_len: Optional[int] = None,
+             batch_size: Optional[int] = None) -> tuple[list[list[int]], dict]:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     Greedy when temperature == 0, else sampling from softmax(logits / temperature) restricted to the top-p
@@ -71,6 +73,11 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     output). cache_dtype: storage dtype of the latent cache (default cfg.dtype). max_len: the cache's size in
     positions (prompt + new tokens must fit, ValueError otherwise, as for cfg.max_position_embeddings); fixing
     it lets requests of different lengths share compiled steps (default: just enough, in buckets of 16).
+
+    batch_size: run the prompts through that many batch slots (a serving queue, queue.py): a row whose
+    request is done takes the next prompt at once, for plain and speculative decoding; greedy output per
+    prompt is unchanged. Default None: all prompts in one batch, until the slowest row is done. The stats
+    then differ (queue.py's `queue_generate`).
 
     Decode steps run CHUNK at a time on the device (one host round trip per call); tokens are streamed per
     step as each call returns.
@@ -83,9 +90,13 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if batch_size is not None:
+        batch_size = check_batch_size(batch_size)
     params, router_state = split_variables(variables)
     req = GenerationRequest(prompts, int(max_new_tokens), float(temperature), float(top_p), seed, stream_callback,
                             eos_id, cache_dtype, max_len)
+    if batch_size is not None:
+        return queue_generate(cfg, params, router_state, req, batch_size, speculative=speculative)
     return (speculative_generate if speculative else plain_generate)(cfg, params, router_state, req)
 
 

@@ -106,10 +106,15 @@ def capacity_slots(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2
 
 
 def capacity_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax.Array,
-                   capacity: int | None = None) -> jax.Array:
+                   capacity: int | None = None, full_fallback: bool = False) -> jax.Array:
     """Same contract as `few_local`, for a few tokens that choose most of the experts: `capacity_slots` with
-    C = `expert_capacity` (or `capacity`), or `few_local` on a step where some expert has more than C pairs
-    (lax.cond), so no pair is ever dropped."""
+    C = `expert_capacity` (or `capacity`), and on a step where some expert has more than C pairs (lax.cond)
+    a fallback, so no pair is ever dropped: `capacity_slots` with C = N (an expert gets at most one pair per
+    token, so nothing can overflow; E*N rows, the weights still read in place) when full_fallback, else
+    `few_local`. Trained routers overflow C on a good share of decode steps (text whose rows repeat one
+    pattern sends them to the same experts); dispatch.py decides which fallback pays."""
+    n = idx.shape[0]
     c = capacity or expert_capacity(idx.size, w1.shape[0])
     fits = sort_by_expert(idx, w1.shape[0])[2].max() <= c
-    return lax.cond(fits, lambda *a: capacity_slots(*a, c), few_local, x, idx, w, w1, w2)
+    fallback = (lambda *a: capacity_slots(*a, n)) if full_fallback else few_local
+    return lax.cond(fits, lambda *a: capacity_slots(*a, c), fallback, x, idx, w, w1, w2)

@@ -1,0 +1,226 @@
+"""A request queue through a fixed number of batch slots (continuous batching), for plain and speculative
+decoding: `generate(..., batch_size=B)` runs any number of prompts through B cache rows, and as soon as a
+row's request is done the next prompt is prefilled into that row and decodes beside the others.
+
+Why: one request per batch runs until its slowest row is done, and rows that finish early (eos, or in
+speculative decoding fewer rejected drafts) idle meanwhile; a serving queue gives their slot to the next
+request. A refill prefills the new prompts (expanded MLA, as `prefill`; the rows freed by one device call
+together, their count padded to a power of two so that few shapes compile) and writes those rows of the
+batch cache in place (`jit_refill`); slot == position (cache.py), so the row's positions restart at 0 and
+the previous request's entries past the new prompt are masked until overwritten. Every row decodes at its
+own offset, so greedy output per prompt is what the prompt gives alone. Sampling (temperature > 0) keeps the
+model's distribution, but a request's draws depend on its slot and steps, not only on the seed.
+
+Device calls run at most CHUNK steps; while prompts wait, a call stops once the active row nearest its end
+can be done (so its slot is refilled without idling), and the last rows run as `generate` runs a batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import InputError
+from ..model.layers import dtype_of
+from .cache import init_cache
+from .decode import CHUNK, Sampling, jit_decode_steps, layout, pad_prompts, prefill, sample
+from .request import GenerationRequest
+from .speculative import SpecState, jit_speculative_steps
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1 (the number of batch slots), got {batch_size!r}")
+    return int(batch_size)
+
+
+class Engine(NamedTuple):
+    """What differs between plain and speculative decoding on the queue path."""
+    mtp: bool                        # the prefill fills MTP module 1's cache too
+    tokens_per_step: int             # the most tokens a step emits per row
+    init: Callable                   # (batch, cfg) -> the per-row decode state, all rows empty
+    set_rows: Callable               # (state, rows [k], first tokens [k], prompt lengths [k], last prompt
+                                     #  tokens [k], Prefill of k rows) -> state
+    steps: Callable                  # cfg -> jitted (params, rs, cache, state, active, sampling, step, n) -> ...
+    emitted: Callable                # one step's host outputs -> per-row token lists (for every row)
+
+
+def _plain_steps(cfg):
+    fn = jit_decode_steps(cfg)
+
+    def run(params, rs, cache, state, active, sampling, step, n):
+        tok, pos, cache, outs = fn(params, rs, cache, state[0], state[1], active, sampling, step, n)
+        return (tok, pos), cache, outs
+    return run
+
+
+PLAIN = Engine(
+    mtp=False, tokens_per_step=1,
+    init=lambda b, cfg: (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)),   # (pending token, position)
+    set_rows=lambda st, r, tok, n, last, pre: (st[0].at[r].set(tok), st[1].at[r].set(n)),
+    steps=_plain_steps,
+    emitted=lambda out: [[int(t)] for t in out])
+
+SPECULATIVE = Engine(
+    mtp=True, tokens_per_step=2,
+    init=lambda b, cfg: SpecState(*(jnp.zeros((b,), jnp.int32) for _ in range(3)),
+                                  *(jnp.zeros((b, cfg.hidden_size), dtype_of(cfg.dtype)) for _ in range(2))),
+    set_rows=lambda st, r, tok, n, last, pre: SpecState(
+        st.length.at[r].set(n), st.tok_prev.at[r].set(last), st.tok_pend.at[r].set(tok),
+        st.h_prev.at[r].set(pre.h_prev.astype(st.h_prev.dtype)),
+        st.h_last.at[r].set(pre.h_last.astype(st.h_last.dtype))),
+    steps=lambda cfg: jit_speculative_steps(cfg),
+    emitted=lambda out: [[int(f), int(b)] if a else [int(f)] for f, b, a in zip(*out)])
+
+
+@functools.lru_cache(maxsize=32)
+def jit_refill(cfg: ModelConfig, engine_name: str):
+    """jit((params, rs, cache, state, rows [k], tokens [k,T], lengths [k], key, temperature, top_p) -> (first
+    tokens [k], cache, state)): prefill k prompts into a fresh k-row cache of the batch cache's size, write
+    those rows of the batch cache (every layer, MTP caches included) and of the decode state. A row may
+    repeat (padding: the same prompt into the same row twice writes the same values). Cache donated."""
+    engine = ENGINES[engine_name]
+
+    def fn(params, rs, cache, state, rows, tokens, lengths, key, temperature, top_p):
+        k = rows.shape[0]
+        fresh = jax.tree.map(lambda a: jnp.zeros(a.shape[:1] + (k,) + a.shape[2:], a.dtype), cache)
+        out = prefill(cfg, params, rs, fresh, tokens, lengths, mtp=engine.mtp)
+        for j in range(k):
+            cache = jax.tree.map(lambda big, new: jax.lax.dynamic_update_index_in_dim(big, new[:, j], rows[j], 1),
+                                 cache, out.cache)
+        tok = sample(out.logits, key, temperature, top_p)
+        last = tokens[jnp.arange(k), lengths - 1]
+        return tok, cache, engine.set_rows(state, rows, tok, lengths, last, out)
+    return jax.jit(fn, donate_argnums=(2,))
+
+
+ENGINES = {"plain": PLAIN, "speculative": SPECULATIVE}
+
+
+class Slots:
+    """Which request each batch row serves, the requests' outputs (max_new_tokens / eos stopping), the queue
+    of prompts not started yet, and streaming (one list per prompt, as `generate`'s stream_callback)."""
+
+    def __init__(self, req: GenerationRequest, batch: int):
+        self.req, self.out = req, [[] for _ in req.prompts]
+        self.row_req = np.full(batch, -1)              # request served by each row, -1: none
+        self.next = 0                                  # the next prompt to start
+
+    def start(self, row: int) -> int:
+        self.row_req[row], self.next = self.next, self.next + 1
+        return self.row_req[row]
+
+    def done(self, i: int) -> bool:
+        o = self.out[i]
+        eos = self.req.eos_id
+        return len(o) >= self.req.max_new_tokens or (eos is not None and bool(o) and o[-1] == eos)
+
+    @property
+    def active(self) -> np.ndarray:
+        return np.array([i >= 0 and not self.done(i) for i in self.row_req])
+
+    @property
+    def waiting(self) -> bool:
+        return self.next < len(self.req.prompts)
+
+    def free_rows(self) -> list[int]:
+        return [r for r, i in enumerate(self.row_req) if i < 0 or self.done(i)] if self.waiting else []
+
+    def add(self, per_row: list[list[int]], live: np.ndarray) -> None:
+        """Tokens emitted by each row in one step; rows not live (or whose request is done) emit nothing."""
+        emitted = [[] for _ in self.req.prompts]
+        for r, toks in enumerate(per_row):
+            i = self.row_req[r]
+            if not live[r] or i < 0:
+                continue
+            for t in toks:
+                if self.done(i):
+                    break
+                self.out[i].append(int(t))
+                emitted[i].append(int(t))
+        if self.req.stream_callback is not None and any(emitted):
+            self.req.stream_callback(emitted)
+
+    def left(self) -> list[int]:
+        return [self.req.max_new_tokens - len(self.out[i]) for i in self.row_req[self.active]]
+
+
+def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: GenerationRequest, batch_size: int,
+                   *, speculative: bool = False) -> tuple[list[list[int]], dict]:
+    """A validated request through min(batch_size, prompts) slots -> (tokens per prompt, stats).
+
+    stats: new_tokens, queue_s (the whole queue: prefills and decode), prefill_s (the first fill and every
+    refill), decode_s (queue_s - prefill_s), tokens_per_s (new tokens / queue_s), decode_tokens_per_s (new
+    tokens / decode_s), refills, main_forwards (device steps run), device_calls (decode calls),
+    prefill_calls, batch_size (slots used), and for speculative decoding drafts,
+    accepted, acceptance_rate, tokens_per_forward."""
+    if speculative and (cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params):
+        raise InputError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
+                         "params['mtp_0']); use speculative=False")
+    name = "speculative" if speculative else "plain"
+    engine = ENGINES[name]
+    batch = min(batch_size, len(req.prompts))
+    t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len)
+    sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))
+    first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a refill's first tokens: fold_in(this, i)
+    cache = init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=engine.mtp)
+    state = engine.init(batch, cfg)
+    refill, steps = jit_refill(cfg, name), engine.steps(cfg)
+    slots = Slots(req, batch)
+    t0 = time.perf_counter()
+    prefill_s, refills, forwards, drafts, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0
+    while True:
+        free = slots.free_rows()
+        if free:
+            t1 = time.perf_counter()
+            rows = free[:len(req.prompts) - slots.next]
+            reqs = [slots.start(r) for r in rows]
+            k = min(batch, 1 << (len(rows) - 1).bit_length())              # padded to a power of two
+            pad = lambda xs: xs + xs[:1] * (k - len(xs))
+            tokens, lengths = pad_prompts(pad([req.prompts[i] for i in reqs]), t_pad)
+            tok, cache, state = refill(params, router_state, cache, state, jnp.asarray(pad(rows), jnp.int32),
+                                       jnp.asarray(tokens), jnp.asarray(lengths),
+                                       jax.random.fold_in(first_keys, reqs[0]), sampling.temperature, sampling.top_p)
+            tok, firsts = np.asarray(tok), [[] for _ in range(batch)]
+            for j, r in enumerate(rows):
+                firsts[r] = [int(tok[j])]
+            slots.add(firsts, np.isin(np.arange(batch), rows))
+            refills += len(rows)
+            prefills += 1
+            prefill_s += time.perf_counter() - t1
+            continue                                    # a refilled request may already be done (max_new_tokens 1, eos)
+        active = slots.active
+        if not active.any():
+            break
+        left = slots.left()
+        n = min(CHUNK, -(-(min(left) if slots.waiting else max(left)) // engine.tokens_per_step))
+        state, cache, outs = steps(params, router_state, cache, state, jnp.asarray(active), sampling, forwards + 1, n)
+        outs = jax.device_get(outs)
+        calls += 1
+        for j in range(n):
+            live = slots.active
+            if not live.any():
+                break
+            step_out = jax.tree.map(lambda o: o[j], outs)
+            forwards += 1
+            if speculative:
+                drafts += int(live.sum())
+                accepted += int((step_out[2] & live).sum())
+            slots.add(engine.emitted(step_out), live)
+    queue_s = time.perf_counter() - t0
+    new = sum(len(o) for o in slots.out)
+    stats: dict[str, Any] = dict(new_tokens=new, queue_s=queue_s, prefill_s=prefill_s, decode_s=queue_s - prefill_s,
+                                 tokens_per_s=new / queue_s, decode_tokens_per_s=new / max(queue_s - prefill_s, 1e-9),
+                                 refills=refills - batch, main_forwards=forwards, batch_size=batch,
+                                 device_calls=calls, prefill_calls=prefills,
+                                 speculative=speculative, tokens_per_forward=1.0)
+    if speculative:
+        rate = accepted / drafts if drafts else 0.0
+        stats.update(drafts=drafts, accepted=accepted, acceptance_rate=rate, tokens_per_forward=1.0 + rate)
+    return slots.out, stats
