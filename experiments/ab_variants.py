@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 import dsv3_jax.model.layers as layers
 import dsv3_jax.model.mla as mla
+import dsv3_jax.train.optimizer as optimizer
 
 
 def _core_bwd_contracting_rows(res, do):
@@ -29,6 +30,21 @@ def _autodiff_dense(x, w):
     return jnp.dot(x, w)
 
 
+def _adamw_leaf_old_moments(tc, g, p, mu, nu, decay, *, grad_norm, clipped, ok, c1, c2, lr):
+    """optimizer.adamw_leaf before session 8: the parameter's update reads the old moments (recomputing the
+    new ones), so XLA copies the old moments before overwriting them."""
+    f32 = jnp.float32
+    g = jnp.where(clipped, g, (g / grad_norm.astype(g.dtype)) * tc.grad_clip).astype(f32)
+    mu_new = (1 - tc.b1) * g + tc.b1 * mu.astype(f32)
+    nu_new = (1 - tc.b2) * jnp.square(g) + tc.b2 * nu.astype(f32)
+    u = (mu_new / c1) / (jnp.sqrt(nu_new / c2) + tc.eps)
+    if decay:
+        u = u + tc.weight_decay * p
+    p_new = (p + -lr * u).astype(p.dtype)
+    return (jnp.where(ok, p_new, p), jnp.where(ok, mu_new.astype(mu.dtype), mu),
+            jnp.where(ok, nu_new.astype(nu.dtype), nu))
+
+
 def core_bwd_contracting_rows():
     mla.attention_core.defvjp(mla._attention_core_fwd, _core_bwd_contracting_rows)
     return lambda: mla.attention_core.defvjp(mla._attention_core_fwd, mla._attention_core_bwd)
@@ -43,10 +59,20 @@ def autodiff_dense():
     return undo
 
 
+def adamw_old_moments():
+    saved = optimizer.adamw_leaf
+    optimizer.adamw_leaf = _adamw_leaf_old_moments
+
+    def undo():
+        optimizer.adamw_leaf = saved
+    return undo
+
+
 def before_session8():
-    """Both of the above: the attention core's backward and the projections' weight gradients as at faaa471."""
-    undo = [core_bwd_contracting_rows(), autodiff_dense()]
+    """All of the above: the attention core's backward, the projections' weight gradients and the AdamW
+    update as at faaa471."""
+    undo = [core_bwd_contracting_rows(), autodiff_dense(), adamw_old_moments()]
     return lambda: [u() for u in undo]
 
 
-PATCHES = {f.__name__: f for f in (core_bwd_contracting_rows, autodiff_dense, before_session8)}
+PATCHES = {f.__name__: f for f in (core_bwd_contracting_rows, autodiff_dense, adamw_old_moments, before_session8)}

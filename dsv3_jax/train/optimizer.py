@@ -102,16 +102,7 @@ def apply_adamw(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array,
     clipped = grad_norm < tc.grad_clip
 
     def one(g, p, mu, nu, decay):
-        """One leaf (or one layer of it) -> (p, mu, nu), each in its stored dtype."""
-        g = jnp.where(clipped, g, (g / grad_norm.astype(g.dtype)) * tc.grad_clip).astype(f32)
-        mu_new = (1 - tc.b1) * g + tc.b1 * mu.astype(f32)
-        nu_new = (1 - tc.b2) * jnp.square(g) + tc.b2 * nu.astype(f32)
-        u = (mu_new / c1) / (jnp.sqrt(nu_new / c2) + tc.eps)
-        if decay:
-            u = u + tc.weight_decay * p
-        p_new = (p + -lr * u).astype(p.dtype)
-        return (jnp.where(ok, p_new, p), jnp.where(ok, mu_new.astype(mu.dtype), mu),
-                jnp.where(ok, nu_new.astype(nu.dtype), nu))
+        return adamw_leaf(tc, g, p, mu, nu, decay, grad_norm=grad_norm, clipped=clipped, ok=ok, c1=c1, c2=c2, lr=lr)
 
     def leaf(path, g, p, mu, nu, decay):
         if not is_stacked(path) or p.size * p.dtype.itemsize < min_bytes:
@@ -129,6 +120,24 @@ def apply_adamw(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array,
     adam = adam._replace(count=keep(count, adam.count), mu=pick(1), nu=pick(2))
     sched = sched._replace(count=keep(optax.safe_increment(sched.count), sched.count))
     return pick(0), (clip_state, (adam, decay_state, sched))
+
+
+def adamw_leaf(tc: TrainConfig, g, p, mu, nu, decay: bool, *, grad_norm, clipped, ok, c1, c2, lr):
+    """One leaf (or one layer of it) of `apply_adamw` -> (p, mu, nu), each in its stored dtype."""
+    f32 = jnp.float32
+    g = jnp.where(clipped, g, (g / grad_norm.astype(g.dtype)) * tc.grad_clip).astype(f32)
+    mu_f = (1 - tc.b1) * g + tc.b1 * mu.astype(f32)
+    nu_f = (1 - tc.b2) * jnp.square(g) + tc.b2 * nu.astype(f32)
+    mu_new, nu_new = jnp.where(ok, mu_f.astype(mu.dtype), mu), jnp.where(ok, nu_f.astype(nu.dtype), nu)
+    # fp32 moments: the update reads the stored new moments (the same values where ok; where not, p is kept
+    # anyway). Then no pass needs the old moments after their buffers are overwritten, and XLA neither copies
+    # them first nor recomputes the moments in the parameter's pass: the update moves about half the bytes
+    # (experiments/results/train_speed.md, "The whole step after session 8").
+    m, v = (mu_new, nu_new) if mu.dtype == f32 and nu.dtype == f32 else (mu_f, nu_f)
+    u = (m / c1) / (jnp.sqrt(v / c2) + tc.eps)
+    if decay:
+        u = u + tc.weight_decay * p
+    return jnp.where(ok, (p + -lr * u).astype(p.dtype), p), mu_new, nu_new
 
 
 def mtp_lambda(tc: TrainConfig, step) -> jax.Array:
