@@ -62,6 +62,17 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
                      "plain " + " / ".join(f"{r['plain_tokens_per_s']:.0f}" for r in batches) + " tokens/s; "
                      "speculative / plain " + " / ".join(f"{r['speedup']:.2f}x" for r in batches)
                      + f" (acceptance {min(acc):.2f}-{max(acc):.2f})", cmd))
+    queue = sorted(d.get("queue", []), key=lambda r: r["batch"])
+    if queue:
+        per_slot = queue[0]["requests"] // queue[0]["batch"]
+        acc = [r["acceptance_rate"] for r in queue]
+        rows.append((f"serving queue (`generate(..., batch_size=B)`, a slot refilled as soon as its request is "
+                     f"done), {per_slot} requests per slot, the same run, plain vs MTP speculative, batch "
+                     + "/".join(str(r["batch"]) for r in queue) + " (outputs checked equal)",
+                     "speculative / plain " + " / ".join(f"{r['speedup']:.2f}x" for r in queue)
+                     + " over the whole queue, prefills included (decode only "
+                     + " / ".join(f"{r['decode_speedup']:.2f}x" for r in queue)
+                     + f"); acceptance {min(acc):.2f}-{max(acc):.2f}", cmd.rstrip("`") + f" --queue {per_slot}`"))
     return rows
 
 
