@@ -80,11 +80,12 @@ def _decode_ab_rows(d: dict) -> list[tuple[str, str, str]]:
     plain = d["summary"].get("tiny_plain_b8_tok_s")
     if not plain:
         return []
-    base, new = plain["median"]["base"], plain["median"]["new"]
-    return [("plain greedy decoding at batch 8 (tiny preset), the decode work's tree as it landed (session 6) "
-             "against the tree before it (b1bbd96)",
+    base_name, new_name = list(d["trees"])[:2]                     # decode_ab.py's first tree is the baseline
+    base, new = plain["median"][base_name], plain["median"][new_name]
+    return [(f"plain greedy decoding at batch 8 (tiny preset, random weights): tree {new_name} against "
+             f"{base_name}, the tree before the decode work, alternating processes",
              f"{base:.0f} -> {new:.0f} tokens/s: {plain['ratio'][0]:.2f}x",
-             "`python experiments/decode_ab.py --tree base=OLD --tree new=. --rounds 3`")]
+             f"`python experiments/decode_ab.py --tree {base_name}=OLD --tree {new_name}=. --rounds 3 --parts tiny`")]
 
 
 def _spec_cost_rows(d: dict) -> list[tuple[str, str, str]]:
@@ -121,7 +122,7 @@ def _kv_rows(d: dict) -> list[tuple[str, str, str]]:
 
 SOURCES = [("bench_train.json", _train_rows), ("bench_moe.json", _moe_rows),
            ("bench_moe_few.json", _moe_few_rows), ("kv_cache.json", _kv_rows),
-           ("bench_decode.json", _decode_rows), ("decode_ab_tiny.json", _decode_ab_rows),
+           ("bench_decode.json", _decode_rows), ("decode_ab_b1bbd96.json", _decode_ab_rows),
            ("spec_cost.json", _spec_cost_rows)]
 
 
