@@ -31,7 +31,7 @@ from ..model.layers import dtype_of
 from .cache import init_cache
 from .decode import CHUNK, Sampling, jit_decode_steps, layout, pad_prompts, prefill, sample
 from .request import GenerationRequest
-from .speculative import SpecState, jit_speculative_steps
+from .speculative import SpecState, check_draft_module, jit_speculative_steps
 
 
 def check_batch_size(batch_size) -> int:
@@ -160,9 +160,8 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     tokens / decode_s), refills, main_forwards (device steps run), device_calls (decode calls),
     prefill_calls, batch_size (slots used), and for speculative decoding drafts,
     accepted, acceptance_rate, tokens_per_forward."""
-    if speculative and (cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params):
-        raise InputError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
-                         "params['mtp_0']); use speculative=False")
+    if speculative:
+        check_draft_module(cfg, params)
     name = "speculative" if speculative else "plain"
     engine = ENGINES[name]
     batch = min(batch_size, len(req.prompts))

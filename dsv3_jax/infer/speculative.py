@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import InputError
 from .decode import (CHUNK, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps, sample,
                      sample_from, sampling_probs)
 from .request import DecodeClock, GenerationRequest, start_request
@@ -126,12 +127,17 @@ def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK, step_fn=speculat
     return jax.jit(fn, donate_argnums=(2,))
 
 
+def check_draft_module(cfg: ModelConfig, params: dict) -> None:
+    """Speculative decoding drafts with MTP module 1: InputError when the model has none."""
+    if cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params:
+        raise InputError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
+                         "params['mtp_0']); use speculative=False")
+
+
 def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict,
                          req: GenerationRequest) -> tuple[list[list[int]], dict]:
     """A validated request -> (tokens, stats); see the module docstring and `generate`."""
-    if cfg.num_nextn_predict_layers < 1 or "mtp_0" not in params:
-        raise ValueError("speculative decoding needs MTP module 1 (num_nextn_predict_layers >= 1 and "
-                         "params['mtp_0']); use speculative=False")
+    check_draft_module(cfg, params)
     run = start_request(cfg, params, router_state, req, mtp=True)
     col, cache = run.col, run.cache
     rows = np.arange(len(req.prompts))

@@ -233,7 +233,8 @@ class MLA(nn.Module):
         """o [B,T,H,V] -> [B,T,D] through o_proj."""
         dt = dtype_of(self.cfg.dtype)
         b, t, h, v = o.shape
-        return dense(o.reshape(b * t, h * v).astype(dt), self.o_proj.astype(dt).reshape(h * v, -1)).reshape(b, t, -1)
+        out = dense(o.reshape(b * t, h * v).astype(dt), self.o_proj.astype(dt).reshape(h * v, -1))   # [B*T, D]
+        return out.reshape(b, t, -1)
 
 
 @jax.custom_vjp
