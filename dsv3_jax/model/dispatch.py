@@ -76,8 +76,8 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
             dt = dtype_of(cfg.dtype)
             w1 = w_gate_up.reshape(e, w_gate_up.shape[1], -1).astype(dt)                # [E, D, 2F]
             if idx.size >= e and e * expert_capacity(idx.size, e) <= CAPACITY_ROWS:
-                return capacity_local(x.astype(dt), idx, w, w1, w_down.astype(dt),
-                                      full_fallback=e * idx.shape[0] <= CAPACITY_ROWS)
+                return capacity_local(x.astype(dt), idx, w, w1, w_down.astype(dt), None,
+                                      e * idx.shape[0] <= CAPACITY_ROWS)          # full_fallback
             return few_local(x.astype(dt), idx, w, w1, w_down.astype(dt))
     elif gather_if_few and idx.size <= e and (not on_mesh or impl == "dense"):
         return gather(cfg, x, idx, w, w_gate_up, w_down)
