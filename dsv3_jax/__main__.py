@@ -37,6 +37,37 @@ def _init_distributed(args) -> None:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 
+def _gpu_plugin_installed() -> bool:
+    import importlib.metadata
+    import pkgutil
+    try:
+        import jax_plugins
+        names = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        names = []
+    names += [e.name for e in importlib.metadata.entry_points(group="jax_plugins")]
+    return any(k in n for n in names for k in ("cuda", "rocm", "gpu"))
+
+
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (the `tpu` extra, for `plan`) on a machine without TPU chips, jax would still
+    initialise libtpu at its first device query and print its failure to find a TPU (several lines of
+    errors) before falling back to CPU. Unless JAX_PLATFORMS names the platforms, such a machine runs on CPU
+    without asking libtpu; a machine with a GPU plugin is left to jax. `plan` compiles for TPU through the
+    topology API, which needs no TPU backend."""
+    import importlib.util
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    try:
+        from jax._src import hardware_utils           # private: checked on jax 0.10 (PCI vendor/device ids)
+        chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+    except (ImportError, AttributeError, OSError):
+        return
+    if chips == 0 and not _gpu_plugin_installed():
+        import jax
+        jax.config.update("jax_platforms", "cpu")
+
+
 def _reuse_host_memory_on_cpu(args) -> None:
     """A training run on XLA:CPU restarts once with glibc malloc settings under which each step reuses the
     last step's freed buffers instead of page-faulting fresh ones (dsv3_jax/host_malloc.py). Skipped when an
@@ -230,7 +261,9 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     if args.command == "plan":
         args.mesh = _parse_mesh(args.mesh)
-    if args.command == "train" and argv is None:      # a program of its own (never a caller's process)
+    if argv is None:                                  # a program of its own (never a caller's process)
+        _skip_absent_tpu()
+    if args.command == "train" and argv is None:
         _reuse_host_memory_on_cpu(args)
     if args.command == "train" and args.run_dir is None:
         args.run_dir = os.path.join("runs", args.preset or ("finetune" if args.init_from else "tiny"))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from reliability_utils import *  # noqa: F401,F403  (imports, helpers, the corpus fixture)
 
+import importlib.util
+import json
+
 from dsv3_jax.errors import InputError
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,3 +233,16 @@ def test_config_text_is_never_evaluated(tmp_path, capsys, no_model):
         code = main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", override])
         assert code == 2 and capsys.readouterr().err.startswith("error: ")
     assert not marker.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the `tpu` extra) not installed")
+def test_cli_without_tpu_chips_does_not_initialise_libtpu():
+    """With libtpu installed for `plan` and JAX_PLATFORMS unset, a machine without TPU chips runs the CLI on
+    CPU quietly: no libtpu initialisation errors before the output (on a TPU host jax uses the chips)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-m", "dsv3_jax", "params", "--preset", "tiny", "--json"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["total"] > 0
+    assert "TPU" not in p.stderr and "libtpu" not in p.stderr, p.stderr[-2000:]
