@@ -33,8 +33,14 @@ def _block(size: int, want: int) -> int:
     return b
 
 
-def _block_mask(q_pos, k_pos, k_valid):
-    """[B,1,Q,P] bool: causal by position, and the key is real."""
+def _block_mask(q_pos, k_pos, k_valid, q):
+    """[B,1,Q,P] bool: causal by position, and the key is real.
+
+    The positions pass through an optimization barrier with the block's queries `q`: the same positions
+    serve every layer, so otherwise the compiler hoists the masks of all (query block, key block) pairs out
+    of the layer loop and keeps them, broadcast over the heads, for the whole step (2 GiB per device for
+    v3-671b at 4096 tokens, experiments/results/pod_memory.md)."""
+    q_pos, _ = jax.lax.optimization_barrier((q_pos, q))
     mask = q_pos[:, None, :, None] >= k_pos[:, None, None, :]
     if k_valid is not None:
         mask = mask & k_valid[:, None, None, :]
@@ -84,7 +90,7 @@ def _forward(q, k, v, q_pos, k_pos, k_valid, bq, bk):
             m, l, acc = carry
             kb, vb, kpb, kvb = blk
             s = jnp.einsum("BHQK,BHPK->BHQP", qb, kb, preferred_element_type=jnp.float32)
-            s = jnp.where(_block_mask(qpb, kpb, kvb), s, NEG_INF)
+            s = jnp.where(_block_mask(qpb, kpb, kvb, qb), s, NEG_INF)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -123,7 +129,7 @@ def _bwd(bq, bk, res, do):
             dk, dv = carry
             qb, dob, qpb, mb, ilb, rb = qblk
             s = jnp.einsum("BHQK,BHPK->BHQP", qb, kb, preferred_element_type=jnp.float32)
-            s = jnp.where(_block_mask(qpb, kpb, kvb), s, NEG_INF)
+            s = jnp.where(_block_mask(qpb, kpb, kvb, qb), s, NEG_INF)
             p = jnp.exp(s - mb[..., None]) * ilb[..., None]
             dv = dv + jnp.einsum("BHQP,BHQV->BHPV", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
             dp = jnp.einsum("BHQV,BHPV->BHQP", dob, vb, preferred_element_type=jnp.float32)
