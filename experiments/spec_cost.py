@@ -162,7 +162,7 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
             "speculative": lambda c: (params, rs, c, state, active, spec.sampling, 1, CHUNK)}
     progs, saved = {}, dispatch.CAPACITY_ROWS
     builds = {"plain": lambda: jit_decode_steps.__wrapped__(cfg, True, CHUNK),
-              "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
+              "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK, greedy_only=True),
               **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}
     try:
         for rule, rows_limit in RULES.items():
