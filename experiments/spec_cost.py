@@ -15,7 +15,9 @@ at batch 1 and batch 8, and prints the bound at the measured acceptance and at a
 It also times the whole steps as decoding runs them: a device call of CHUNK plain steps (`jit_decode_steps`)
 and one of CHUNK speculative steps (`jit_speculative_steps`: draft, verify, accept, state updates), after a
 prefill of random prompts, for the few-token expert rule before this session (`few_local`: CAPACITY_ROWS = 0)
-and now (`capacity_local`); spec step / plain step is the ratio the tokens per step must beat. With
+and now (`capacity_local`); spec step / plain step is the ratio the tokens per step must beat. The speculative
+step is the greedy-only one greedy requests run; it is also timed against the step that picks its rule at
+run time (lax.cond on the traced temperature), which every request ran before session 9. With
 --profile-batch, a jax.profiler trace of those calls splits each step into parts (each XLA op's exclusive
 time, mapped to the model code through the compiled HLO's op_name metadata, as experiments/profile_train.py
 does): the table of what a speculative step's time is made of.
@@ -71,6 +73,7 @@ SLOTS = layout([[0] * PROMPT], NEW, CONTEXT)[1]        # bench_decode's cache si
 RULES = {"few_local": 0, "capacity_local": dispatch.CAPACITY_ROWS}      # the few-token rule, before / now
 CURRENT = "capacity_local"
 PASSES = ("draft pass", "verify pass", "both passes", "draft twice", "verify twice")
+RUN_TIME_RULE = "run-time rule"    # the speculative step choosing greedy or sampling by lax.cond, as before session 9
 
 
 def pass_fn(cfg, kind: str, batch: int, tokens: int, n: int):
@@ -163,12 +166,13 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
     progs, saved = {}, dispatch.CAPACITY_ROWS
     builds = {"plain": lambda: jit_decode_steps.__wrapped__(cfg, True, CHUNK),
               "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK, greedy_only=True),
+              RUN_TIME_RULE: lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
               **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}
     try:
         for rule, rows_limit in RULES.items():
             dispatch.CAPACITY_ROWS = rows_limit                     # read at trace time, by the lower() below
             for kind, build in builds.items():
-                if kind in PASSES and rule != CURRENT:
+                if kind in PASSES + (RUN_TIME_RULE,) and rule != CURRENT:
                     continue
                 start = plain if kind == "plain" else spec
                 compiled = build().lower(*args["plain" if kind == "plain" else "speculative"](start.cache)).compile()
@@ -227,7 +231,7 @@ def step_parts(progs: dict, rounds: int = 10) -> dict:
     """{(kind, rule): {part: us per step}} from one jax.profiler trace of `rounds` rounds, each calling every
     program once (alternating, as the timings do); each XLA op event's exclusive time (its duration minus that
     of the events nested in it on its thread) goes to the program whose call it falls in."""
-    progs = {key: run for key, run in progs.items() if key[0] not in PASSES}
+    progs = {key: run for key, run in progs.items() if key[0] not in PASSES + (RUN_TIME_RULE,)}
     names = {key: op_names(run.hlo) for key, run in progs.items()}
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
@@ -400,6 +404,18 @@ def chain_study(args, cfg, params, rs, label) -> dict:
     return summary
 
 
+def write_keeping_readings(path: str, lines: list) -> None:
+    """Write the regenerated tables, keeping the "## Reading" sections already at the end of the file (what
+    each session measured and concluded, written by hand)."""
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        kept = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n" + kept)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", help="training run directory (default: random tiny weights; costs do not "
@@ -452,6 +468,8 @@ def main(argv=None) -> dict:
         rows[-1][CURRENT].update({p.split()[0]: round(steps[(p, CURRENT)], 1) for p in PASSES[:3]})
         rows[-1][CURRENT]["passes_over_plain"] = round(
             (steps[("draft pass", CURRENT)] + steps[("verify pass", CURRENT)]) / steps[("plain", CURRENT)], 3)
+        rows[-1][CURRENT]["run_time_rule_over_greedy_only"] = round(
+            steps[(RUN_TIME_RULE, CURRENT)] / steps[("speculative", CURRENT)], 3)
         rows[-1][CURRENT]["both_over_plain"] = round(steps[("both passes", CURRENT)] / steps[("plain", CURRENT)], 3)
         for p in ("draft twice", "verify twice"):
             rows[-1][CURRENT][p.replace(" ", "_") + "_over_plain"] = round(
@@ -486,18 +504,23 @@ def main(argv=None) -> dict:
               "that ratio: what the speculative step's own overhead leaves of the speed-up at acceptance a. Draft "
               "and verify: the speculative step cut down to one of its passes (same loop, state and caches; no "
               "acceptance), under the current rule; both: the two passes in one step, still without acceptance, "
-              "sampling or state updates; twice: one pass run twice in one step.", "",
+              "sampling or state updates; twice: one pass run twice in one step. The speculative step is the one "
+              "greedy requests run (compiled greedy-only); run-time rule: the step that picks greedy or sampling "
+              "by lax.cond on the traced temperature (what every request ran before session 9), / the greedy-only "
+              "step.", "",
               "| batch | expert rule | plain step | draft pass | verify pass | (draft + verify) / plain | "
               "both passes / plain | draft twice / plain | verify twice / plain | speculative step | "
-              f"speculative / plain | bound at a={args.acceptance} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"speculative / plain | bound at a={args.acceptance} | run-time rule / greedy-only |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for rule in RULES:
             q = r[rule]
             passes = (f"{q['draft']:.0f} | {q['verify']:.0f} | {q['passes_over_plain']:.2f} | "
                       f"{q['both_over_plain']:.2f} | {q['draft_twice_over_plain']:.2f} | "
                       f"{q['verify_twice_over_plain']:.2f}" if "draft" in q else "- | - | - | - | - | -")
+            run_time = f"{q['run_time_rule_over_greedy_only']:.2f}" if "draft" in q else "-"
             lines.append(f"| {r['batch']} | {rule} | {q['plain_step']:.0f} | {passes} | {q['spec_step']:.0f} | "
-                         f"{q['spec_over_plain']:.2f} | {q['bound_at_acceptance']:.2f}x |")
+                         f"{q['spec_over_plain']:.2f} | {q['bound_at_acceptance']:.2f}x | {run_time} |")
     for r in rows:
         if "parts" in r:
             cols = [f"{kind} {rule}" for rule in RULES for kind in ("plain", "speculative")]
@@ -519,8 +542,7 @@ def main(argv=None) -> dict:
     for lib, t in mm.items():
         lines.append(f"| {lib} | {t[1]:.1f} | {t[2]:.1f} | {t[2] / t[1]:.2f} |")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "spec_cost.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_keeping_readings(os.path.join(args.out, "spec_cost.md"), lines)
     summary = {"model": label, "acceptance": args.acceptance, "rows": rows,
                "matmul_2rows_over_1row": {lib: round(t[2] / t[1], 3) for lib, t in mm.items()}}
     with open(os.path.join(args.out, "spec_cost.json"), "w") as f:
