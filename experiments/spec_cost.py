@@ -15,7 +15,9 @@ at batch 1 and batch 8, and prints the bound at the measured acceptance and at a
 It also times the whole steps as decoding runs them: a device call of CHUNK plain steps (`jit_decode_steps`)
 and one of CHUNK speculative steps (`jit_speculative_steps`: draft, verify, accept, state updates), after a
 prefill of random prompts, for the few-token expert rule before this session (`few_local`: CAPACITY_ROWS = 0)
-and now (`capacity_local`); spec step / plain step is the ratio the tokens per step must beat. With
+and now (`capacity_local`); spec step / plain step is the ratio the tokens per step must beat. The speculative
+step is the greedy-only one greedy requests run; it is also timed against the step that picks its rule at
+run time (lax.cond on the traced temperature), which every request ran before session 9. With
 --profile-batch, a jax.profiler trace of those calls splits each step into parts (each XLA op's exclusive
 time, mapped to the model code through the compiled HLO's op_name metadata, as experiments/profile_train.py
 does): the table of what a speculative step's time is made of.
@@ -28,8 +30,14 @@ dense-MLP shapes) on 1 and on 2 rows, in XLA and, when torch is installed, in to
 costs as much as a 1-row one is what lets speculation pay off; the ratio shows how far this machine's kernels
 are from that.
 
+With --chain (a trained --run-dir): whether a second draft per step would pay. MTP module 1 chained on its own
+output drafts d2 after d1, and the main model verifies [t_L, d1, d2] in one pass: the acceptance of d2 given d1
+on validation text, the three-token verify and the two MTP passes' costs, and the bounds of one and two drafts.
+
     python experiments/spec_cost.py [--run-dir RUN] [--acceptance A] [--batches 1,8,16] [--profile-batch 8]
-Writes experiments/results/spec_cost.{md,json}; the last printed line is JSON.
+    python experiments/spec_cost.py --run-dir RUN --chain [--batches 1,4,8,16]
+Writes experiments/results/spec_cost.{md,json} (--chain: spec_cost_chain.{md,json}); the last printed line is
+JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS
 from dsv3_jax.infer import init_cache, split_variables
-from dsv3_jax.infer.decode import CHUNK, forward, jit_decode_steps, layout, main_logits, mtp_forward
+from dsv3_jax.infer.decode import CHUNK, forward, jit_decode_steps, layout, main_logits, mtp_forward, prefill
 from dsv3_jax.infer.request import GenerationRequest, start_request
 from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
 from dsv3_jax.model import dispatch
@@ -65,6 +73,7 @@ SLOTS = layout([[0] * PROMPT], NEW, CONTEXT)[1]        # bench_decode's cache si
 RULES = {"few_local": 0, "capacity_local": dispatch.CAPACITY_ROWS}      # the few-token rule, before / now
 CURRENT = "capacity_local"
 PASSES = ("draft pass", "verify pass", "both passes", "draft twice", "verify twice")
+RUN_TIME_RULE = "run-time rule"    # the speculative step choosing greedy or sampling by lax.cond, as before session 9
 
 
 def pass_fn(cfg, kind: str, batch: int, tokens: int, n: int):
@@ -90,11 +99,12 @@ def pass_fn(cfg, kind: str, batch: int, tokens: int, n: int):
     return jax.jit(fn)
 
 
-def pass_costs(cfg, params, rs, batch: int, n: int, repeats: int) -> dict:
-    """Median device microseconds per pass for main T=1, main T=2 and MTP T=2 at `batch` rows."""
+def pass_costs(cfg, params, rs, batch: int, n: int, repeats: int,
+               passes=(("main", 1), ("main", 2), ("mtp", 2))) -> dict:
+    """Median device microseconds per pass of each (kind, tokens) in `passes` at `batch` rows, keyed
+    'main_1', 'mtp_2', ..."""
     cache = init_cache(cfg, batch, SLOTS)
-    fns = {"main_1": pass_fn(cfg, "main", batch, 1, n), "main_2": pass_fn(cfg, "main", batch, 2, n),
-           "mtp_2": pass_fn(cfg, "mtp", batch, 2, n)}
+    fns = {f"{kind}_{t}": pass_fn(cfg, kind, batch, t, n) for kind, t in passes}
     for f in fns.values():
         f(params, rs, cache).block_until_ready()                                  # compile
     times = {k: [] for k in fns}
@@ -155,13 +165,14 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
             "speculative": lambda c: (params, rs, c, state, active, spec.sampling, 1, CHUNK)}
     progs, saved = {}, dispatch.CAPACITY_ROWS
     builds = {"plain": lambda: jit_decode_steps.__wrapped__(cfg, True, CHUNK),
-              "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
+              "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK, greedy_only=True),
+              RUN_TIME_RULE: lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
               **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}
     try:
         for rule, rows_limit in RULES.items():
             dispatch.CAPACITY_ROWS = rows_limit                     # read at trace time, by the lower() below
             for kind, build in builds.items():
-                if kind in PASSES and rule != CURRENT:
+                if kind in PASSES + (RUN_TIME_RULE,) and rule != CURRENT:
                     continue
                 start = plain if kind == "plain" else spec
                 compiled = build().lower(*args["plain" if kind == "plain" else "speculative"](start.cache)).compile()
@@ -220,7 +231,7 @@ def step_parts(progs: dict, rounds: int = 10) -> dict:
     """{(kind, rule): {part: us per step}} from one jax.profiler trace of `rounds` rounds, each calling every
     program once (alternating, as the timings do); each XLA op event's exclusive time (its duration minus that
     of the events nested in it on its thread) goes to the program whose call it falls in."""
-    progs = {key: run for key, run in progs.items() if key[0] not in PASSES}
+    progs = {key: run for key, run in progs.items() if key[0] not in PASSES + (RUN_TIME_RULE,)}
     names = {key: op_names(run.hlo) for key, run in progs.items()}
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
@@ -305,6 +316,106 @@ def bound(c: dict, acceptance: float) -> float:
     return (1 + acceptance) * c["main_1"] / (c["main_2"] + c["mtp_2"])
 
 
+# Two drafts per step (--chain) ------------------------------------------------------------------------------------
+# MTP module 1 chained on its own output: the step at L drafts d1 at position L-1 from (h^0_{L-1}, Emb(t_L)),
+# then d2 at position L from (h^1_{L-1}, Emb(d1)) (h^1_{L-1} standing in for h^0_L, which predicts the same
+# token t_{L+1}), over the module's cache of true entries before L; the main model verifies [t_L, d1, d2].
+
+def chain_acceptance(cfg, params, rs, prompts: list, new: int) -> dict:
+    """On the plain greedy continuations of `prompts` (what greedy speculative decoding must reproduce):
+    a1, how often the depth-1 draft is the main model's next token, and a2, how often the chained depth-2
+    draft is the one after, given depth 1 right. Depth 1 and h^1 come from one full-sequence forward (the
+    prefill's expanded form, which equals cached decoding); each chained draft attends over the MTP cache
+    of the true entries before its position (the prefill's), one batch row per draft position."""
+    from dsv3_jax.infer import generate
+    out, _ = generate(cfg, {"params": params, "router_state": rs}, prompts, new)
+    seqs = jnp.asarray([p + o for p, o in zip(prompts, out)], jnp.int32)                  # [N, S]
+    n, s = seqs.shape
+    full = init_cache(cfg, n, SLOTS, mtp=True)
+    pre = prefill(cfg, params, rs, full, seqs, jnp.full((n,), s, jnp.int32), mtp=True)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
+    h0, _ = forward(cfg, params, rs, full, seqs, pos, read_cache=False, absorbed=False)
+    d1_logits, h1, _ = mtp_forward(cfg, params, rs, full, h0, jnp.pad(seqs[:, 1:], ((0, 0), (0, 1))), pos,
+                                   read_cache=False, absorbed=False)
+    i = np.arange(len(prompts[0]) - 1, s - 3)        # draft positions L-1 inside the continuation
+    hit1 = np.asarray(jnp.argmax(d1_logits[:, i], -1) == seqs[:, i + 2])                 # [N, I]
+    hit2 = []
+    for row in range(n):
+        rows = jax.tree.map(lambda a: jnp.repeat(a[:, row:row + 1], len(i), axis=1), pre.cache.mtp[0])
+        logits, _, _ = mtp_forward(cfg, params, rs, pre.cache.replace(dense=None, moe=None, mtp=(rows,)),
+                                   h1[row, i][:, None], seqs[row, i + 2][:, None], jnp.asarray(i + 1)[:, None])
+        hit2.append(np.asarray(jnp.argmax(logits[:, 0], -1) == seqs[row, i + 3]))
+    hit2 = np.stack(hit2)
+    return {"positions": int(hit1.size), "a1": float(hit1.mean()), "a2_given_a1": float(hit2[hit1].mean())}
+
+
+CHAIN_PASSES = (("main", 1), ("main", 2), ("main", 3), ("mtp", 2), ("mtp", 3), ("mtp", 1))
+
+
+def chain_bounds(c: dict, a1: float, a2: float) -> dict:
+    """Bounds of one and two drafts per step (passes only): (1 + a1) / ((c2 + cm2) / c1) and
+    (1 + a1 + a1 a2) / ((c3 + cm3 + cm1) / c1); the two-draft step's first MTP pass writes three positions
+    (entries a previous step's chained draft wrote stand in for h^0 and must be rewritten), the second is one."""
+    return {"one_draft": (1 + a1) * c["main_1"] / (c["main_2"] + c["mtp_2"]),
+            "two_drafts": (1 + a1 + a1 * a2) * c["main_1"] / (c["main_3"] + c["mtp_3"] + c["mtp_1"])}
+
+
+def chain_study(args, cfg, params, rs, label) -> dict:
+    """--chain: acceptance of a chained second draft on validation text and the passes' costs -> the
+    bounds of one and two drafts per step; writes spec_cost_chain.{md,json}."""
+    from bench_decode import validation_prompts
+    from dsv3_jax.train.checkpoint import load_run_config
+    from dsv3_jax.data import load_tokenizer
+    rc = load_run_config(args.run_dir)
+    acc = chain_acceptance(cfg, params, rs, validation_prompts(rc, load_tokenizer(rc.train.tokenizer),
+                                                               args.chain_prompts, PROMPT), NEW)
+    print(f"chain acceptance: {acc}", flush=True)
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        c = pass_costs(cfg, params, rs, b, args.passes, args.repeats, CHAIN_PASSES)
+        rows.append({"batch": b, **{k: round(v, 1) for k, v in c.items()},
+                     **{k: round(v, 3) for k, v in chain_bounds(c, acc["a1"], acc["a2_given_a1"]).items()}})
+        print(f"batch {b}: {rows[-1]}", flush=True)
+    a1, a2 = acc["a1"], acc["a2_given_a1"]
+    lines = ["# Two drafts per step: chained MTP module 1", "",
+             f"Model: {label}. Acceptance on the plain greedy continuations ({NEW} tokens) of {args.chain_prompts} "
+             f"validation-text prompts of {PROMPT} tokens, {acc['positions']} draft positions: depth 1 a1 = "
+             f"{a1:.3f}, the chained depth-2 draft given depth 1 right a2 = {a2:.3f}; tokens per step "
+             f"1 + a1 = {1 + a1:.2f} with one draft, 1 + a1 + a1 a2 = {1 + a1 + a1 * a2:.2f} with two.", "",
+             f"Device microseconds per pass ({args.passes} passes per device call, median of {args.repeats} "
+             f"alternating repeats, {CONTEXT} cached tokens): main model on T tokens (cT), MTP module on T "
+             "positions of which the last runs attention, FFN and head (cmT; cm1 is the chained draft). "
+             "Bounds count the passes only.", "",
+             "| batch | c1 | c2/c1 | c3/c1 | cm2/c1 | cm3/c1 | cm1/c1 | bound, one draft | bound, two drafts |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q = lambda k: r[k] / r["main_1"]
+        lines.append(f"| {r['batch']} | {r['main_1']:.0f} | {q('main_2'):.2f} | {q('main_3'):.2f} | "
+                     f"{q('mtp_2'):.2f} | {q('mtp_3'):.2f} | {q('mtp_1'):.2f} | {r['one_draft']:.2f}x | "
+                     f"{r['two_drafts']:.2f}x |")
+    summary = {"model": label, **acc, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "spec_cost_chain.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "spec_cost_chain.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print("\n".join(lines))
+    print(json.dumps(summary))
+    return summary
+
+
+def write_keeping_readings(path: str, lines: list) -> None:
+    """Write the regenerated tables, keeping the "## Reading" sections already at the end of the file (what
+    each session measured and concluded, written by hand)."""
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        kept = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n" + kept)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", help="training run directory (default: random tiny weights; costs do not "
@@ -319,8 +430,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--ffn-scale", type=float, default=0.0,
                     help="random weights with every FFN width (dense, experts) scaled by this: a model with fewer "
                          "weight bytes per step (the together penalty against the working set)")
+    ap.add_argument("--chain", action="store_true",
+                    help="only the two-drafts study (needs --run-dir): spec_cost_chain.{md,json}")
+    ap.add_argument("--chain-prompts", type=int, default=16, help="validation prompts of the --chain acceptance")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
+    if args.chain and not args.run_dir:
+        ap.error("--chain measures acceptance on a trained run's validation text: give --run-dir")
     if args.run_dir:
         from dsv3_jax.infer.cli import load_run
         cfg, variables, _ = load_run(args.run_dir)
@@ -333,6 +449,8 @@ def main(argv=None) -> dict:
                           moe_intermediate_size=int(cfg.moe_intermediate_size * args.ffn_scale))
         variables, label = random_variables(cfg, 0), f"{label}, FFN widths x{args.ffn_scale}, random weights"
     params, rs = split_variables(variables)
+    if args.chain:
+        return chain_study(args, cfg, params, rs, label)
 
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
@@ -350,6 +468,8 @@ def main(argv=None) -> dict:
         rows[-1][CURRENT].update({p.split()[0]: round(steps[(p, CURRENT)], 1) for p in PASSES[:3]})
         rows[-1][CURRENT]["passes_over_plain"] = round(
             (steps[("draft pass", CURRENT)] + steps[("verify pass", CURRENT)]) / steps[("plain", CURRENT)], 3)
+        rows[-1][CURRENT]["run_time_rule_over_greedy_only"] = round(
+            steps[(RUN_TIME_RULE, CURRENT)] / steps[("speculative", CURRENT)], 3)
         rows[-1][CURRENT]["both_over_plain"] = round(steps[("both passes", CURRENT)] / steps[("plain", CURRENT)], 3)
         for p in ("draft twice", "verify twice"):
             rows[-1][CURRENT][p.replace(" ", "_") + "_over_plain"] = round(
@@ -384,18 +504,23 @@ def main(argv=None) -> dict:
               "that ratio: what the speculative step's own overhead leaves of the speed-up at acceptance a. Draft "
               "and verify: the speculative step cut down to one of its passes (same loop, state and caches; no "
               "acceptance), under the current rule; both: the two passes in one step, still without acceptance, "
-              "sampling or state updates; twice: one pass run twice in one step.", "",
+              "sampling or state updates; twice: one pass run twice in one step. The speculative step is the one "
+              "greedy requests run (compiled greedy-only); run-time rule: the step that picks greedy or sampling "
+              "by lax.cond on the traced temperature (what every request ran before session 9), / the greedy-only "
+              "step.", "",
               "| batch | expert rule | plain step | draft pass | verify pass | (draft + verify) / plain | "
               "both passes / plain | draft twice / plain | verify twice / plain | speculative step | "
-              f"speculative / plain | bound at a={args.acceptance} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"speculative / plain | bound at a={args.acceptance} | run-time rule / greedy-only |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for rule in RULES:
             q = r[rule]
             passes = (f"{q['draft']:.0f} | {q['verify']:.0f} | {q['passes_over_plain']:.2f} | "
                       f"{q['both_over_plain']:.2f} | {q['draft_twice_over_plain']:.2f} | "
                       f"{q['verify_twice_over_plain']:.2f}" if "draft" in q else "- | - | - | - | - | -")
+            run_time = f"{q['run_time_rule_over_greedy_only']:.2f}" if "draft" in q else "-"
             lines.append(f"| {r['batch']} | {rule} | {q['plain_step']:.0f} | {passes} | {q['spec_step']:.0f} | "
-                         f"{q['spec_over_plain']:.2f} | {q['bound_at_acceptance']:.2f}x |")
+                         f"{q['spec_over_plain']:.2f} | {q['bound_at_acceptance']:.2f}x | {run_time} |")
     for r in rows:
         if "parts" in r:
             cols = [f"{kind} {rule}" for rule in RULES for kind in ("plain", "speculative")]
@@ -417,8 +542,7 @@ def main(argv=None) -> dict:
     for lib, t in mm.items():
         lines.append(f"| {lib} | {t[1]:.1f} | {t[2]:.1f} | {t[2] / t[1]:.2f} |")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "spec_cost.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_keeping_readings(os.path.join(args.out, "spec_cost.md"), lines)
     summary = {"model": label, "acceptance": args.acceptance, "rows": rows,
                "matmul_2rows_over_1row": {lib: round(t[2] / t[1], 3) for lib, t in mm.items()}}
     with open(os.path.join(args.out, "spec_cost.json"), "w") as f:

@@ -47,11 +47,12 @@ class Engine(NamedTuple):
     init: Callable                   # (batch, cfg) -> the per-row decode state, all rows empty
     set_rows: Callable               # (state, rows [k], first tokens [k], prompt lengths [k], last prompt
                                      #  tokens [k], Prefill of k rows) -> state
-    steps: Callable                  # cfg -> jitted (params, rs, cache, state, active, sampling, step, n) -> ...
+    steps: Callable                  # (cfg, greedy_only) -> jitted (params, rs, cache, state, active, sampling,
+                                     #  step, n) -> ...
     emitted: Callable                # one step's host outputs -> per-row token lists (for every row)
 
 
-def _plain_steps(cfg):
+def _plain_steps(cfg, greedy_only: bool):      # greedy_only: jit_decode_steps keeps its run-time cond
     fn = jit_decode_steps(cfg)
 
     def run(params, rs, cache, state, active, sampling, step, n):
@@ -75,7 +76,7 @@ SPECULATIVE = Engine(
         st.length.at[r].set(n), st.tok_prev.at[r].set(last), st.tok_pend.at[r].set(tok),
         st.h_prev.at[r].set(pre.h_prev.astype(st.h_prev.dtype)),
         st.h_last.at[r].set(pre.h_last.astype(st.h_last.dtype))),
-    steps=lambda cfg: jit_speculative_steps(cfg),
+    steps=lambda cfg, greedy_only: jit_speculative_steps(cfg, greedy_only=greedy_only),
     emitted=lambda out: [[int(f), int(b)] if a else [int(f)] for f, b, a in zip(*out)])
 
 
@@ -170,7 +171,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a refill's first tokens: fold_in(this, i)
     cache = init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=engine.mtp)
     state = engine.init(batch, cfg)
-    refill, steps = jit_refill(cfg, name), engine.steps(cfg)
+    refill, steps = jit_refill(cfg, name), engine.steps(cfg, req.temperature == 0)
     slots = Slots(req, batch)
     t0 = time.perf_counter()
     prefill_s, refills, forwards, drafts, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0

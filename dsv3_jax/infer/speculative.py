@@ -64,12 +64,15 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Ar
 
 
 def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecState, active, sampling: Sampling,
-                     step):
+                     step, greedy_only: bool = False):
     """One draft-verify-accept step for every row (rows with active False keep their state); its randomness
     is fold_in(sampling.key, step).
 
     Greedy (temperature == 0) is the same rule on one-hot distributions, written directly: the draft is
-    accepted exactly when it is the main model's argmax, and otherwise that argmax is emitted."""
+    accepted exactly when it is the main model's argmax, and otherwise that argmax is emitted. By default
+    the rule is chosen at run time (lax.cond on the traced temperature); greedy_only (static, for a request
+    known to be greedy) compiles the greedy rule alone, without the two conditionals, which cost a step
+    measurably at batch 1 (experiments/results/spec_cost.md, session 9)."""
     b = st.length.shape[0]
     temperature, top_p = sampling.temperature, sampling.top_p
     k_draft, k_acc, k_bonus = jax.random.split(jax.random.fold_in(sampling.key, step), 3)
@@ -80,7 +83,7 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
                                      jnp.stack([st.tok_prev, st.tok_pend], axis=1),
                                      pair_pos, k=0, key_valid=pair_pos >= 0, outputs_from=1)
     q_logits = q_logits[:, 0].astype(jnp.float32)                                      # position L-1 only
-    draft = sample(q_logits, k_draft, temperature, top_p)
+    draft = greedy(q_logits) if greedy_only else sample(q_logits, k_draft, temperature, top_p)
     # 2. Verify [t_L, draft] at (L, L+1) in one main forward of two tokens.
     ver_pos = jnp.stack([st.length, st.length + 1], axis=1)
     h0, cache = forward(cfg, params, router_state, cache, jnp.stack([st.tok_pend, draft], axis=1), ver_pos)
@@ -97,7 +100,10 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
         accepted, first = accept_or_resample(p[:, 0], q, draft, k_acc)
         return accepted, first, sample_from(p[:, 1], k_bonus)
 
-    accepted, first, bonus = jax.lax.cond(temperature > 0, sampling_rule, greedy_rule, logits)
+    if greedy_only:
+        accepted, first, bonus = greedy_rule(logits)
+    else:
+        accepted, first, bonus = jax.lax.cond(temperature > 0, sampling_rule, greedy_rule, logits)
     acc2 = accepted[:, None]
     new = SpecState(
         length=st.length + jnp.where(accepted, 2, 1),
@@ -112,15 +118,18 @@ def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecStat
 
 
 @functools.lru_cache(maxsize=32)
-def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK, step_fn=speculative_step):
+def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK, step_fn=speculative_step, greedy_only: bool = False):
     """jit(up to n_max speculative steps on the device): (params, router_state, cache, state, active,
     sampling, step, n) -> (state, cache, (first, bonus, accepted) each [n_max, B]), cache donated;
     step j's randomness is fold_in(sampling.key, step + j). step_fn: `speculative_step` or a stand-in with
-    its signature (experiments/spec_cost.py times the step's passes alone that way)."""
+    its signature (experiments/spec_cost.py times the step's passes alone that way). greedy_only: compiled
+    for temperature 0 only (`speculative_step`'s greedy_only; sampling arguments are then ignored)."""
+    extra = {"greedy_only": True} if greedy_only else {}
+
     def fn(params, router_state, cache, st, active, sampling: Sampling, step, n):
         def one(carry, j):
             st, cache = carry
-            st, cache, emitted = step_fn(cfg, params, router_state, cache, st, active, sampling, step + j)
+            st, cache, emitted = step_fn(cfg, params, router_state, cache, st, active, sampling, step + j, **extra)
             return (st, cache), emitted
         (st, cache), outs = on_device_steps(one, n_max)((st, cache), n)
         return st, cache, outs
@@ -144,7 +153,7 @@ def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict,
     st = SpecState(jnp.asarray(run.lengths), jnp.asarray(run.tokens[rows, run.lengths - 1]), run.tok,
                    run.prefill.h_prev, run.prefill.h_last)
 
-    step = jit_speculative_steps(cfg)
+    step = jit_speculative_steps(cfg, greedy_only=req.temperature == 0)
     clock = DecodeClock(col, run.t1)
     forwards = drafts = accepted_total = 0
     while col.active.any():

@@ -1,0 +1,37 @@
+"""The speculative step compiled for greedy requests only (`greedy_only`, dsv3_jax/infer/speculative.py) against
+the step that picks its rule at run time: greedy generation now runs the former, so the equality tests of
+tests/test_infer.py no longer reach the run-time rule's greedy branch; this test does, on the same tiny model
+and state (a model whose drafts are right about half of the time, so rows accept and reject in one batch)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.infer import split_variables
+from dsv3_jax.infer.request import GenerationRequest, start_request
+from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
+from test_infer import CFG_A, MAX_LEN, agreeing_variables, prompts_20
+
+
+def test_greedy_only_step_equals_run_time_rule():
+    """Three device calls of 8 steps from one prefill, temperature 0: tokens, acceptance and the decode state
+    are identical (exact: the same greedy rule, compiled with and without the conditionals around it)."""
+    params, rs = split_variables(agreeing_variables(CFG_A))
+    req = GenerationRequest(prompts_20()[:8], 48, max_len=MAX_LEN)
+    outs = {}
+    for greedy_only in (False, True):
+        run = start_request(CFG_A, params, rs, req, mtp=True)
+        rows = np.arange(8)
+        st = SpecState(jnp.asarray(run.lengths), jnp.asarray(run.tokens[rows, run.lengths - 1]), run.tok,
+                       run.prefill.h_prev, run.prefill.h_last)
+        step, cache, got = jit_speculative_steps(CFG_A, greedy_only=greedy_only), run.cache, []
+        for call in range(3):
+            st, cache, emitted = step(params, rs, cache, st, jnp.ones((8,), bool), run.sampling, 1 + 8 * call, 8)
+            got.append(jax.device_get((emitted, st)))
+        outs[greedy_only] = got
+    accepted = np.concatenate([e[2] for e, _ in outs[True]])
+    assert 0.2 < accepted.mean() < 0.9, accepted.mean()               # both paths of the rule ran
+    for a, b in zip(jax.tree_util.tree_leaves(outs[False]), jax.tree_util.tree_leaves(outs[True])):
+        np.testing.assert_array_equal(a, b)
