@@ -65,6 +65,7 @@ from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
 from dsv3_jax.model import dispatch
 from dsv3_jax.testing import random_variables
 from profile_train import op_names
+from results_io import write_results
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONTEXT = 176      # cached tokens the passes attend to (a 48-token prompt + 128 new, as in bench_decode)
@@ -394,26 +395,9 @@ def chain_study(args, cfg, params, rs, label) -> dict:
                      f"{q('mtp_2'):.2f} | {q('mtp_3'):.2f} | {q('mtp_1'):.2f} | {r['one_draft']:.2f}x | "
                      f"{r['two_drafts']:.2f}x |")
     summary = {"model": label, **acc, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "spec_cost_chain.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "spec_cost_chain.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print("\n".join(lines))
+    write_results(args.out, "spec_cost_chain", lines, summary)
     print(json.dumps(summary))
     return summary
-
-
-def write_keeping_readings(path: str, lines: list) -> None:
-    """Write the regenerated tables, keeping the "## Reading" sections already at the end of the file (what
-    each session measured and concluded, written by hand)."""
-    kept = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        kept = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n" + kept)
 
 
 def main(argv=None) -> dict:
@@ -541,13 +525,9 @@ def main(argv=None) -> dict:
               "| library | 1 row | 2 rows | 2 rows / 1 row |", "|---|---|---|---|"]
     for lib, t in mm.items():
         lines.append(f"| {lib} | {t[1]:.1f} | {t[2]:.1f} | {t[2] / t[1]:.2f} |")
-    os.makedirs(args.out, exist_ok=True)
-    write_keeping_readings(os.path.join(args.out, "spec_cost.md"), lines)
     summary = {"model": label, "acceptance": args.acceptance, "rows": rows,
                "matmul_2rows_over_1row": {lib: round(t[2] / t[1], 3) for lib, t in mm.items()}}
-    with open(os.path.join(args.out, "spec_cost.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print("\n".join(lines))
+    write_results(args.out, "spec_cost", lines, summary, keep_from="## Reading")
     print(json.dumps(summary))
     return summary
 
