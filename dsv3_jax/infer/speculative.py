@@ -124,12 +124,12 @@ def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK, step_fn=speculat
     step j's randomness is fold_in(sampling.key, step + j). step_fn: `speculative_step` or a stand-in with
     its signature (experiments/spec_cost.py times the step's passes alone that way). greedy_only: compiled
     for temperature 0 only (`speculative_step`'s greedy_only; sampling arguments are then ignored)."""
-    extra = {"greedy_only": True} if greedy_only else {}
+    step_fn = functools.partial(step_fn, greedy_only=True) if greedy_only else step_fn
 
     def fn(params, router_state, cache, st, active, sampling: Sampling, step, n):
         def one(carry, j):
             st, cache = carry
-            st, cache, emitted = step_fn(cfg, params, router_state, cache, st, active, sampling, step + j, **extra)
+            st, cache, emitted = step_fn(cfg, params, router_state, cache, st, active, sampling, step + j)
             return (st, cache), emitted
         (st, cache), outs = on_device_steps(one, n_max)((st, cache), n)
         return st, cache, outs
