@@ -50,6 +50,26 @@ class LatentContext:
     outputs_from: int = struct.field(pytree_node=False, default=0)
 
 
+# The smallest decode attention window (slots); the windows are the powers of two from it below the cache
+# size, and the cache size itself. A huge value gives one window, the whole cache (the experiments' baseline).
+DECODE_WINDOW_MIN = 64
+
+
+def decode_windows(max_len: int) -> tuple[int, ...]:
+    """The static window sizes a decode step over a cache of `max_len` slots chooses from (ascending)."""
+    sizes, w = [], DECODE_WINDOW_MIN
+    while w < max_len:
+        sizes.append(w)
+        w *= 2
+    return tuple(sizes) + (max_len,)
+
+
+def window_end(positions: jax.Array, max_len: int) -> jax.Array:
+    """Slots a decode step's queries can see end below this (int32 scalar): the largest new position + 1 over
+    the batch (a query at p sees slots <= p only), capped at the cache size."""
+    return jnp.minimum(jnp.max(positions) + 1, max_len).astype(jnp.int32)
+
+
 def causal_mask(positions: jax.Array, key_valid: Optional[jax.Array]) -> jax.Array:
     """[B,T,T]: query t sees key s iff pos_t >= pos_s and key s is valid (key_valid [B,T], None: all)."""
     mask = positions[:, :, None] >= positions[:, None, :]
@@ -161,20 +181,40 @@ class MLA(nn.Module):
         attend over that layer's slots as one block: row b's query at position p sees slot s iff s is before
         the row's first new position, or s <= p holds a new valid key. Writing before reading leaves XLA no
         old cache value to keep alive, so the update happens in the buffer itself. Returns (out [B,T,D], the
-        context with the written cache and `layer + 1`); out covers new tokens [cache.outputs_from:]."""
+        context with the written cache and `layer + 1`); out covers new tokens [cache.outputs_from:].
+
+        Only a window of the slots is read: every slot a query may see lies below the step's largest
+        position + 1 (`window_end`), so the attention runs over the first W slots, W the smallest of the
+        static sizes `decode_windows(S)` that covers that end, picked at run time with `lax.switch`. A step's
+        attention then costs what the context in use costs, not what the cache's max_len costs; the outputs
+        are those of the whole cache up to summation order (the slots left out are masked for every row)."""
         (b, t), s = positions.shape, cache.c_kv.shape[2]
         valid = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
         slots = jnp.where(valid & (positions >= 0) & (positions < s), positions, s)    # s: dropped
         rows = jnp.arange(b)[:, None]
         c_all = cache.c_kv.at[cache.layer, rows, slots].set(c_kv, mode="drop")          # [L,B,S,C]
         k_all = cache.k_pe.at[cache.layer, rows, slots].set(k_pe, mode="drop")          # [L,B,S,R]
-        key = jnp.arange(s, dtype=positions.dtype)
-        written = ((slots[:, :, None] == key) & valid[:, :, None]).any(1)               # [B,S]
-        mask = ((key[None, None, :] < positions[:, :1, None])
-                | (written[:, None, :] & (key[None, None, :] <= positions[:, :, None])))  # [B,T,S]
         q = cache.outputs_from
-        block = (c_all[cache.layer], k_all[cache.layer], mask[:, q:])
-        out = self.cached_attention(q_nope[:, q:], q_pe[:, q:], [block], cache.absorbed)   # [B,T-q,D]
+
+        def windowed(w: int):
+            def attend(c_all, k_all, layer, slots, valid, positions, q_nope, q_pe):
+                lat = jax.lax.dynamic_slice_in_dim(c_all, layer, 1, 0)[0, :, :w]          # [B,W,C]
+                rope = jax.lax.dynamic_slice_in_dim(k_all, layer, 1, 0)[0, :, :w]         # [B,W,R]
+                key = jnp.arange(w, dtype=positions.dtype)
+                written = ((slots[:, :, None] == key) & valid[:, :, None]).any(1)       # [B,W]
+                mask = ((key[None, None, :] < positions[:, :1, None])
+                        | (written[:, None, :] & (key[None, None, :] <= positions[:, :, None])))  # [B,T,W]
+                return self.cached_attention(q_nope, q_pe, [(lat, rope, mask[:, q:])], cache.absorbed)
+            return attend
+
+        sizes = decode_windows(s)
+        branches = [windowed(w) for w in sizes]
+        operands = (c_all, k_all, cache.layer, slots, valid, positions, q_nope[:, q:], q_pe[:, q:])
+        if len(sizes) == 1:
+            out = branches[0](*operands)                                                 # [B,T-q,D]
+        else:
+            index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), window_end(positions, s))
+            out = jax.lax.switch(index, branches, *operands)                             # [B,T-q,D]
         return out, cache.replace(c_kv=c_all, k_pe=k_all, layer=cache.layer + 1)
 
     def cached_attention(self, q_nope: jax.Array, q_pe: jax.Array, blocks, absorbed: bool = True) -> jax.Array:
