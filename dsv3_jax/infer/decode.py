@@ -10,6 +10,8 @@ Positions and masking: slot == position (see cache.py). A forward over new token
 and writes the new tokens' `c_KV` / `RoPE(k_pe)` at slots `positions` (invalid keys are not written).
 So a decode step can take several tokens at once (speculative verification), rows can have different
 lengths (right-padded batches), and entries past a row's length (padding, rejected drafts) are never seen.
+A step attends over the cache's first W slots only, the smallest static window that covers its largest
+position + 1 (`MLA.attend_in_place`): its attention costs what the context in use costs, not the cache size.
 
 Prefill uses the expanded form (per-head keys/values from `kv_b_proj`, as in training); decode steps use the
 absorbed form (`MLA.cached_attention(absorbed=True)`) unless asked otherwise (the benchmark's baseline).
