@@ -27,21 +27,18 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import write_results                                       # noqa: E402
-
-from dsv3_jax.config import PRESETS                                        # noqa: E402
-from dsv3_jax.infer import generate, init_cache, split_variables           # noqa: E402
-from dsv3_jax.infer.decode import jit_decode_step, round_up                # noqa: E402
-from dsv3_jax.model import mla                                             # noqa: E402
-from dsv3_jax.testing import random_variables                              # noqa: E402
+from dsv3_jax.config import PRESETS
+from dsv3_jax.infer import generate, init_cache, split_variables
+from dsv3_jax.infer.decode import jit_decode_step, round_up
+from dsv3_jax.model import mla
+from dsv3_jax.testing import random_variables
+from results_io import write_results                    # experiments/ (the script's folder is on the path)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WHOLE = 1 << 30          # a DECODE_WINDOW_MIN above any cache: one window, the whole cache
