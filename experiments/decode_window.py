@@ -72,8 +72,10 @@ def time_step(cfg, params, rs, batch: int, max_len: int, context: int, forms: li
         mla.DECODE_WINDOW_MIN = w
         step = jit_decode_step.__wrapped__(cfg, True)                # a fresh jit, traced with this setting
         cache = filled_cache(cfg, batch, max_len, context)
+        t0 = time.perf_counter()
         logits, _, cache = step(params, rs, cache, tok, pos)
-        state[w] = {"step": step, "cache": cache, "logits": np.asarray(logits), "times": []}
+        state[w] = {"step": step, "cache": cache, "logits": np.asarray(logits), "times": [],
+                    "first_call_s": time.perf_counter() - t0}
     ref = state[WHOLE]["logits"]
     for _ in range(repeats):
         for w in forms:
@@ -89,6 +91,7 @@ def time_step(cfg, params, rs, batch: int, max_len: int, context: int, forms: li
         s = state[w]
         row[f"{form_name(w)}_ms"] = statistics.median(s["times"]) * 1e3
         row[f"{form_name(w)}_max_abs_diff"] = float(np.abs(s["logits"] - ref).max())
+        row[f"{form_name(w)}_first_call_s"] = s["first_call_s"]
         if w != WHOLE:
             row[f"{form_name(w)}_over_whole"] = statistics.median(
                 a / b for a, b in zip(s["times"], state[WHOLE]["times"]))
@@ -270,10 +273,11 @@ def main(argv=None) -> dict:
              f"4N, ... below max_len and max_len itself that covers the step's largest position + 1 "
              f"(`lax.switch`, dsv3_jax/model/mla.py); window{shipped} ships. ms per absorbed decode step "
              f"(median of {args.repeats} alternating runs of {args.steps} steps); ratio = median of the per-run "
-             "ratios (below 1: the window is faster); diff = max |logits - whole's logits|.", "",
+             "ratios (below 1: the window is faster); diff = max |logits - whole's logits|; first_call_s: the "
+             "first call, compilation included (each window is one more branch to compile).", "",
              f"## Decode step, random weights, every row at {args.context} cached tokens", ""]
     lines += table(steps, ["preset", "batch", "max_len", "context"] + [f"{n}_ms" for n in names] + ratio_keys
-                   + [f"{n}_max_abs_diff" for n in names[1:]])
+                   + [f"{n}_max_abs_diff" for n in names[1:]] + [f"{n}_first_call_s" for n in names])
     if full:
         lines += ["", f"## Small preset, batch 1, cache full ({FULL_CONTEXT} cached tokens)", ""]
         lines += table([full], ["max_len", "context"] + [f"{n}_ms" for n in names] + ratio_keys)
