@@ -61,25 +61,30 @@ def filled_cache(cfg, batch: int, max_len: int, context: int, seed: int = 0):
     return jax.tree_util.tree_map(fill, init_cache(cfg, batch, max_len, mtp=False))
 
 
-def time_step(cfg, params, rs, batch: int, max_len: int, context: int, forms: list[int], steps: int,
-              repeats: int) -> dict:
-    """Decode steps at `context` (every step rewrites slot `context`), the forms alternating; per form the
-    median step time (ms) and the median per-run ratio to the whole-cache form."""
+def use_window(window_min: int) -> None:
+    mla.DECODE_WINDOW_MIN = window_min
+
+
+def time_step(cfg, params, rs, batch: int, max_len: int, context: int, forms: list, steps: int,
+              repeats: int, use=use_window, name=form_name) -> dict:
+    """Decode steps at `context` (every step rewrites slot `context`), the forms alternating, `use(form)` run
+    before each form's calls (it selects the form: traced at the first call); per form the median step time
+    (ms) and the median per-run ratio to the first form (the whole cache)."""
     tok = jnp.ones((batch, 1), jnp.int32)
     pos = jnp.full((batch, 1), context, jnp.int32)
     state = {}
     for w in forms:
-        mla.DECODE_WINDOW_MIN = w
+        use(w)
         step = jit_decode_step.__wrapped__(cfg, True)                # a fresh jit, traced with this setting
         cache = filled_cache(cfg, batch, max_len, context)
         t0 = time.perf_counter()
         logits, _, cache = step(params, rs, cache, tok, pos)
         state[w] = {"step": step, "cache": cache, "logits": np.asarray(logits), "times": [],
                     "first_call_s": time.perf_counter() - t0}
-    ref = state[WHOLE]["logits"]
+    base = forms[0]
     for _ in range(repeats):
         for w in forms:
-            mla.DECODE_WINDOW_MIN = w
+            use(w)
             s = state[w]
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -89,12 +94,12 @@ def time_step(cfg, params, rs, batch: int, max_len: int, context: int, forms: li
     row = {"batch": batch, "max_len": max_len, "context": context}
     for w in forms:
         s = state[w]
-        row[f"{form_name(w)}_ms"] = statistics.median(s["times"]) * 1e3
-        row[f"{form_name(w)}_max_abs_diff"] = float(np.abs(s["logits"] - ref).max())
-        row[f"{form_name(w)}_first_call_s"] = s["first_call_s"]
-        if w != WHOLE:
-            row[f"{form_name(w)}_over_whole"] = statistics.median(
-                a / b for a, b in zip(s["times"], state[WHOLE]["times"]))
+        row[f"{name(w)}_ms"] = statistics.median(s["times"]) * 1e3
+        row[f"{name(w)}_max_abs_diff"] = float(np.abs(s["logits"] - state[base]["logits"]).max())
+        row[f"{name(w)}_first_call_s"] = s["first_call_s"]
+        if w != base:
+            row[f"{name(w)}_over_{name(base)}"] = statistics.median(
+                a / b for a, b in zip(s["times"], state[base]["times"]))
     return row
 
 

@@ -70,6 +70,19 @@ def window_end(positions: jax.Array, max_len: int) -> jax.Array:
     return jnp.minimum(jnp.max(positions) + 1, max_len).astype(jnp.int32)
 
 
+def write_in_place(c_kv, k_pe, positions, kv_mask, cache: LatentContext):
+    """The new latents c_kv [B,T,C] / k_pe [B,T,R] scattered into layer `cache.layer` of the stacked cache at
+    slots `positions`, keys with kv_mask False (or positions outside the cache) dropped. Returns (c_all
+    [L,B,S,C], k_all [L,B,S,R], slots [B,T] (S where dropped), valid [B,T])."""
+    (b, t), s = positions.shape, cache.c_kv.shape[2]
+    valid = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
+    slots = jnp.where(valid & (positions >= 0) & (positions < s), positions, s)    # s: dropped
+    rows = jnp.arange(b)[:, None]
+    c_all = cache.c_kv.at[cache.layer, rows, slots].set(c_kv, mode="drop")          # [L,B,S,C]
+    k_all = cache.k_pe.at[cache.layer, rows, slots].set(k_pe, mode="drop")          # [L,B,S,R]
+    return c_all, k_all, slots, valid
+
+
 def causal_mask(positions: jax.Array, key_valid: Optional[jax.Array]) -> jax.Array:
     """[B,T,T]: query t sees key s iff pos_t >= pos_s and key s is valid (key_valid [B,T], None: all)."""
     mask = positions[:, :, None] >= positions[:, None, :]
@@ -188,12 +201,8 @@ class MLA(nn.Module):
         static sizes `decode_windows(S)` that covers that end, picked at run time with `lax.switch`. A step's
         attention then costs what the context in use costs, not what the cache's max_len costs; the outputs
         are those of the whole cache up to summation order (the slots left out are masked for every row)."""
-        (b, t), s = positions.shape, cache.c_kv.shape[2]
-        valid = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
-        slots = jnp.where(valid & (positions >= 0) & (positions < s), positions, s)    # s: dropped
-        rows = jnp.arange(b)[:, None]
-        c_all = cache.c_kv.at[cache.layer, rows, slots].set(c_kv, mode="drop")          # [L,B,S,C]
-        k_all = cache.k_pe.at[cache.layer, rows, slots].set(k_pe, mode="drop")          # [L,B,S,R]
+        s = cache.c_kv.shape[2]
+        c_all, k_all, slots, valid = write_in_place(c_kv, k_pe, positions, kv_mask, cache)
         q = cache.outputs_from
 
         def windowed(w: int):
