@@ -98,6 +98,22 @@ def _spec_cost_rows(d: dict) -> list[tuple[str, str, str]]:
              f"`python experiments/spec_cost.py --run-dir RUN --acceptance {d['acceptance']}`")]
 
 
+def _window_rows(d: dict) -> list[tuple[str, str, str]]:
+    key = f"window{d['shipped_window_min']}"
+    steps = {(r["preset"], r["batch"], r["max_len"]): r[f"{key}_over_whole"] for r in d["steps"]}
+    longest = max(m for _, _, m in steps)
+    at_longest = ", ".join(f"{p} batch {b} {r:.2f}x" for (p, b, m), r in sorted(steps.items()) if m == longest)
+    gen = {str(r["max_len"]): r for r in d["generate"]}
+    figure = (f"step time at 100 cached tokens in a {longest}-slot cache, window / whole cache: {at_longest}; "
+              f"small preset with the cache full ({d['full']['context']} tokens) {d['full'][f'{key}_over_whole']:.2f}x")
+    for max_len, r in gen.items():
+        figure += (f"; generate at batch {r['batch']}, max_len {max_len}: plain {r['window_over_whole_plain']:.2f}x, "
+                   f"speculative {r['window_over_whole_spec']:.2f}x tokens/s")
+    return [("decode attention over the cache slots in use (the smallest static window covering the step) vs "
+             "the whole cache (random weights; generate: a trained tiny run, outputs checked equal)", figure,
+             "`python experiments/decode_window.py --run-dir RUN`")]
+
+
 def _moe_rows(d: dict) -> list[tuple[str, str, str]]:
     return [("blocked MoE dispatch, 64 vs 8 experts (same active FLOPs)",
              f"{d['time_ratio_e64_vs_e8']:.2f}x the time; {d['flops_fraction_e64']:.0%} of the dense-matmul "
@@ -123,7 +139,7 @@ def _kv_rows(d: dict) -> list[tuple[str, str, str]]:
 SOURCES = [("bench_train.json", _train_rows), ("bench_moe.json", _moe_rows),
            ("bench_moe_few.json", _moe_few_rows), ("kv_cache.json", _kv_rows),
            ("bench_decode.json", _decode_rows), ("decode_ab_b1bbd96.json", _decode_ab_rows),
-           ("spec_cost.json", _spec_cost_rows)]
+           ("spec_cost.json", _spec_cost_rows), ("decode_window.json", _window_rows)]
 
 
 def table() -> str:
