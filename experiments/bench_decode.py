@@ -68,6 +68,22 @@ def filled_cache(cfg: ModelConfig, context: int, seed: int = 0):
     return jax.tree_util.tree_map(fill, cache)
 
 
+def time_decode_steps(states: dict, params, rs, tok, pos, steps: int, repeats: int, before=None) -> None:
+    """Append to each state's "times" the mean seconds of one decode step over `steps` calls, the states
+    alternating over `repeats` rounds (the machine is shared and noisy). A state holds a jitted decode "step"
+    (`jit_decode_step`'s signature) and its "cache" (donated, replaced by the new one); before(key), if given,
+    runs before each state's calls."""
+    for _ in range(repeats):
+        for key, s in states.items():
+            if before is not None:
+                before(key)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits, _, s["cache"] = s["step"](params, rs, s["cache"], tok, pos)
+            jax.block_until_ready((logits, s["cache"]))
+            s["times"].append((time.perf_counter() - t0) / steps)
+
+
 def time_pair(cfg, params, rs, context: int, steps: int, repeats: int) -> list[dict]:
     """Absorbed and expanded steps at one context, timed alternately (A B A B: the machine is shared and noisy);
     per form the median over repeats of the mean step time, plus the median of the per-repeat ratios."""
@@ -81,14 +97,7 @@ def time_pair(cfg, params, rs, context: int, steps: int, repeats: int) -> list[d
         logits, _, cache = step(params, rs, cache, tok, pos)
         jax.block_until_ready((logits, cache))
         forms[absorbed] = {"step": step, "cache": cache, "first_call_s": time.perf_counter() - t0, "times": []}
-    for _ in range(repeats):
-        for absorbed in (True, False):
-            f = forms[absorbed]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                logits, _, f["cache"] = f["step"](params, rs, f["cache"], tok, pos)
-            jax.block_until_ready((logits, f["cache"]))
-            f["times"].append((time.perf_counter() - t0) / steps)
+    time_decode_steps(forms, params, rs, tok, pos, steps, repeats)
     ratios = [e / a for a, e in zip(forms[True]["times"], forms[False]["times"])]
     out = []
     for absorbed in (True, False):

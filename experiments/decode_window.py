@@ -38,6 +38,7 @@ from dsv3_jax.infer import generate, init_cache, split_variables
 from dsv3_jax.infer.decode import jit_decode_step, round_up
 from dsv3_jax.model import mla
 from dsv3_jax.testing import random_variables
+from bench_decode import time_decode_steps                 # experiments/
 from results_io import write_results                    # experiments/ (the script's folder is on the path)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -82,15 +83,7 @@ def time_step(cfg, params, rs, batch: int, max_len: int, context: int, forms: li
         state[w] = {"step": step, "cache": cache, "logits": np.asarray(logits), "times": [],
                     "first_call_s": time.perf_counter() - t0}
     base = forms[0]
-    for _ in range(repeats):
-        for w in forms:
-            use(w)
-            s = state[w]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                logits, _, s["cache"] = s["step"](params, rs, s["cache"], tok, pos)
-            jax.block_until_ready((logits, s["cache"]))
-            s["times"].append((time.perf_counter() - t0) / steps)
+    time_decode_steps(state, params, rs, tok, pos, steps, repeats, before=use)
     row = {"batch": batch, "max_len": max_len, "context": context}
     for w in forms:
         s = state[w]
