@@ -8,8 +8,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv3_jax.infer import split_variables
+from dsv3_jax.infer import generate, split_variables
+from dsv3_jax.infer.decode import CHUNK, jit_decode_steps
 from dsv3_jax.infer.request import GenerationRequest, start_request
 from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
 from test_infer import CFG_A, MAX_LEN, agreeing_variables, prompts_20
@@ -35,3 +38,18 @@ def test_greedy_only_step_equals_run_time_rule():
     assert 0.2 < accepted.mean() < 0.9, accepted.mean()               # both paths of the rule ran
     for a, b in zip(jax.tree_util.tree_leaves(outs[False]), jax.tree_util.tree_leaves(outs[True])):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_generate_compiles_its_step_program_once(speculative):
+    """Weights on a mesh (as `generate --run-dir` places them, on a 1x1x1 one by default): the first device
+    call of the decode loop gets the same input types as the calls after it (request.placed_like), so the
+    step program compiles once per request shape, not twice (it did: host-placed lengths and tokens)."""
+    cfg = CFG_A.replace(moe_block_size=3)            # a config of its own: fresh jit caches for this test
+    mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    variables = jax.device_put(agreeing_variables(cfg), NamedSharding(mesh, PartitionSpec()))
+    out, stats = generate(cfg, variables, prompts_20()[:3], max_new_tokens=3 * CHUNK, speculative=speculative)
+    assert stats["main_forwards"] > CHUNK            # more than one device call ran
+    step = (jit_speculative_steps(cfg, greedy_only=True) if speculative else jit_decode_steps(cfg, True))
+    assert step._cache_size() == 1

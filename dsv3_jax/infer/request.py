@@ -113,6 +113,13 @@ class Started(NamedTuple):
     t1: float
 
 
+def placed_like(x, ref: jax.Array) -> jax.Array:
+    """Host values x on `ref`'s devices and sharding. The decode loops feed each device call's outputs to the
+    next; a first call fed host arrays instead (placed by default, without the mesh the params live on) has
+    other input types than the calls after it, so jit would compile the step program twice."""
+    return jax.device_put(np.asarray(x), ref.sharding)
+
+
 def start_request(cfg: ModelConfig, params: dict, router_state: dict, req: GenerationRequest, *,
                   mtp: bool) -> Started:
     """The part plain and speculative decoding share: lay out and pad the prompts, allocate the latent cache
