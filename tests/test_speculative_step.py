@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.infer import generate, split_variables
 from dsv3_jax.infer.decode import CHUNK, jit_decode_steps
+from dsv3_jax.infer.queue import jit_refill
 from dsv3_jax.infer.request import GenerationRequest, start_request
 from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
 from test_infer import CFG_A, MAX_LEN, agreeing_variables, prompts_20
@@ -40,10 +41,11 @@ def test_greedy_only_step_equals_run_time_rule():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+@pytest.mark.parametrize("speculative", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["plain", "speculative"])
 def test_generate_compiles_its_step_program_once(speculative):
     """Weights on a mesh (as `generate --run-dir` places them, on a 1x1x1 one by default): the first device
-    call of the decode loop gets the same input types as the calls after it (request.placed_like), so the
+    call of the decode loop gets the same input types as the calls after it (request.replicated_on_mesh_of), so the
     step program compiles once per request shape, not twice (it did: host-placed lengths and tokens)."""
     cfg = CFG_A.replace(moe_block_size=3)            # a config of its own: fresh jit caches for this test
     mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"),
@@ -53,3 +55,19 @@ def test_generate_compiles_its_step_program_once(speculative):
     assert stats["main_forwards"] > CHUNK            # more than one device call ran
     step = (jit_speculative_steps(cfg, greedy_only=True) if speculative else jit_decode_steps(cfg, True))
     assert step._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_queue_compiles_refill_and_steps_once():
+    """The serving queue on weights on a mesh: its first refill gets the cache and slot state placed as the
+    refills return them (request.replicated_on_mesh_of), so each program compiles once (the first refill's
+    host-placed inputs made the second refill compile again). Plain greedy rows of equal length finish
+    together, so every refill fills both slots: one refill shape."""
+    cfg = CFG_A.replace(moe_block_size=5)            # a config of its own: fresh jit caches for this test
+    mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    variables = jax.device_put(agreeing_variables(cfg), NamedSharding(mesh, PartitionSpec()))
+    out, stats = generate(cfg, variables, prompts_20()[:6], max_new_tokens=4, batch_size=2)
+    assert stats["prefill_calls"] == 3 and stats["device_calls"] == 3
+    assert jit_refill(cfg, "plain")._cache_size() == 1
+    assert jit_decode_steps(cfg)._cache_size() == 1                # the queue's key (queue._plain_steps)

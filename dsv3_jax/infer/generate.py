@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .decode import CHUNK, jit_decode_steps, split_variables
-from .request import DecodeClock, GenerationRequest, StreamCallback, placed_like, start_request
+from .request import DecodeClock, GenerationRequest, StreamCallback, replicated_on_mesh_of, start_request
 from .queue import check_batch_size, queue_generate
 from .speculative import speculative_generate
 
@@ -107,7 +107,7 @@ def plain_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     run = start_request(cfg, params, router_state, req, mtp=False)
     tok, cache, col = run.tok, run.cache, run.col
     step = jit_decode_steps(cfg, absorbed)
-    pos = placed_like(run.lengths, run.tok)     # position of each row's pending token
+    pos = replicated_on_mesh_of(run.lengths, run.tok)     # position of each row's pending token
     clock = DecodeClock(col, run.t1)
     forwards = 0
     while col.active.any():

@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..model.layers import dtype_of
 from .cache import init_cache
 from .decode import CHUNK, Sampling, jit_decode_steps, layout, pad_prompts, prefill, sample
-from .request import GenerationRequest
+from .request import GenerationRequest, replicated_on_mesh_of
 from .speculative import SpecState, check_draft_module, jit_speculative_steps
 
 
@@ -169,8 +169,9 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len)
     sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))
     first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a refill's first tokens: fold_in(this, i)
-    cache = init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=engine.mtp)
-    state = engine.init(batch, cfg)
+    # Placed as the refills will return them, so the first refill compiles what the later ones run.
+    cache, state = replicated_on_mesh_of((init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=engine.mtp),
+                                          engine.init(batch, cfg)), jax.tree.leaves(params)[0])
     refill, steps = jit_refill(cfg, name), engine.steps(cfg, req.temperature == 0)
     slots = Slots(req, batch)
     t0 = time.perf_counter()

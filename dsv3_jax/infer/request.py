@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import ModelConfig
 from .cache import KVCache, init_cache
@@ -113,11 +114,15 @@ class Started(NamedTuple):
     t1: float
 
 
-def placed_like(x, ref: jax.Array) -> jax.Array:
-    """Host values x on `ref`'s devices and sharding. The decode loops feed each device call's outputs to the
-    next; a first call fed host arrays instead (placed by default, without the mesh the params live on) has
-    other input types than the calls after it, so jit would compile the step program twice."""
-    return jax.device_put(np.asarray(x), ref.sharding)
+def replicated_on_mesh_of(tree, ref: jax.Array):
+    """tree (host or default-placed arrays) replicated on the mesh `ref` lives on (unchanged placement when ref
+    is on no mesh). The decode loops feed each device call's outputs to the next, and those carry the mesh of
+    the weights; a first call fed arrays placed without it has other input types than the calls after it, so
+    jit would compile the step (or refill) program twice."""
+    sharding = ref.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec())
+    return jax.device_put(tree, sharding)
 
 
 def start_request(cfg: ModelConfig, params: dict, router_state: dict, req: GenerationRequest, *,

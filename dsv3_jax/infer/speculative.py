@@ -36,7 +36,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from .decode import (CHUNK, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps, sample,
                      sample_from, sampling_probs)
-from .request import DecodeClock, GenerationRequest, placed_like, start_request
+from .request import DecodeClock, GenerationRequest, replicated_on_mesh_of, start_request
 
 
 class SpecState(NamedTuple):
@@ -150,7 +150,8 @@ def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict,
     run = start_request(cfg, params, router_state, req, mtp=True)
     col, cache = run.col, run.cache
     rows = np.arange(len(req.prompts))
-    st = SpecState(placed_like(run.lengths, run.tok), placed_like(run.tokens[rows, run.lengths - 1], run.tok),
+    st = SpecState(replicated_on_mesh_of(run.lengths, run.tok),
+                   replicated_on_mesh_of(run.tokens[rows, run.lengths - 1], run.tok),
                    run.tok, run.prefill.h_prev, run.prefill.h_last)
 
     step = jit_speculative_steps(cfg, greedy_only=req.temperature == 0)
