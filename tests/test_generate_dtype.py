@@ -59,6 +59,7 @@ def test_load_hf_reads_straight_into_bf16(hf_dir):
         np.testing.assert_array_equal(np.asarray(a.astype(b.dtype)), np.asarray(b), err_msg=str(k))
 
 
+@pytest.mark.slow
 def test_generate_cli_in_bf16(hf_dir):
     """The user's path: `python -m dsv3_jax generate --hf-dir D --dtype bfloat16` prints text and reports the
     dtype; an unknown dtype is refused by the parser (exit 2)."""

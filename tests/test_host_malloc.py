@@ -116,6 +116,7 @@ def test_train_cli_restarts_with_the_settings_only_on_cpu(monkeypatch, env, coor
     assert bool(calls) == restarts
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_train_cli_runs_with_the_settings(tmp_path):
     """The path users run: the train CLI on CPU restarts itself once with the settings (same process, new

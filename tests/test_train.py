@@ -24,7 +24,8 @@ def single_device_run():
     return run_steps(make_run(MeshConfig(data=1)), BATCHES, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("moe_impl", ["dense", ModelConfig().moe_impl])
+# The presets' default impl runs in the default suite (the path users run); dense only with -m slow.
+@pytest.mark.parametrize("moe_impl", [pytest.param("dense", marks=pytest.mark.slow), ModelConfig().moe_impl])
 def test_2x2x2_mesh_matches_one_device(single_device_run, moe_impl):
     """5 steps on a (data 2, expert 2, tensor 2) mesh: same losses and router biases as one device's
     dense dispatch, with dense and with the presets' default ("auto": the expert-parallel form on this
@@ -42,6 +43,7 @@ def test_2x2x2_mesh_matches_one_device(single_device_run, moe_impl):
     assert np.abs(bias).max() > 0
 
 
+@pytest.mark.slow
 def test_microbatch_counts_are_whole_batch(single_device_run):
     """With 2 microbatches the bias rule sees the counts of the whole batch (and the loss is the same)."""
     losses1, metrics1, state1 = single_device_run
