@@ -71,3 +71,12 @@ def test_queue_compiles_refill_and_steps_once():
     assert stats["prefill_calls"] == 3 and stats["device_calls"] == 3
     assert jit_refill(cfg, "plain")._cache_size() == 1
     assert jit_decode_steps(cfg)._cache_size() == 1                # the queue's key (queue._plain_steps)
+
+
+def test_queue_takes_host_weights():
+    """Weights given as numpy arrays (as loaded from an .npz) run through the queue too: the slot state's
+    placement falls back to the default device when the weights have no sharding (it raised AttributeError)."""
+    host = jax.tree.map(np.asarray, agreeing_variables(CFG_A))
+    out, _ = generate(CFG_A, host, prompts_20()[:3], max_new_tokens=2, batch_size=2)
+    ref, _ = generate(CFG_A, agreeing_variables(CFG_A), prompts_20()[:3], max_new_tokens=2)
+    assert out == ref

@@ -116,10 +116,10 @@ class Started(NamedTuple):
 
 def replicated_on_mesh_of(tree, ref: jax.Array):
     """tree (host or default-placed arrays) replicated on the mesh `ref` lives on (unchanged placement when ref
-    is on no mesh). The decode loops feed each device call's outputs to the next, and those carry the mesh of
+    is on no mesh, or is a host array). The decode loops feed each device call's outputs to the next, and those carry the mesh of
     the weights; a first call fed arrays placed without it has other input types than the calls after it, so
     jit would compile the step (or refill) program twice."""
-    sharding = ref.sharding
+    sharding = getattr(ref, "sharding", None)                       # None: ref is a host (numpy) array
     if isinstance(sharding, NamedSharding):
         sharding = NamedSharding(sharding.mesh, PartitionSpec())
     return jax.device_put(tree, sharding)
