@@ -18,6 +18,9 @@ constructed model whose draft agrees with the main model on about `--agree` of t
 Part 3 (`--batch 1,4,8,16`): plain and speculative greedy generate() of the same model as part 2 on batches of
 that many validation prompts (one request per batch; rows that accept different numbers of drafts stay in one
 batch), alternating rounds; decode tokens/s summed over the rows, acceptance, and the median per-round ratio.
+`--batch-runs RUN2[,RUN3]` adds the same table for more trained runs, e.g. one whose weights do not fit in the
+CPU's caches (the bench preset's 16 experts per layer): there a decode step is bound by reading weights, as
+serving a large model is, rather than by arithmetic, as the tiny preset's 19 MiB are (spec_cost.md, session 11).
 
 Part 4 (`--queue Q`, 0 for none): the serving queue (`generate(..., batch_size=B)`, dsv3_jax/infer/queue.py):
 for each B of `--queue-batch` (default: the part-3 batches), Q*B validation prompts through B slots, a slot
@@ -28,7 +31,7 @@ prefills' time left out). Part 3 keeps measuring one request per batch, which wa
 Writes experiments/results/bench_decode.{md,png,json}; the last printed line is JSON with `tokens_per_forward`
 and `speculative_speedup` (of the checkpoint, or of the random model when there is none).
 
-    python experiments/bench_decode.py [--run-dir RUN] [--batch 1,4,8,16] [--queue 4] [--quick]
+    python experiments/bench_decode.py [--run-dir RUN] [--batch 1,4,8,16] [--batch-runs RUN2] [--queue 4] [--quick]
 """
 
 from __future__ import annotations
@@ -168,6 +171,17 @@ def agreeing_variables(cfg: ModelConfig, variables: dict, agree: float, seed: in
     return jax.tree_util.tree_map(jnp.asarray, v)
 
 
+def model_shape(cfg: ModelConfig, variables) -> dict:
+    """What decides whether a decode step is bound by weight reads: layers, routed experts, weight MiB."""
+    nbytes = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(variables["params"]))
+    return {"layers": cfg.num_hidden_layers, "routed_experts": cfg.n_routed_experts,
+            "weights_mib": round(nbytes / 2 ** 20, 1)}
+
+
+def shape_text(r: dict) -> str:
+    return f"{r['layers']} layers, {r['routed_experts']} routed experts, {r['weights_mib']:.0f} MiB of fp32 weights"
+
+
 def print_row(r: dict) -> None:
     print(f"  {r['model']}: plain {r['plain_tokens_per_s']:.1f} tok/s, speculative {r['spec_tokens_per_s']:.1f} "
           f"tok/s, acceptance {r['acceptance_rate']:.2f}, tokens/forward {r['tokens_per_forward']:.2f}, "
@@ -277,6 +291,14 @@ def compare_queue(cfg, variables, prompts, batches, per_slot, new_tokens, repeat
     return rows
 
 
+def by_model(rows) -> dict:
+    """Rows grouped by their "model", in order of first appearance."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["model"], []).append(r)
+    return out
+
+
 def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list, batch_rows=(),
          queue_rows=()) -> None:
     try:
@@ -311,9 +333,16 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
     ax2.legend(fontsize=8, loc="upper right")
     if batch_rows:
         ax3 = axes[2]
-        bs = [r["batch"] for r in batch_rows]
-        ax3.plot(bs, [r["plain_tokens_per_s"] for r in batch_rows], "o-", label="plain")
-        ax3.plot(bs, [r["spec_tokens_per_s"] for r in batch_rows], "s-", label="speculative (MTP draft)")
+        groups = list(by_model(batch_rows).values())
+        for i, group in enumerate(groups):
+            bs = [r["batch"] for r in group]
+            name = "" if len(groups) == 1 else f", {group[0]['routed_experts']} experts"
+            ax3.plot(bs, [r["plain_tokens_per_s"] for r in group], "o-", color=f"C{2 * i}", label="plain" + name)
+            ax3.plot(bs, [r["spec_tokens_per_s"] for r in group], "s-", color=f"C{2 * i + 1}",
+                     label="speculative (MTP draft)" + name)
+        if len(groups) > 1:
+            ax3.set_yscale("log")
+        batch_rows, bs = groups[0], [r["batch"] for r in groups[0]]
         if queue_rows:
             qs = [r["batch"] for r in queue_rows]
             per_slot = queue_rows[0]["requests"] // queue_rows[0]["batch"]
@@ -323,15 +352,16 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
             for r in queue_rows:
                 ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
                              xytext=(0, -12), ha="center", fontsize=8, color="C1")
-        for r in batch_rows:
+        for r in [r for group in groups for r in group]:
             ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)
         ax3.set_xscale("log", base=2)
         ax3.set_xticks(bs, [str(b) for b in bs])
         ax3.set_xlabel("batch (rows decoded together)")
         ax3.set_ylabel("decode tokens/s (all rows)")
-        ax3.set_title(f"greedy decode by batch, {batch_rows[0].get('model', '')}"[:60], fontsize=9)
-        ax3.legend(fontsize=8)
+        ax3.set_title("greedy decode by batch" + (f", {batch_rows[0].get('model', '')}"[:50] if len(groups) == 1 else
+                                                  ": trained runs"), fontsize=9)
+        ax3.legend(fontsize=7, loc="upper left")
         ax3.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "bench_decode.png"), dpi=110)
@@ -355,6 +385,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--agree-presets", default="tiny,small",
                     help="presets of the constructed agreeing-draft models ('' for none)")
     ap.add_argument("--batch", default="1,4,8,16", help="batch sizes of the part-3 table ('' for none)")
+    ap.add_argument("--batch-runs", default="",
+                    help="more training run directories, each with its own part-3 table (comma-separated)")
     ap.add_argument("--queue", type=int, default=0,
                     help="part 4: this many requests per slot through the serving queue (0: no part 4)")
     ap.add_argument("--queue-batch", default=None, help="slots of the part-4 queues (default: --batch)")
@@ -374,6 +406,9 @@ def main(argv=None) -> dict:
         args.agree_presets = "tiny"
         args.batch = ",".join(args.batch.split(",")[:2])
     contexts = [int(c) for c in args.contexts.split(",")]
+    for run in [r for r in args.batch_runs.split(",") if r]:
+        if not os.path.exists(os.path.join(run, "config.json")):
+            raise SystemExit(f"--batch-runs: {run} is not a training run directory (no config.json)")
     os.makedirs(args.out, exist_ok=True)
 
     # Part 1.
@@ -430,7 +465,16 @@ def main(argv=None) -> dict:
             prompts = validation_prompts(run_cfg, tokenizer, max(batches), args.prompt_tokens)
     batch_rows = compare_batches(scfg, variables, prompts, batches, args.new_tokens, args.repeats) if batches else []
     for r in batch_rows:
-        r["model"] = label
+        r.update(model=label, **model_shape(scfg, variables))
+    for run in [r for r in args.batch_runs.split(",") if r] if batches else []:
+        bcfg, bvars, blabel, brc, btok = load_run(run)
+        print(f"part 3: batches {batches}, {blabel}", flush=True)
+        more = compare_batches(bcfg, bvars, validation_prompts(brc, btok, max(batches), args.prompt_tokens),
+                               batches, args.new_tokens, args.repeats)
+        for r in more:
+            r.update(model=blabel, **model_shape(bcfg, bvars))
+        batch_rows += more
+        del bvars
 
     # Part 4.
     qbatches = [int(b) for b in (args.batch if args.queue_batch is None else args.queue_batch).split(",") if b]
@@ -470,14 +514,14 @@ def main(argv=None) -> dict:
         lines.append(f"| {r['model']} | {r['prompts']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
                      f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['plain_forwards']} / "
                      f"{r['spec_forwards']} | {r['speedup']:.2f}x |")
-    if batch_rows:
-        lines += ["", f"## Plain and speculative greedy decoding by batch ({label}, {args.new_tokens} new tokens per "
-                  "row, validation-text prompts, one request per batch; after a warm-up, "
-                  f"{args.repeats} rounds, plain and speculative alternating; median decode tokens/s over all rows "
-                  "and the median of the per-round ratios; identical outputs checked)", "",
+    for model, group in by_model(batch_rows).items():
+        lines += ["", f"## Plain and speculative greedy decoding by batch ({model}: {shape_text(group[0])}; "
+                  f"{args.new_tokens} new tokens per row, validation-text prompts, one request per batch; after a "
+                  f"warm-up, {args.repeats} rounds, plain and speculative alternating; median decode tokens/s over "
+                  "all rows and the median of the per-round ratios; identical outputs checked)", "",
                   "| batch | plain tok/s | speculative tok/s | acceptance | tokens per main forward | speculative / plain |",
                   "|---|---|---|---|---|---|"]
-        for r in batch_rows:
+        for r in group:
             lines.append(f"| {r['batch']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
                          f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
     if queue_rows:
@@ -523,8 +567,9 @@ def main(argv=None) -> dict:
     summary["constructed"] = {r["model"].split(",")[0]: {
         "acceptance_rate": round(r["acceptance_rate"], 3), "tokens_per_forward": round(r["tokens_per_forward"], 3),
         "speculative_speedup": round(r["speedup"], 3)} for r in spec_rows[1:]}
-    summary["batches"] = {str(r["batch"]): {k: round(r[k], 3) for k in (
-        "plain_tokens_per_s", "spec_tokens_per_s", "acceptance_rate", "speedup")} for r in batch_rows}
+    summary["batches"] = {model: {str(r["batch"]): {k: round(r[k], 3) for k in (
+        "plain_tokens_per_s", "spec_tokens_per_s", "acceptance_rate", "speedup")} for r in group}
+        for model, group in by_model(batch_rows).items()}
     summary["queue"] = {str(r["batch"]): {k: round(r[k], 3) for k in (
         "plain_tokens_per_s", "spec_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate")}
         for r in queue_rows}

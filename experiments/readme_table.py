@@ -53,15 +53,22 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
         rows.append((f"absorbed vs expanded decode step, {s['preset']} preset",
                      f"{s['absorbed_speedup_at_max_context']:.1f}x faster at {longest} cached tokens; absorbed "
                      f"step {1000 / s['absorbed_tokens_per_s'][longest]:.1f} ms there", cmd))
-    batches = sorted(d.get("batches", []), key=lambda r: r["batch"])
-    if batches:
+    groups = {}
+    for r in d.get("batches", []):
+        groups.setdefault(r["model"], []).append(r)
+    for i, batches in enumerate(groups.values()):
+        batches = sorted(batches, key=lambda r: r["batch"])
         sizes = "/".join(str(r["batch"]) for r in batches)
         acc = [r["acceptance_rate"] for r in batches]
-        rows.append((f"greedy decoding of a trained tiny run, plain vs MTP speculative, batch {sizes} "
+        b = batches[0]
+        shape = (f"{b['routed_experts']} routed experts, {b['weights_mib']:.0f} MiB of weights"
+                 if "weights_mib" in b else "tiny preset")
+        rows.append((f"greedy decoding of a trained run ({shape}), plain vs MTP speculative, batch {sizes} "
                      "(outputs checked equal)",
                      "plain " + " / ".join(f"{r['plain_tokens_per_s']:.0f}" for r in batches) + " tokens/s; "
                      "speculative / plain " + " / ".join(f"{r['speedup']:.2f}x" for r in batches)
-                     + f" (acceptance {min(acc):.2f}-{max(acc):.2f})", cmd))
+                     + f" (acceptance {min(acc):.2f}-{max(acc):.2f})",
+                     cmd if i == 0 else cmd.rstrip("`") + " --batch-runs RUN2`"))
     queue = sorted(d.get("queue", []), key=lambda r: r["batch"])
     if queue:
         per_slot = queue[0]["requests"] // queue[0]["batch"]

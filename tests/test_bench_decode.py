@@ -1,0 +1,54 @@
+"""experiments/bench_decode.py's batch table over several trained runs (`--batch-runs`): one table per run,
+each labelled with what decides whether its decode step is bound by weight reads, and one README row each."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from dsv3_jax.config import MeshConfig
+from train_utils import make_run, write_corpus
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+@pytest.mark.slow
+def test_batch_tables_for_two_runs(tmp_path, monkeypatch):
+    from dsv3_jax.train.loop import train
+    monkeypatch.syspath_prepend(EXPERIMENTS)
+    import bench_decode
+    import readme_table
+    corpus = write_corpus(tmp_path / "c.txt")
+    runs = {}
+    for name, experts in (("few", 4), ("many", 8)):
+        rc = make_run(MeshConfig(), model_changes={"n_routed_experts": experts, "n_group": 2, "topk_group": 1}, steps=2,
+                      data=corpus, eval_every=2, checkpoint_every=2)
+        runs[name] = str(tmp_path / name)
+        train(rc, runs[name], progress=False, async_checkpoints=False)
+    out = tmp_path / "out"
+    args = ["--preset", "tiny", "--contexts", "64", "--steps", "1", "--repeats", "1", "--new-tokens", "6",
+            "--prompts", "2", "--prompt-tokens", "8", "--agree-presets", "", "--batch", "1,2",
+            "--run-dir", runs["few"], "--batch-runs", runs["many"], "--out", str(out)]
+    bench_decode.main(args)
+
+    saved = json.loads((out / "bench_decode.json").read_text())
+    by_model = {}
+    for r in saved["batches"]:
+        by_model.setdefault(r["model"], []).append(r)
+    assert list(by_model) == [runs["few"], runs["many"]]
+    assert [r["batch"] for r in by_model[runs["many"]]] == [1, 2]
+    assert [r["routed_experts"] for r in saved["batches"]] == [4, 4, 8, 8]
+    few_mib, many_mib = by_model[runs["few"]][0]["weights_mib"], by_model[runs["many"]][0]["weights_mib"]
+    assert 0 < few_mib < many_mib
+    md = (out / "bench_decode.md").read_text()
+    assert md.count("## Plain and speculative greedy decoding by batch") == 2
+    assert f"{runs['few']}: 3 layers, 4 routed experts" in md and f"{runs['many']}: 3 layers, 8 routed experts" in md
+    rows = readme_table._decode_rows(saved)
+    batch_rows = [r for r in rows if r[0].startswith("greedy decoding of a trained run")]
+    assert [("4 routed experts" in r[0], "8 routed experts" in r[0]) for r in batch_rows] == [(True, False),
+                                                                                            (False, True)]
+    assert "--batch-runs" not in batch_rows[0][2] and "--batch-runs RUN2" in batch_rows[1][2]
+
+    with pytest.raises(SystemExit, match="not a training run directory"):
+        bench_decode.main(args[:-4] + ["--batch-runs", str(tmp_path), "--out", str(tmp_path / "out2")])
