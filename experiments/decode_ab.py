@@ -3,8 +3,9 @@ change to the model or to dsv3_jax/infer does not slow decoding down.
 
 Each round runs one child process per tree (`PYTHONPATH=<tree>`, so each child imports that tree's dsv3_jax),
 the trees alternating. A child measures, after compiling (the first call's seconds are kept as compile time):
-  * the small preset (random weights, fp32, batch 1): one absorbed decode step (`jit_decode_step`) at 1024,
-    2048 and 4096 cached tokens, the median (and min) over 7 runs of 5 steps;
+  * the small preset (random weights, fp32, batch 1): one absorbed decode step (`jit_decode_step`, on the
+    params layout the tree's `generate` decodes from: `decode_params` where the tree has it) at 1024, 2048 and
+    4096 cached tokens, the median (and min) over 7 runs of 5 steps;
   * the tiny preset (random weights): `generate` of 128 new tokens, plain and speculative, at batch 1 and 8,
     the median (and max) decode tokens/s (stats['tokens_per_s']) over 5 requests.
 The report gives each tree's median over the rounds and the median of the per-round ratios to the first tree.
@@ -49,11 +50,16 @@ def child(parts: list[str]) -> dict:
         from dsv3_jax.testing import random_variables
     except ImportError:                                    # trees before dsv3_jax/testing.py (main at c81abdb)
         from dsv3_jax.infer.decode import random_variables
+    try:
+        from dsv3_jax.infer.decode import decode_params     # the params layout the tree's generate decodes from
+    except ImportError:                                    # trees before it decode from the stacked params
+        decode_params = lambda cfg, params: params
 
     out: dict = {}
     if "small" in parts:
         cfg = PRESETS["small"].replace(dtype="float32", max_position_embeddings=max(CONTEXTS) + 64)
         params, rs = split_variables(random_variables(cfg, 0))
+        params = decode_params(cfg, params)
         step = jit_decode_step(cfg, True)
         rng = np.random.default_rng(0)
         for ctx in CONTEXTS:

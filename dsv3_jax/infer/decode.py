@@ -28,8 +28,9 @@ import flax.linen as nn
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import InputError
 from ..model.mla import LatentContext
-from ..model.transformer import Transformer
+from ..model.transformer import LAYER_PREFIX, Transformer
 from .cache import KVCache, LayerCache
 
 
@@ -43,8 +44,70 @@ def split_variables(variables: Any) -> tuple[dict, dict]:
     return v["params"], v.get("router_state", {})
 
 
+def _stack_depths(cfg: ModelConfig) -> dict:
+    return {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
+
+
+def _per_layer(tree: dict, depth: int) -> dict:
+    """A stack's {'layers': leaves [L,...]} -> {'layer_<i>': leaves [...]} (unchanged if already per layer)."""
+    if "layers" not in tree:
+        return tree
+    return {f"{LAYER_PREFIX}{i}": jax.tree.map(lambda x: x[i], tree["layers"]) for i in range(depth)}
+
+
+def decode_params(cfg: ModelConfig, params: dict) -> dict:
+    """Params for decoding: each main stack's stacked weights [L,...] split once into per-layer trees
+    (`<stack>/layer_<i>` in place of `<stack>/layers`), so that the decode step's unrolled layers read their
+    weights in place instead of copying each layer's slice out of the stack at every step (XLA:CPU matmuls
+    take contiguous operands; experiments/results/decode_weights.md). Everything else is shared, not copied.
+
+    `forward`, `mtp_forward`, `prefill`, `decode_step` and the jitted steps take either layout (router_state
+    stays stacked: its per-layer rows are sliced inside the step). Memory: a second copy of the main layers'
+    weights while the stacked params stay alive (the caller's variables), i.e. nearly twice the model's
+    weights: for a model whose weights fill the device, keep decoding from the stacked params. Idempotent.
+    Raises InputError when a stack's depth does not match cfg, or cfg has no such stack."""
+    out = dict(params)
+    for name, depth in _stack_depths(cfg).items():
+        if not depth:
+            if name in params:
+                raise InputError(f"params hold '{name}' but the config has no such layers: params and config "
+                                 "come from different models")
+            continue
+        if name not in params:
+            continue                # nothing to split (the model's own check names what is missing)
+        stack = params[name]
+        if "layers" in stack:
+            got = {x.shape[0] for x in jax.tree.leaves(stack["layers"])}
+        else:
+            got = {len(stack)} if set(stack) == {f"{LAYER_PREFIX}{i}" for i in range(len(stack))} else {None}
+        if got != {depth}:
+            raise InputError(f"params['{name}'] hold {sorted(got, key=str)} layers, the config {depth}: params "
+                             "and config come from different models")
+        out[name] = _unstack(stack, depth) if "layers" in stack else stack
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(stack: dict, depth: int) -> dict:
+    """`_per_layer` in one compiled call (one dispatch per stack; the slices keep the stack's sharding)."""
+    return _per_layer(stack, depth)
+
+
+def _matching_router_state(cfg: ModelConfig, params: dict, router_state: dict) -> dict:
+    """router_state in the params' layout: per-layer rows of a stack whose params are per layer."""
+    if not router_state:
+        return router_state
+    out = dict(router_state)
+    for name, depth in _stack_depths(cfg).items():
+        if depth and name in router_state and f"{LAYER_PREFIX}0" in params.get(name, {}):
+            out[name] = _per_layer(router_state[name], depth)
+    return out
+
+
 def _apply(cfg: ModelConfig, params: dict, router_state: dict, method, *args):
-    return Transformer(cfg).apply({"params": params, "router_state": router_state}, *args, method=method)
+    return Transformer(cfg).apply({"params": params,
+                                   "router_state": _matching_router_state(cfg, params, router_state)},
+                                  *args, method=method)
 
 
 # Whole-model forwards ----------------------------------------------------------------------------------------

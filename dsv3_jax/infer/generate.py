@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from .decode import CHUNK, jit_decode_steps, split_variables
+from .decode import CHUNK, decode_params, jit_decode_steps, split_variables
 from .request import DecodeClock, GenerationRequest, StreamCallback, replicated_on_mesh_of, start_request
 from .queue import check_batch_size, queue_generate
 from .speculative import speculative_generate
@@ -93,6 +93,7 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     if batch_size is not None:
         batch_size = check_batch_size(batch_size)
     params, router_state = split_variables(variables)
+    params = decode_params(cfg, params)          # per-layer weights: no per-step copies (decode.py)
     req = GenerationRequest(prompts, int(max_new_tokens), float(temperature), float(top_p), seed, stream_callback,
                             eos_id, cache_dtype, max_len)
     if batch_size is not None:

@@ -54,6 +54,10 @@ class ModelOutput:
                                       #   seq_affinity [L,B,E]}, 'mtp_k': {... without L}}
 
 
+STACKS = ("dense_layers", "moe_layers")     # the main layer stacks, in order (names in the param tree)
+LAYER_PREFIX = "layer_"     # per-layer decoding params: <stack>/layer_<i> in place of <stack>/layers [L,...]
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: h + MLA(norm(h)), then h + FFN(norm(h)) with FFN dense or MoE.
 
@@ -94,16 +98,20 @@ def block_class(cfg: ModelConfig):
 class Stack(nn.Module):
     """`length` DecoderBlocks under nn.scan: one compiled body whatever the depth. A decoding `cache` (a
     `LatentContext` with a leading layer axis) is scanned with the layers, or, with `cache.layer` set, carried
-    through them and written in place. Decoding always runs the layers as a rolled loop: unrolled, each
-    layer's static slice of the stacked weights is copied at every step, rolled the dynamic slice is read in
-    place (experiments/results/bench_decode.md); returns (h, stats [L,...] or None, new latents [L,B,T,*], the written
-    `LatentContext`, or None)."""
+    through them and written in place. Decoding with stacked params runs the layers as a rolled loop, which
+    copies each layer's slice of the stacked weights at every step (a dynamic slice: matmuls on XLA:CPU read
+    contiguous operands); with the per-layer params of `dsv3_jax.infer.decode.decode_params`
+    (`layer_<i>` in place of `layers`) the layers are unrolled and read their own weights in place, the
+    cache still stacked and written in place (experiments/results/decode_weights.md). Returns (h, stats [L,...]
+    or None, new latents [L,B,T,*], the written `LatentContext`, or None)."""
     cfg: ModelConfig
     moe: bool
     length: int
 
     @nn.compact
     def __call__(self, h, cos, sin, positions, kv_mask, cache: Optional[LatentContext] = None):
+        if self.has_variable("params", f"{LAYER_PREFIX}0"):
+            return self.per_layer(h, cos, sin, positions, kv_mask, cache)
         scanned = nn.scan(
             block_class(self.cfg),
             variable_axes={"params": 0, "router_state": 0},
@@ -119,6 +127,25 @@ class Stack(nn.Module):
             return h, stats, cache
         h, (stats, latents) = scanned(self.cfg, self.moe, name="layers")(h, cos, sin, positions, kv_mask, cache)
         return h, stats, latents
+
+    def per_layer(self, h, cos, sin, positions, kv_mask, cache: Optional[LatentContext]):
+        """The same blocks unrolled over per-layer params (decoding and prefill only: nothing here
+        initialises a stack); the same returns as the scanned form, stats and latents stacked."""
+        in_place = cache is not None and cache.layer is not None
+        if in_place:
+            h = (h, cache.replace(layer=jnp.zeros((), jnp.int32)))
+        stats, latents = [], []
+        for i in range(self.length):
+            layer_cache = None if cache is None or in_place else jax.tree.map(lambda x: x[i], cache)
+            h, (layer_stats, new) = block_class(self.cfg)(self.cfg, self.moe, name=f"{LAYER_PREFIX}{i}")(
+                h, cos, sin, positions, kv_mask, layer_cache)
+            stats.append(layer_stats)
+            latents.append(new)
+        stack = lambda xs: None if xs[0] is None else jax.tree.map(lambda *x: jnp.stack(x), *xs)
+        if in_place:
+            h, cache = h
+            return h, stack(stats), cache
+        return h, stack(stats), stack(latents)
 
 
 class MTPModule(nn.Module):
@@ -146,7 +173,6 @@ def output_logits(h_normed: jax.Array, lm_head: jax.Array) -> jax.Array:
     return logits.reshape(lead + (-1,))
 
 
-STACKS = ("dense_layers", "moe_layers")     # the main layer stacks, in order (names in the param tree)
 
 
 class Transformer(nn.Module):
