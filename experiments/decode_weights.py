@@ -41,7 +41,7 @@ from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps, specula
 from dsv3_jax.model import Transformer
 from dsv3_jax.testing import random_variables
 from results_io import write_results
-from spec_cost import NEW, PROMPT, one_pass_step
+from spec_cost import NEW, PROMPT, one_pass_step, step_parts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LAYOUTS = ("stacked", "per_layer")
@@ -110,6 +110,7 @@ def step_programs(cfg, params_by_layout: dict, rs, prompts: list) -> dict:
                 out = compiled(*make(box["cache"]))
                 box["cache"] = out[-2]
                 jax.block_until_ready(out[-1])
+            run.hlo = compiled.as_text()
             progs[(name, kind)] = run
     return progs
 
@@ -236,6 +237,21 @@ def report(args, data: dict) -> list[str]:
             lines.append(f"| {name} | {g[f'{name}_plain_tok_s']:.0f} | {g[f'{name}_speculative_tok_s']:.0f} |")
         lines += ["", f"per_layer / stacked: plain {g['plain_per_layer_over_stacked']:.3f}, speculative "
                   f"{g['speculative_per_layer_over_stacked']:.3f}.", ""]
+    if "parts" in data:
+        cols = list(data["parts"])
+        names = sorted({k for d in data["parts"].values() for k in d}, key=lambda k: -data["parts"][cols[0]].get(k, 0))
+        plain = {name: sum(data["parts"][f"plain {name}"].values()) for name in LAYOUTS}
+        lines += [f"What a step's time is made of at batch {args.batch}: microseconds per step, each XLA op's "
+                  "exclusive time in a jax.profiler trace (experiments/spec_cost.py `step_parts`; the profiler "
+                  "inflates every op, so read the shares: in brackets, as a fraction of the same layout's plain "
+                  "step).", "", "| part | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for part in names + ["total"]:
+            cells = []
+            for c in cols:
+                v = sum(data["parts"][c].values()) if part == "total" else data["parts"][c].get(part, 0.0)
+                cells.append(f"{v:.0f} ({v / plain[c.split(' ', 1)[1]]:.2f})")
+            lines.append(f"| {part} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "long" in data:
         lines += ["Small preset, absorbed decode step (`jit_decode_step`, batch 1, fp32), ms per step (median of "
                   f"{args.repeats} alternating repeats of 5 steps):", "",
@@ -253,6 +269,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--parts", default="hlo,steps,generate,long")
+    ap.add_argument("--profile", action="store_true",
+                    help="with steps: a jax.profiler trace of the plain and speculative steps split into parts")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
@@ -275,8 +293,16 @@ def main(argv=None) -> dict:
         params, rs = split_variables(variables)
         by_layout = layouts(cfg, params)
         if "steps" in parts:
-            data["steps"] = time_steps(step_programs(cfg, by_layout, rs, prompts), args.repeats)
+            progs = step_programs(cfg, by_layout, rs, prompts)
+            data["steps"] = time_steps(progs, args.repeats)
             print(data["steps"], flush=True)
+            if args.profile:
+                parts = step_parts({(kind, name): progs[(name, kind)] for name in LAYOUTS
+                                    for kind in ("plain", "speculative")})
+                data["parts"] = {f"{kind} {name}": {k: round(v, 1) for k, v in d.items()}
+                                 for (kind, name), d in parts.items()}
+                print(data["parts"], flush=True)
+            del progs
         if "generate" in parts:
             data["generate"] = time_generate(cfg, by_layout, rs, prompts, args.repeats)
             print(data["generate"], flush=True)

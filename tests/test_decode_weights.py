@@ -38,6 +38,7 @@ def test_decode_params_layout_and_idempotence():
     assert dp["embedding"] is params["embedding"] and dp["mtp_0"] is params["mtp_0"]     # shared, not copied
     again = decode_params(CFG_A, dp)
     assert again["moe_layers"] is dp["moe_layers"]
+    assert decode_params(CFG_A, params, max_bytes=0) is params        # too big to copy: left stacked
 
 
 def test_per_layer_prefill_and_steps_equal_stacked():
@@ -109,6 +110,6 @@ def test_params_of_another_model_are_rejected():
         decode_params(deeper, params)
     with pytest.raises(InputError, match=r"params\['moe_layers'\] hold \[2\] layers, the config 3"):
         decode_params(deeper, decode_params(CFG_A, params))                  # per-layer params too
-    all_dense = CFG_A.replace(first_k_dense_replace=3)
-    with pytest.raises(InputError, match="'moe_layers' but the config has no such layers"):
-        decode_params(all_dense, params)
+    all_moe = CFG_A.replace(first_k_dense_replace=0)
+    with pytest.raises(InputError, match="'dense_layers' but the config has no such layers"):
+        decode_params(all_moe, params)

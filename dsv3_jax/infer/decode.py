@@ -55,7 +55,13 @@ def _per_layer(tree: dict, depth: int) -> dict:
     return {f"{LAYER_PREFIX}{i}": jax.tree.map(lambda x: x[i], tree["layers"]) for i in range(depth)}
 
 
-def decode_params(cfg: ModelConfig, params: dict) -> dict:
+# The most bytes of stacked layer weights `decode_params` splits: the split is a second copy of them while the
+# caller's stacked params stay alive, and the unrolled step compiles one body per layer; a model past this
+# keeps decoding from the stacked params (the rolled loop).
+PER_LAYER_MAX_BYTES = 1 << 30
+
+
+def decode_params(cfg: ModelConfig, params: dict, max_bytes: int = PER_LAYER_MAX_BYTES) -> dict:
     """Params for decoding: each main stack's stacked weights [L,...] split once into per-layer trees
     (`<stack>/layer_<i>` in place of `<stack>/layers`), so that the decode step's unrolled layers read their
     weights in place instead of copying each layer's slice out of the stack at every step (XLA:CPU matmuls
@@ -63,10 +69,11 @@ def decode_params(cfg: ModelConfig, params: dict) -> dict:
 
     `forward`, `mtp_forward`, `prefill`, `decode_step` and the jitted steps take either layout (router_state
     stays stacked: its per-layer rows are sliced inside the step). Memory: a second copy of the main layers'
-    weights while the stacked params stay alive (the caller's variables), i.e. nearly twice the model's
-    weights: for a model whose weights fill the device, keep decoding from the stacked params. Idempotent.
-    Raises InputError when a stack's depth does not match cfg, or cfg has no such stack."""
+    weights while the stacked params stay alive (the caller's variables). So stacks of more than `max_bytes`
+    (all shards together) are left stacked: the params come back unchanged (V3-size models decode as before).
+    Idempotent. Raises InputError when a stack's depth does not match cfg, or cfg has no such stack."""
     out = dict(params)
+    stacks = {}
     for name, depth in _stack_depths(cfg).items():
         if not depth:
             if name in params:
@@ -83,7 +90,11 @@ def decode_params(cfg: ModelConfig, params: dict) -> dict:
         if got != {depth}:
             raise InputError(f"params['{name}'] hold {sorted(got, key=str)} layers, the config {depth}: params "
                              "and config come from different models")
-        out[name] = _unstack(stack, depth) if "layers" in stack else stack
+        if "layers" in stack:
+            stacks[name] = depth
+    if sum(x.size * x.dtype.itemsize for name in stacks for x in jax.tree.leaves(params[name])) > max_bytes:
+        return params
+    out.update({name: _unstack(params[name], depth) for name, depth in stacks.items()})
     return out
 
 
