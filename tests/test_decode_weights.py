@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 
 from dsv3_jax.errors import InputError
-from dsv3_jax.infer import decode_params, generate, init_cache, split_variables
-from dsv3_jax.infer.decode import CHUNK, Sampling, decode_step, jit_decode_steps, prefill
+from dsv3_jax.infer import decode_params, init_cache, split_variables
+from dsv3_jax.infer.decode import CHUNK, Sampling, jit_decode_step, jit_decode_steps, jit_prefill
 from dsv3_jax.infer.generate import plain_generate
 from dsv3_jax.infer.request import GenerationRequest
-from dsv3_jax.infer.speculative import speculative_generate
 from dsv3_jax.model import Transformer
-from test_infer import CFG_A, MAX_LEN, VOCAB, prompts_20, variables
+from test_infer import CFG_A, MAX_LEN, VOCAB, plain_greedy_20, prompts_20, variables
 
 # Per-layer weights change only how XLA groups the same fp32 sums (the layers unrolled instead of scanned):
 # differences are rounding, ~1e-7 on logits of order 1; 1e-5 is far below any change that would flip a
@@ -42,18 +41,20 @@ def test_decode_params_layout_and_idempotence():
 
 
 def test_per_layer_prefill_and_steps_equal_stacked():
-    """Prefill (with the MTP cache) and three decode steps, on rows of different lengths: logits and every
-    cache entry within ATOL of the stacked path's."""
+    """The jitted prefill (with the MTP cache) and four decode steps, on rows of different lengths, with
+    test_infer.py's shapes (its stacked programs are compiled once for both files): logits and every cache
+    entry within ATOL of the stacked path's."""
     params, rs = split_variables(variables(CFG_A))
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, VOCAB, size=(2, 16)), jnp.int32)
-    lengths = jnp.array([16, 7], jnp.int32)
+    n = jnp.array([5, 9], jnp.int32)
+    tokens = jnp.asarray(np.where(np.arange(16)[None] < np.asarray(n)[:, None],
+                                  rng.integers(0, VOCAB, size=(2, 16)), 0), jnp.int32)
     outs = {}
     for name, p in (("stacked", params), ("per_layer", decode_params(CFG_A, params))):
-        out = prefill(CFG_A, p, rs, init_cache(CFG_A, 2, MAX_LEN), tokens, lengths, mtp=True)
-        logits, cache, tok, pos = [out.logits], out.cache, jnp.argmax(out.logits, -1)[:, None], lengths[:, None]
-        for _ in range(3):
-            step_logits, _, cache = decode_step(CFG_A, p, rs, cache, tok.astype(jnp.int32), pos)
+        _, out = jit_prefill(CFG_A, True)(p, rs, init_cache(CFG_A, 2, 32), tokens, n, jax.random.PRNGKey(0))
+        logits, cache, tok, pos = [out.logits], out.cache, jnp.argmax(out.logits, -1)[:, None], n[:, None]
+        for _ in range(4):
+            step_logits, _, cache = jit_decode_step(CFG_A, True)(p, rs, cache, tok.astype(jnp.int32), pos)
             logits.append(step_logits[:, 0])
             tok, pos = jnp.argmax(step_logits[:, 0], -1)[:, None], pos + 1
         outs[name] = (logits, cache)
@@ -64,17 +65,12 @@ def test_per_layer_prefill_and_steps_equal_stacked():
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
-def test_generate_tokens_equal_stacked_plain_and_speculative():
-    """`generate` (which decodes from per-layer params) gives the stacked path's greedy tokens, plain and
-    speculative, on 20 prompts of different lengths."""
-    v = variables(CFG_A)
-    params, rs = split_variables(v)
-    prompts = prompts_20()
-    req = GenerationRequest(prompts, 9, max_len=MAX_LEN)
-    stacked, _ = plain_generate(CFG_A, params, rs, req)
-    assert speculative_generate(CFG_A, params, rs, req)[0] == stacked
-    assert generate(CFG_A, v, prompts, 9, max_len=MAX_LEN)[0] == stacked
-    assert generate(CFG_A, v, prompts, 9, max_len=MAX_LEN, speculative=True)[0] == stacked
+def test_generate_tokens_equal_stacked():
+    """`generate` (which decodes from per-layer params; test_infer.py checks its speculative decoding against
+    it) gives the stacked path's greedy tokens on 20 prompts of different lengths."""
+    params, rs = split_variables(variables(CFG_A))
+    stacked, _ = plain_generate(CFG_A, params, rs, GenerationRequest(prompts_20(), 64, max_len=MAX_LEN))
+    assert plain_greedy_20()[0] == stacked
 
 
 def test_per_layer_step_copies_no_weights():

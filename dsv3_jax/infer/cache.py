@@ -9,11 +9,12 @@ attention, so stale entries (prompt padding, rejected speculative drafts) never 
 overwritten by the next write to that slot.
 
 Main layers are stacked with a leading layer axis, like the scanned params (`params['dense_layers']['layers']`,
-`params['moe_layers']['layers']`): a decode step carries a stack's cache through the layer scan and each layer
-writes its new entries into it in place before reading its own slots (`MLA.attend_in_place`); a prefill
-stores the returned latents with `LayerCache.write`. A decode step reads only a window of the slots: the
-first W, W the smallest of a few static sizes (`mla.decode_windows`) covering the step's largest position + 1,
-so a cache preallocated far beyond the context (a fixed `max_len`) costs memory, not attention time.
+`params['moe_layers']['layers']`): a decode step carries a stack's cache through the layer scan (or the
+unrolled layers of per-layer params, `decode.decode_params`) and each layer writes its new entries into it in
+place before reading its own slots (`MLA.attend_in_place`); a prefill stores the returned latents with
+`LayerCache.write`. A decode step reads only a window of the slots: the first W, W the smallest of a few static
+sizes (`mla.decode_windows`) covering the step's largest position + 1, so a cache preallocated far beyond the
+context (a fixed `max_len`) costs memory, not attention time.
 Each MTP module has its own cache (leading axis of size 1), used by self-speculative decoding.
 
 Logical axis names (for `dsv3_jax.sharding.logical_rules`, which maps 'batch' -> ('data', 'expert') and

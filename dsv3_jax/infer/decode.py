@@ -1,7 +1,8 @@
 """Prefill and cached decoding over the latent KV cache (arXiv 2412.19437, section 2.1.1: only c_KV and
 RoPE(k_pe) are cached), through the model's own modules: `Transformer.trunk` / `main_logits` / `mtp_depth`
 with a `LatentContext` per stack, via `Transformer.apply(..., method=...)`. What stays here is what only
-inference has: the cache's storage and slots, sampling, the jitted entry points and the on-device step loops.
+inference has: the cache's storage and slots, sampling, the jitted entry points, the on-device step loops,
+and the per-layer params layout decoding reads its weights from (`decode_params`).
 
 Positions and masking: slot == position (see cache.py). A forward over new tokens at `positions` [B,T]
 (contiguous per row, starting at `positions[:, 0]`, which may differ between rows) attends to

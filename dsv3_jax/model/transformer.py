@@ -6,7 +6,8 @@ Parameter tree (every leaf carries logical axis names; scanned stacks add a lead
   moe_layers/{attn_norm, attn, mlp_norm, moe}          the remaining layers, scanned
   final_norm, lm_head [D,X]
   mtp_{k}/{enorm, hnorm, eh_proj, block, norm}         k = 0..D-1 (HF layer num_hidden_layers + k)
-The routing bias sits at router_state/<same path>/moe/router_bias.
+The routing bias sits at router_state/<same path>/moe/router_bias. For decoding, a stack's params may also
+come per layer, <stack>/layer_<i>/... without the 'layers' axis (`dsv3_jax.infer.decode.decode_params`).
 """
 
 from __future__ import annotations
@@ -171,8 +172,6 @@ def output_logits(h_normed: jax.Array, lm_head: jax.Array) -> jax.Array:
     lead, d = h_normed.shape[:-1], h_normed.shape[-1]
     logits = jnp.dot(h_normed.reshape(-1, d).astype(jnp.float32), lm_head.astype(jnp.float32))
     return logits.reshape(lead + (-1,))
-
-
 
 
 class Transformer(nn.Module):
