@@ -19,6 +19,7 @@ from dsv3_jax.infer import decode_params, init_cache, split_variables
 from dsv3_jax.infer.decode import CHUNK, Sampling, jit_decode_step, jit_decode_steps, jit_prefill
 from dsv3_jax.infer.generate import plain_generate
 from dsv3_jax.infer.request import GenerationRequest
+from dsv3_jax.infer.speculative import speculative_generate
 from dsv3_jax.model import Transformer
 from test_infer import CFG_A, MAX_LEN, VOCAB, plain_greedy_20, prompts_20, variables
 
@@ -38,6 +39,15 @@ def test_decode_params_layout_and_idempotence():
     again = decode_params(CFG_A, dp)
     assert again["moe_layers"] is dp["moe_layers"]
     assert decode_params(CFG_A, params, max_bytes=0) is params        # too big to copy: left stacked
+
+
+def test_generate_splits_only_where_it_pays():
+    """`generate`'s policy (rows=): one row, or stacks under min_bytes, stay stacked (they decode as fast or
+    faster from the stack); a batch of a big enough model is split."""
+    params, _ = split_variables(variables(CFG_A))
+    assert decode_params(CFG_A, params, rows=8) is params                 # test model: far under 64 MiB
+    assert decode_params(CFG_A, params, rows=1, min_bytes=0) is params    # one row
+    assert "layer_0" in decode_params(CFG_A, params, rows=2, min_bytes=0)["moe_layers"]
 
 
 def test_per_layer_prefill_and_steps_equal_stacked():
@@ -66,11 +76,14 @@ def test_per_layer_prefill_and_steps_equal_stacked():
 
 
 def test_generate_tokens_equal_stacked():
-    """`generate` (which decodes from per-layer params; test_infer.py checks its speculative decoding against
-    it) gives the stacked path's greedy tokens on 20 prompts of different lengths."""
+    """Plain and speculative decoding from per-layer params (what `generate` runs for a batch of a big model)
+    give the stacked path's greedy tokens (test_infer.py's `generate` of the test model, which stays stacked)
+    on 20 prompts of different lengths."""
     params, rs = split_variables(variables(CFG_A))
-    stacked, _ = plain_generate(CFG_A, params, rs, GenerationRequest(prompts_20(), 64, max_len=MAX_LEN))
-    assert plain_greedy_20()[0] == stacked
+    per_layer = decode_params(CFG_A, params)
+    req = GenerationRequest(prompts_20(), 64, max_len=MAX_LEN)
+    assert plain_generate(CFG_A, per_layer, rs, req)[0] == plain_greedy_20()[0]
+    assert speculative_generate(CFG_A, per_layer, rs, req)[0] == plain_greedy_20()[0]
 
 
 def test_per_layer_step_copies_no_weights():

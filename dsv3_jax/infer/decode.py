@@ -60,18 +60,27 @@ def _per_layer(tree: dict, depth: int) -> dict:
 # caller's stacked params stay alive, and the unrolled step compiles one body per layer; a model past this
 # keeps decoding from the stacked params (the rolled loop).
 PER_LAYER_MAX_BYTES = 1 << 30
+# The fewest bytes of stacked layer weights for which a batch decodes faster per layer: weights well past the
+# CPU's last-level cache (32 MiB here), read from memory at every step. Smaller models (the tiny preset's
+# 14 MiB of layers) and batch-1 requests (whose few tokens gather their experts from the stack) decode as
+# fast or faster from the stack (experiments/results/decode_weights.md, session 11).
+PER_LAYER_MIN_BYTES = 64 << 20
 
 
-def decode_params(cfg: ModelConfig, params: dict, max_bytes: int = PER_LAYER_MAX_BYTES) -> dict:
+def decode_params(cfg: ModelConfig, params: dict, max_bytes: int = PER_LAYER_MAX_BYTES, *,
+                  rows: Optional[int] = None, min_bytes: int = PER_LAYER_MIN_BYTES) -> dict:
     """Params for decoding: each main stack's stacked weights [L,...] split once into per-layer trees
     (`<stack>/layer_<i>` in place of `<stack>/layers`), so that the decode step's unrolled layers read their
-    weights in place instead of copying each layer's slice out of the stack at every step (XLA:CPU matmuls
-    take contiguous operands; experiments/results/decode_weights.md). Everything else is shared, not copied.
+    weights in place instead of a rolled loop copying each layer's slice out of the stack at every step. A
+    batch of a model whose layers do not fit in the CPU's caches decodes 1.4-1.7x faster so (the copies alone
+    are not what costs: experiments/results/decode_weights.md, session 11). Everything else is shared.
 
     `forward`, `mtp_forward`, `prefill`, `decode_step` and the jitted steps take either layout (router_state
     stays stacked: its per-layer rows are sliced inside the step). Memory: a second copy of the main layers'
     weights while the stacked params stay alive (the caller's variables). So stacks of more than `max_bytes`
     (all shards together) are left stacked: the params come back unchanged (V3-size models decode as before).
+    rows: the batch the params will decode (`generate` passes it): given, the split happens only where it pays,
+    two or more rows and at least `min_bytes` of stacked weights; None splits whatever the size.
     Idempotent. Raises InputError when a stack's depth does not match cfg, or cfg has no such stack."""
     out = dict(params)
     stacks = {}
@@ -93,7 +102,8 @@ def decode_params(cfg: ModelConfig, params: dict, max_bytes: int = PER_LAYER_MAX
                              "and config come from different models")
         if "layers" in stack:
             stacks[name] = depth
-    if sum(x.size * x.dtype.itemsize for name in stacks for x in jax.tree.leaves(params[name])) > max_bytes:
+    nbytes = sum(x.size * x.dtype.itemsize for name in stacks for x in jax.tree.leaves(params[name]))
+    if nbytes > max_bytes or (rows is not None and (rows < 2 or nbytes < min_bytes)):
         return params
     out.update({name: _unstack(params[name], depth) for name, depth in stacks.items()})
     return out

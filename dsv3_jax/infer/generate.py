@@ -93,7 +93,8 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     if batch_size is not None:
         batch_size = check_batch_size(batch_size)
     params, router_state = split_variables(variables)
-    params = decode_params(cfg, params)          # per-layer weights: no per-step copies (decode.py)
+    # per-layer weights where a batch decodes faster from them (decode.py)
+    params = decode_params(cfg, params, rows=batch_size or len(prompts))
     req = GenerationRequest(prompts, int(max_new_tokens), float(temperature), float(top_p), seed, stream_callback,
                             eos_id, cache_dtype, max_len)
     if batch_size is not None:
