@@ -41,7 +41,7 @@ from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps, specula
 from dsv3_jax.model import Transformer
 from dsv3_jax.testing import random_variables
 from results_io import write_results
-from spec_cost import NEW, PROMPT, one_pass_step, step_parts
+from spec_cost import NEW, PROMPT, one_pass_step, parts_table, step_parts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LAYOUTS = ("stacked", "per_layer")
@@ -239,19 +239,12 @@ def report(args, data: dict) -> list[str]:
                   f"{g['speculative_per_layer_over_stacked']:.3f}.", ""]
     if "parts" in data:
         cols = list(data["parts"])
-        names = sorted({k for d in data["parts"].values() for k in d}, key=lambda k: -data["parts"][cols[0]].get(k, 0))
         plain = {name: sum(data["parts"][f"plain {name}"].values()) for name in LAYOUTS}
         lines += [f"What a step's time is made of at batch {args.batch}: microseconds per step, each XLA op's "
                   "exclusive time in a jax.profiler trace (experiments/spec_cost.py `step_parts`; the profiler "
                   "inflates every op, so read the shares: in brackets, as a fraction of the same layout's plain "
-                  "step).", "", "| part | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for part in names + ["total"]:
-            cells = []
-            for c in cols:
-                v = sum(data["parts"][c].values()) if part == "total" else data["parts"][c].get(part, 0.0)
-                cells.append(f"{v:.0f} ({v / plain[c.split(' ', 1)[1]]:.2f})")
-            lines.append(f"| {part} | " + " | ".join(cells) + " |")
-        lines.append("")
+                  "step).", ""]
+        lines += parts_table(data["parts"], cols, {c: plain[c.split(" ", 1)[1]] for c in cols}, cols[0]) + [""]
     if "long" in data:
         lines += ["Small preset, absorbed decode step (`jit_decode_step`, batch 1, fp32), ms per step (median of "
                   f"{args.repeats} alternating repeats of 5 steps):", "",

@@ -400,6 +400,20 @@ def chain_study(args, cfg, params, rs, label) -> dict:
     return summary
 
 
+def parts_table(parts: dict, cols: list, plain_of: dict, order_by: str) -> list[str]:
+    """The lines of a "what a step's time is made of" table: one row per part (largest first in column
+    order_by) and a total; each cell the part's microseconds and, in brackets, its share of plain_of[column]."""
+    names = sorted({k for d in parts.values() for k in d}, key=lambda k: -parts[order_by].get(k, 0))
+    lines = ["| part | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in names + ["total"]:
+        cells = []
+        for c in cols:
+            v = sum(parts[c].values()) if name == "total" else parts[c].get(name, 0.0)
+            cells.append(f"{v:.0f} ({v / plain_of[c]:.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", help="training run directory (default: random tiny weights; costs do not "
@@ -508,19 +522,12 @@ def main(argv=None) -> dict:
     for r in rows:
         if "parts" in r:
             cols = [f"{kind} {rule}" for rule in RULES for kind in ("plain", "speculative")]
-            names = sorted({k for d in r["parts"].values() for k in d}, key=lambda k: -r["parts"][cols[-1]].get(k, 0))
             plain_total = {rule: sum(r["parts"][f"plain {rule}"].values()) for rule in RULES}
             lines += ["", f"What a step's time is made of at batch {r['batch']}: microseconds per step (exclusive "
                       "time of each XLA op in a jax.profiler trace of 10 alternating calls of each program, mapped to the model code through "
                       "the op_name metadata; the profiler inflates every op, so read the shares: in brackets, "
-                      "as a fraction of the same rule's plain step).", "",
-                      "| part | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-            for name in names + ["total"]:
-                cells = []
-                for c in cols:
-                    v = sum(r["parts"][c].values()) if name == "total" else r["parts"][c].get(name, 0.0)
-                    cells.append(f"{v:.0f} ({v / plain_total[c.split(' ', 1)[1]]:.2f})")
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                      "as a fraction of the same rule's plain step).", ""]
+            lines += parts_table(r["parts"], cols, {c: plain_total[c.split(" ", 1)[1]] for c in cols}, cols[-1])
     lines += ["", "Matmul kernels alone, microseconds per [256,768] x [768,256] MLP pair (four distinct pairs):", "",
               "| library | 1 row | 2 rows | 2 rows / 1 row |", "|---|---|---|---|"]
     for lib, t in mm.items():
