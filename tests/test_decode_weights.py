@@ -75,15 +75,15 @@ def test_per_layer_prefill_and_steps_equal_stacked():
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
-def test_generate_tokens_equal_stacked():
+@pytest.mark.parametrize("speculative", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_generate_tokens_equal_stacked(speculative):
     """Plain and speculative decoding from per-layer params (what `generate` runs for a batch of a big model)
     give the stacked path's greedy tokens (test_infer.py's `generate` of the test model, which stays stacked)
-    on 20 prompts of different lengths."""
+    on 20 prompts of different lengths. (Speculative: slow; the step-level test above covers both layouts.)"""
     params, rs = split_variables(variables(CFG_A))
-    per_layer = decode_params(CFG_A, params)
     req = GenerationRequest(prompts_20(), 64, max_len=MAX_LEN)
-    assert plain_generate(CFG_A, per_layer, rs, req)[0] == plain_greedy_20()[0]
-    assert speculative_generate(CFG_A, per_layer, rs, req)[0] == plain_greedy_20()[0]
+    run = speculative_generate if speculative else plain_generate
+    assert run(CFG_A, decode_params(CFG_A, params), rs, req)[0] == plain_greedy_20()[0]
 
 
 def test_per_layer_step_copies_no_weights():
