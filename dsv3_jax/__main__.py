@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--speculative", action="store_true", help="MTP module 1 drafts, the main model verifies")
+    g.add_argument("--drafts", type=int, default=1,
+                   help="with --speculative: tokens drafted per step, 1-3 (MTP module 1 chained on its own output)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights, compute and latent cache in this dtype (the router stays fp32); default: the "
                    "run's own dtype, float32 for an HF checkpoint. bfloat16 halves the memory")

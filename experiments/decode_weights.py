@@ -37,7 +37,7 @@ from dsv3_jax.infer import init_cache, split_variables
 from dsv3_jax.infer.decode import CHUNK, Sampling, decode_params, jit_decode_step, jit_decode_steps, round_up
 from dsv3_jax.infer.generate import plain_generate
 from dsv3_jax.infer.request import GenerationRequest, start_request
-from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps, speculative_generate
+from dsv3_jax.infer.speculative import jit_speculative_steps, speculative_generate, start_state
 from dsv3_jax.model import Transformer
 from dsv3_jax.testing import random_variables
 from results_io import write_results
@@ -91,8 +91,7 @@ def step_programs(cfg, params_by_layout: dict, rs, prompts: list) -> dict:
     for name, params in params_by_layout.items():
         plain, spec = start_request(cfg, params, rs, req, mtp=False), start_request(cfg, params, rs, req, mtp=True)
         rows = np.arange(batch)
-        state = SpecState(jnp.asarray(spec.lengths), jnp.asarray(spec.tokens[rows, spec.lengths - 1]), spec.tok,
-                          spec.prefill.h_prev, spec.prefill.h_last)
+        state = start_state(spec.lengths, spec.tokens, spec.tok, spec.prefill.h_tail, 1)
         builds = {"plain": lambda: jit_decode_steps.__wrapped__(cfg, True, CHUNK),
                   "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
                   **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}

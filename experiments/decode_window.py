@@ -111,11 +111,11 @@ def hlo_copies(batch: int, max_lens: list, window_min: int) -> list[dict]:
     samp = Sampling(jax.random.PRNGKey(0), jnp.float32(0), jnp.float32(1))
     rows = []
     for max_len in max_lens:
-        h = jnp.zeros((batch, cfg.hidden_size), jnp.float32)
+        h = jnp.zeros((batch, 2, cfg.hidden_size), jnp.float32)
         programs = {
             "plain": (jit_decode_steps.__wrapped__(cfg), (init_cache(cfg, batch, max_len, mtp=False), z, z)),
             "speculative": (jit_speculative_steps.__wrapped__(cfg, greedy_only=True),
-                            (init_cache(cfg, batch, max_len), SpecState(z, z, z, h, h)))}
+                            (init_cache(cfg, batch, max_len), SpecState(z, jnp.zeros((batch, 2), jnp.int32), h)))}
         for name, (fn, head) in programs.items():
             text = fn.lower(params, rs, *head, jnp.ones((batch,), bool), samp, 0, 8).compile().as_text()
             sizes = []

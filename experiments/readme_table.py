@@ -105,6 +105,22 @@ def _spec_cost_rows(d: dict) -> list[tuple[str, str, str]]:
              f"`python experiments/spec_cost.py --run-dir RUN --acceptance {d['acceptance']}`")]
 
 
+def _drafts_rows(d: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for run in dict.fromkeys(r["run"] for r in d["rows"]):
+        rows = sorted((r for r in d["rows"] if r["run"] == run), key=lambda r: r["batch"])
+        ks = sorted(rows[0]["drafts"], key=int)
+        figure = "; ".join(f"{k} draft{'s' if int(k) > 1 else ''}: " + " / ".join(
+            f"{r['drafts'][k]['speedup']:.2f}x" for r in rows) + " (tokens per forward "
+            + f"{min(r['drafts'][k]['tokens_per_forward'] for r in rows):.2f}-"
+            + f"{max(r['drafts'][k]['tokens_per_forward'] for r in rows):.2f})" for k in ks)
+        out.append((f"speculative decoding with 1-{ks[-1]} drafts per step (MTP module 1 chained), trained run "
+                    f"({rows[0]['shape']}), speculative / plain tokens/s at batch "
+                    + "/".join(str(r["batch"]) for r in rows) + " (outputs checked equal)", figure,
+                    "`python experiments/spec_drafts.py --runs RUN,RUN2`"))
+    return out
+
+
 def _window_rows(d: dict) -> list[tuple[str, str, str]]:
     key = f"window{d['shipped_window_min']}"
     steps = {(r["preset"], r["batch"], r["max_len"]): r[f"{key}_over_whole"] for r in d["steps"]}
@@ -146,7 +162,8 @@ def _kv_rows(d: dict) -> list[tuple[str, str, str]]:
 SOURCES = [("bench_train.json", _train_rows), ("bench_moe.json", _moe_rows),
            ("bench_moe_few.json", _moe_few_rows), ("kv_cache.json", _kv_rows),
            ("bench_decode.json", _decode_rows), ("decode_ab_b1bbd96.json", _decode_ab_rows),
-           ("spec_cost.json", _spec_cost_rows), ("decode_window.json", _window_rows)]
+           ("spec_cost.json", _spec_cost_rows), ("spec_drafts.json", _drafts_rows),
+           ("decode_window.json", _window_rows)]
 
 
 def table() -> str:

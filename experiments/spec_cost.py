@@ -61,7 +61,7 @@ from dsv3_jax.config import PRESETS
 from dsv3_jax.infer import init_cache, split_variables
 from dsv3_jax.infer.decode import CHUNK, forward, jit_decode_steps, layout, main_logits, mtp_forward, prefill
 from dsv3_jax.infer.request import GenerationRequest, start_request
-from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
+from dsv3_jax.infer.speculative import jit_speculative_steps, start_state
 from dsv3_jax.model import dispatch
 from dsv3_jax.testing import random_variables
 from profile_train import op_names
@@ -132,19 +132,19 @@ def one_pass_step(which: str):
         return twice
 
     def step(cfg, params, rs, cache, st, active, sampling, step):
-        second = st.tok_prev
+        second = st.toks[:, 0]
         if which in ("draft pass", "both passes"):
             pos = jnp.stack([st.length - 2, st.length - 1], axis=1)
-            logits, _, cache = mtp_forward(cfg, params, rs, cache, jnp.stack([st.h_prev, st.h_last], axis=1),
-                                           jnp.stack([st.tok_prev, st.tok_pend], axis=1), pos, k=0,
+            logits, _, cache = mtp_forward(cfg, params, rs, cache, st.hs, st.toks, pos, k=0,
                                            key_valid=pos >= 0, outputs_from=1)
             second = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
         if which in ("verify pass", "both passes"):
             pos = jnp.stack([st.length, st.length + 1], axis=1)
-            h0, cache = forward(cfg, params, rs, cache, jnp.stack([st.tok_pend, second], axis=1), pos)
+            h0, cache = forward(cfg, params, rs, cache, jnp.stack([st.toks[:, -1], second], axis=1), pos)
             logits = main_logits(cfg, params, h0)
         tok = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
-        return st._replace(tok_pend=tok), cache, (tok, tok, tok == st.tok_pend)
+        toks = st.toks.at[:, -1].set(tok)
+        return st._replace(toks=toks), cache, (toks, (tok == st.toks[:, -1]).astype(jnp.int32))
     return step
 
 
@@ -159,8 +159,7 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
     active = jnp.ones((batch,), bool)
     plain, spec = start_request(cfg, params, rs, req, mtp=False), start_request(cfg, params, rs, req, mtp=True)
     rows = np.arange(batch)
-    state = SpecState(jnp.asarray(spec.lengths), jnp.asarray(spec.tokens[rows, spec.lengths - 1]), spec.tok,
-                      spec.prefill.h_prev, spec.prefill.h_last)
+    state = start_state(spec.lengths, spec.tokens, spec.tok, spec.prefill.h_tail, 1)
     args = {"plain": lambda c: (params, rs, c, plain.tok, jnp.asarray(plain.lengths), active, plain.sampling, 1,
                                 CHUNK),
             "speculative": lambda c: (params, rs, c, state, active, spec.sampling, 1, CHUNK)}

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import PRESETS, RopeScaling
-from dsv3_jax.infer import (bytes_per_token_per_layer, cache_bytes, generate, init_cache, split_variables,
-                            accept_or_resample)
+from dsv3_jax.infer import (accept_drafts, accept_or_resample, bytes_per_token_per_layer, cache_bytes, generate,
+                            init_cache, split_variables)
 from dsv3_jax.infer.decode import jit_decode_step, jit_prefill, mtp_forward
 from dsv3_jax.model import Transformer
 from dsv3_jax.testing import random_variables
@@ -177,15 +177,38 @@ def agreeing_variables(cfg):
     return jax.tree_util.tree_map(jnp.asarray, v)
 
 
-def test_speculative_accepts_agreeing_drafts():
+@pytest.fixture(scope="module")
+def agreeing_plain():
+    """The agreeing model, its plain greedy output on the 20 prompts, and one-draft speculative stats."""
     v = agreeing_variables(CFG_A)
-    prompts = prompts_20()
-    plain, _ = generate(CFG_A, v, prompts, max_new_tokens=64, max_len=MAX_LEN)
-    spec, stats = generate(CFG_A, v, prompts, max_new_tokens=64, speculative=True, max_len=MAX_LEN)
+    plain, _ = generate(CFG_A, v, prompts_20(), max_new_tokens=64, max_len=MAX_LEN)
+    spec, one = generate(CFG_A, v, prompts_20(), max_new_tokens=64, speculative=True, max_len=MAX_LEN)
     assert spec == plain
+    return v, plain, one
+
+
+def test_speculative_accepts_agreeing_drafts(agreeing_plain):
+    _, _, stats = agreeing_plain                               # its greedy output equals plain greedy's
     assert 0.2 < stats["acceptance_rate"] < 0.9, stats       # both the accept and the reject paths run
     assert stats["tokens_per_forward"] > 1.2
     assert stats["main_forwards"] < 63                        # fewer main-model steps than plain decoding
+
+
+@pytest.mark.parametrize("drafts", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_chained_drafts_greedy_equals_plain_greedy(drafts, agreeing_plain):
+    """K drafts per step (MTP module 1 chained on its own output, speculative.py) on the agreeing model, 20
+    prompts in one batch (lengths 1 and 2 put the first draft pass's extra positions below 0): the same tokens
+    as plain greedy, and more tokens per main forward than one draft gives (its drafts 2..K are right when
+    draft 1 was and is even, so rows accept every count from 0 to K). The queue path gives them too."""
+    v, plain, one = agreeing_plain
+    spec, stats = generate(CFG_A, v, prompts_20(), max_new_tokens=64, speculative=True, drafts=drafts,
+                           max_len=MAX_LEN)
+    assert spec == plain
+    assert stats["draft_tokens"] == drafts and stats["drafts"] > 0
+    assert stats["tokens_per_forward"] > one["tokens_per_forward"] + 0.1, (stats, one)
+    out, stats = generate(CFG_A, v, prompts_20()[:10], max_new_tokens=64, speculative=True, drafts=drafts,
+                          max_len=MAX_LEN, batch_size=8)
+    assert out == plain[:10] and stats["refills"] == 2 and stats["draft_tokens"] == drafts
 
 
 def test_eos_stops_rows_inside_a_device_call():
@@ -280,10 +303,34 @@ def test_acceptance_rule_output_is_distributed_as_p():
     assert abs(float(accepted.mean()) - 0.5) < 0.005
 
 
-def test_speculative_sampling_matches_model_distribution():
+def test_chained_acceptance_rule_emits_each_token_as_its_p():
+    """accept_drafts with two drafts, on fixed distributions (a target that ignores the prefix, so the emitted
+    tokens should be independent draws): the first emitted token is distributed as p0, the second (emitted
+    once draft 1 is accepted) as p1, the third (after both) as p2; draft j is accepted with probability
+    sum_x min(p_{j-1}, q_j). 200000 rows: the frequencies' standard error is under 0.0012, so 0.006 is 5 of them."""
+    p = jnp.array([[0.5, 0.2, 0.2, 0.1, 0.0], [0.1, 0.4, 0.1, 0.1, 0.3], [0.3, 0.3, 0.2, 0.1, 0.1]])
+    q = jnp.array([[0.1, 0.1, 0.3, 0.3, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    n = 200_000
+    keys = jax.random.split(jax.random.PRNGKey(1), 5)
+    drafts = jnp.stack([jax.random.categorical(keys[j], jnp.log(q[j]), shape=(n,)) for j in range(2)], 1)
+    got_n, tok = jax.jit(accept_drafts)(jnp.broadcast_to(p, (n, 3, 5)), jnp.broadcast_to(q, (n, 2, 5)),
+                                        drafts.astype(jnp.int32), keys[2:])
+    got_n, tok, drafts = np.asarray(got_n), np.asarray(tok), np.asarray(drafts)
+    emitted = [np.where(got_n >= 1, drafts[:, 0], tok), np.where(got_n >= 2, drafts[:, 1], tok), tok]
+    for j in range(3):
+        rows = got_n >= j
+        np.testing.assert_allclose(np.bincount(emitted[j][rows], minlength=5) / rows.sum(), p[j], atol=0.006)
+    assert abs((got_n >= 1).mean() - 0.5) < 0.006                          # sum min(p0, q1) = 0.5
+    assert abs((got_n >= 2).sum() / (got_n >= 1).sum() - 0.7) < 0.006     # sum min(p1, q2) = 0.7
+
+
+@pytest.mark.parametrize("drafts", [1, 2])
+def test_speculative_sampling_matches_model_distribution(drafts):
     """End to end: the first two sampled tokens (the second one drafted by MTP and accepted or resampled)
-    follow the main model's distribution. 2000 samples in batches of 20 (the compiled batch-20 steps are
-    shared with the greedy tests: temperature is a traced argument)."""
+    follow the main model's distribution, with one draft per step and with two (the chained one's draw and
+    acceptance feed the step too; a third token's marginal is the rule's, tested above). 2000 samples in
+    batches of 20 (the compiled batch-20 steps are shared with the greedy tests: temperature is a traced
+    argument)."""
     cfg = CFG_A
     v = jax.tree_util.tree_map(np.array, random_variables(cfg, seed=5))
     v["params"]["lm_head"] = v["params"]["lm_head"] * 40.0      # peaked distributions that differ between p, q
@@ -292,7 +339,7 @@ def test_speculative_sampling_matches_model_distribution():
     firsts, seconds, acc = [], [], []
     for seed in range(100):
         out, stats = generate(cfg, v, [prompt] * 20, max_new_tokens=2, temperature=1.0, seed=seed,
-                              speculative=True, max_len=MAX_LEN)
+                              speculative=True, drafts=drafts, max_len=MAX_LEN)
         firsts += [o[0] for o in out]
         seconds += [o[1] for o in out]
         acc.append(stats["acceptance_rate"])
@@ -336,6 +383,13 @@ def test_bad_inputs_raise_clear_errors(prompts, kw, match):
     kw = {"max_new_tokens": 4, **kw}
     with pytest.raises(ValueError, match=match):
         generate(CFG_A, variables(CFG_A), prompts, **kw)
+
+
+@pytest.mark.parametrize("drafts", [0, 4, True, 1.5])
+def test_bad_drafts_raise_clear_errors(drafts):
+    from dsv3_jax.errors import InputError
+    with pytest.raises(InputError, match="drafts must be an integer from 1 to 3"):
+        generate(CFG_A, variables(CFG_A), [[1, 2]], max_new_tokens=4, speculative=True, drafts=drafts)
 
 
 def test_speculative_needs_mtp():

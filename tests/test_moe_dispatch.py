@@ -465,8 +465,8 @@ def test_few_token_path_matches_reference(kind, n):
     experts with 6 rows each: a full block of 4 and a partial one each, most of the table's blocks skip),
     'uneven' n=20 (N*K = 60 >= 4E: blocks of 8 rows; one expert on every token, so 3 blocks, one on
     none). Gradients through routed_experts with gather_if_few, which takes this
-    path without a mesh while N*K <= FEW_PAIRS_PER_EXPERT * E whatever the moe_impl (checked in the
-    traced program: its lax.cond)."""
+    path without a mesh while N*K <= FEW_PAIRS_PER_EXPERT * E whatever the moe_impl (checked: the traced
+    program is the same for every implementation, and not the blocked kernel's)."""
     rng = np.random.default_rng([n, len(kind), 7])
     idx, w = routing(kind, n, rng)
     wgu, wd = weights(rng)
@@ -476,10 +476,9 @@ def test_few_token_path_matches_reference(kind, n):
     close(expert_few.few_local(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w),
                                jnp.asarray(wgu).reshape(E, D, 2 * F), jnp.asarray(wd)), want_y)
     assert n * K <= dispatch.FEW_PAIRS_PER_EXPERT * E
-    for impl in IMPLS:
-        cfg = make_cfg(moe_impl=impl)
-        assert "cond" in {e.primitive.name for e in _eqns(jax.make_jaxpr(
-            lambda *a: dispatch.routed_experts(cfg, *a, gather_if_few=True))(x, idx, w, wgu, wd).jaxpr)}
+    traced = lambda impl, few=True: str(jax.make_jaxpr(lambda *a: dispatch.routed_experts(
+        make_cfg(moe_impl=impl), *a, gather_if_few=few))(x, idx, w, wgu, wd))
+    assert len({traced(impl) for impl in IMPLS}) == 1 and traced("blocked") != traced("blocked", False)
 
     def f(x, w, wgu, wd, idx, dy):
         y, vjp = jax.vjp(lambda *p: dispatch.routed_experts(make_cfg(), p[0], idx, *p[1:], gather_if_few=True),
@@ -496,8 +495,8 @@ def test_capacity_path_matches_reference(kind, n, fits):
     """capacity_local (C row slots per expert, matmuls batched over E) against the per-token reference, same
     1e-5 tolerance. Where every expert's pairs fit in C (random n=4; 'same': K experts with 6 pairs each,
     C=8), the slot form alone matches; where one expert has more (uneven n=20: expert 0 on all 20 tokens,
-    C=18), the slot form drops pairs (checked: off by more than 1e-3) and capacity_local must take its
-    few_local fallback to match."""
+    C=18), the slot form drops pairs (checked: off by more than 1e-3) and capacity_local must send the two
+    past C through few_local's blocks to match."""
     rng = np.random.default_rng([n, len(kind), 11])
     idx, w = routing(kind, n, rng)
     wgu, wd = weights(rng)
@@ -550,16 +549,19 @@ def test_few_token_path_only_for_few_tokens():
                                                           w[:dispatch.GATHER_TOKENS]))
 
 
-def test_capacity_full_fallback_matches_reference():
-    """capacity_local's E*N-slot fallback (full_fallback, taken when routing overflows C and E*N is small):
-    on the overflowing 'uneven' routing (expert 0 on all 20 tokens, C=18) it matches the per-token reference
-    to the same 1e-5 tolerance, with no pair dropped."""
-    n = 20
-    rng = np.random.default_rng([n, 6, 11])
-    idx, w = routing("uneven", n, rng)
+@pytest.mark.parametrize("kind,n,c", [("same", 6, 1), ("same", 6, 4), ("uneven", 20, 2), ("uneven", 20, 9),
+                                      ("random", 12, 1)])
+def test_capacity_overflow_blocks_match_reference(kind, n, c):
+    """capacity_local with a small C: each expert's pairs past C go through few_local's blocks (`skip`), so
+    nothing is dropped however many experts overflow and by how much ('same': K experts with n pairs each;
+    'uneven': one expert on every token; 'random' with C=1: most experts past C), against the per-token
+    reference to the same 1e-5 tolerance; and the blocks alone hold exactly what the slots drop."""
+    rng = np.random.default_rng([n, c, 13])
+    idx, w = routing(kind, n, rng)
     wgu, wd = weights(rng)
     x = rng.normal(size=(n, D)).astype(np.float32)
-    assert np.bincount(idx.ravel(), minlength=E).max() > expert_few.expert_capacity(n * K, E)
+    assert np.bincount(idx.ravel(), minlength=E).max() > c
+    want = reference(x, idx, w, wgu, wd, np.zeros((n, D), np.float32))[0]
     args = [jnp.asarray(a) for a in (x, idx, w, wgu.reshape(E, D, 2 * F), wd)]
-    got = jax.jit(lambda *a: expert_few.capacity_local(*a, full_fallback=True))(*args)
-    close(got, reference(x, idx, w, wgu, wd, np.zeros((n, D), np.float32))[0])
+    close(jax.jit(lambda *a: expert_few.capacity_local(*a, capacity=c))(*args), want)
+    close(expert_few.capacity_slots(*args, c) + expert_few.few_local(*args, skip=c), want)

@@ -15,7 +15,7 @@ from dsv3_jax.infer import generate, split_variables
 from dsv3_jax.infer.decode import CHUNK, jit_decode_steps
 from dsv3_jax.infer.queue import jit_refill
 from dsv3_jax.infer.request import GenerationRequest, start_request
-from dsv3_jax.infer.speculative import SpecState, jit_speculative_steps
+from dsv3_jax.infer.speculative import jit_speculative_steps, start_state
 from test_infer import CFG_A, MAX_LEN, agreeing_variables, prompts_20
 
 
@@ -27,15 +27,13 @@ def test_greedy_only_step_equals_run_time_rule():
     outs = {}
     for greedy_only in (False, True):
         run = start_request(CFG_A, params, rs, req, mtp=True)
-        rows = np.arange(8)
-        st = SpecState(jnp.asarray(run.lengths), jnp.asarray(run.tokens[rows, run.lengths - 1]), run.tok,
-                       run.prefill.h_prev, run.prefill.h_last)
+        st = start_state(run.lengths, run.tokens, run.tok, run.prefill.h_tail, 1)
         step, cache, got = jit_speculative_steps(CFG_A, greedy_only=greedy_only), run.cache, []
         for call in range(3):
             st, cache, emitted = step(params, rs, cache, st, jnp.ones((8,), bool), run.sampling, 1 + 8 * call, 8)
             got.append(jax.device_get((emitted, st)))
         outs[greedy_only] = got
-    accepted = np.concatenate([e[2] for e, _ in outs[True]])
+    accepted = np.concatenate([e[1] for e, _ in outs[True]])
     assert 0.2 < accepted.mean() < 0.9, accepted.mean()               # both paths of the rule ran
     for a, b in zip(jax.tree_util.tree_leaves(outs[False]), jax.tree_util.tree_leaves(outs[True])):
         np.testing.assert_array_equal(a, b)

@@ -3,8 +3,8 @@ from .cache import C_KV_AXES, K_PE_AXES, KVCache, LayerCache, bytes_per_token_pe
 from .decode import decode_params, decode_step, forward, mtp_forward, prefill, split_variables
 from .generate import generate, validate_request
 from .request import GenerationRequest
-from .speculative import accept_or_resample, speculative_generate
+from .speculative import accept_drafts, accept_or_resample, speculative_generate
 
 __all__ = ["C_KV_AXES", "K_PE_AXES", "KVCache", "LayerCache", "bytes_per_token_per_layer", "cache_bytes",
            "init_cache", "decode_params", "decode_step", "forward", "mtp_forward", "prefill", "split_variables", "generate",
-           "validate_request", "GenerationRequest", "accept_or_resample", "speculative_generate"]
+           "validate_request", "GenerationRequest", "accept_drafts", "accept_or_resample", "speculative_generate"]

@@ -187,10 +187,15 @@ def mtp_forward(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCac
     return logits, h, cache.replace(mtp=tuple(layer if i == k else c for i, c in enumerate(cache.mtp)))
 
 
+# The drafts per speculative step the prefill's hidden-state tail serves (speculative.py needs h^0 at the
+# drafts + 1 positions before the first new token).
+MAX_DRAFTS = 3
+
+
 class Prefill(NamedTuple):
     logits: jax.Array      # [B,X] fp32 at each row's last real prompt token (predicts the first new token)
     h_last: jax.Array      # [B,D] h^0 at position n_b - 1
-    h_prev: jax.Array      # [B,D] h^0 at position n_b - 2 (zeros when n_b == 1)
+    h_tail: jax.Array      # [B,MAX_DRAFTS+1,D] h^0 at positions n_b - MAX_DRAFTS - 1 .. n_b - 1 (zeros below 0)
     cache: KVCache
 
 
@@ -207,12 +212,13 @@ def prefill(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, 
                         key_valid=valid)
     rows = jnp.arange(b)
     h_last = h0[rows, lengths - 1]
-    h_prev = jnp.where((lengths >= 2)[:, None], h0[rows, jnp.maximum(lengths - 2, 0)], 0)
+    tail = lengths[:, None] + jnp.arange(-MAX_DRAFTS - 1, 0)                           # [B,W]
+    h_tail = jnp.where((tail >= 0)[..., None], h0[rows[:, None], jnp.maximum(tail, 0)], 0)
     if mtp:
         nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
         _, _, cache = mtp_forward(cfg, params, router_state, cache, h0, nxt, positions, read_cache=False,
                                   absorbed=False, key_valid=valid)
-    return Prefill(main_logits(cfg, params, h_last), h_last, h_prev, cache)
+    return Prefill(main_logits(cfg, params, h_last), h_last, h_tail, cache)
 
 
 def decode_step(cfg: ModelConfig, params: dict, router_state: dict, cache: KVCache, tokens: jax.Array,
@@ -332,17 +338,22 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-# Slots past prompt + new tokens: a row that finishes inside a device call keeps stepping until the call ends
-# (its tokens are dropped), and a speculative step writes up to two slots.
-SLACK = 2 * CHUNK + 3
+def slack(drafts: int = 1) -> int:
+    """Slots past prompt + new tokens: a row that finishes inside a device call keeps stepping until the call
+    ends (its tokens are dropped), and a speculative step writes up to drafts + 1 slots (plain decoding keeps
+    the one-draft slack, so that its cache sizes do not depend on speculation)."""
+    k = max(drafts, 1)
+    return (k + 1) * CHUNK + k + 2
 
 
-def layout(prompts: list[list[int]], max_new_tokens: int, max_len: Optional[int] = None) -> tuple[int, int]:
+def layout(prompts: list[list[int]], max_new_tokens: int, max_len: Optional[int] = None,
+           drafts: int = 1) -> tuple[int, int]:
     """(prompt pad length, cache slots), bucketed to multiples of 16 so that similar requests share compiled
-    steps; max_len (>= every prompt + max_new_tokens) fixes the cache size across requests."""
+    steps; max_len (>= every prompt + max_new_tokens) fixes the cache size across requests; drafts: per
+    speculative step (`slack`)."""
     n_max = max(len(p) for p in prompts)
     need = max(n_max + max_new_tokens, max_len or 0)
-    return round_up(n_max, 16), round_up(need + SLACK, 16)
+    return round_up(n_max, 16), round_up(need + slack(drafts), 16)
 
 
 def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from .decode import CHUNK, decode_params, jit_decode_steps, split_variables
 from .request import DecodeClock, GenerationRequest, StreamCallback, replicated_on_mesh_of, start_request
 from .queue import check_batch_size, queue_generate
-from .speculative import speculative_generate
+from .speculative import check_drafts, speculative_generate
 
 
 def validate_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_p,
@@ -62,12 +62,16 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, speculative: bool = False,
              stream_callback: Optional[StreamCallback] = None, *, eos_id: Optional[int] = None,
              cache_dtype=None, max_len: Optional[int] = None,
-             batch_size: Optional[int] = None) -> tuple[list[list[int]], dict]:
+             batch_size: Optional[int] = None, drafts: int = 1) -> tuple[list[list[int]], dict]:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     Greedy when temperature == 0, else sampling from softmax(logits / temperature) restricted to the top-p
-    nucleus. speculative=True drafts one token per step with MTP module 1 and verifies it with the main model
-    (greedy output identical to plain greedy; sampling keeps the model's distribution).
+    nucleus. speculative=True drafts tokens with MTP module 1 and verifies them with the main model
+    (greedy output identical to plain greedy; sampling keeps the model's distribution). drafts: tokens drafted
+    per speculative step, 1 to 3, the module chained on its own output past the first (speculative.py). One
+    is the default: on CPU a second or third draft costs more than the tokens it adds
+    (experiments/results/spec_drafts.md); where verifying more tokens is nearly free (an accelerator's decode
+    step, bound by reading weights) chained drafts may pay.
     stream_callback(new_tokens): called after each step with one list per prompt of the token ids emitted
     in that step (empty for rows that emitted nothing). eos_id: a row stops after emitting it (kept in the
     output). cache_dtype: storage dtype of the latent cache (default cfg.dtype). max_len: the cache's size in
@@ -84,8 +88,9 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
 
     Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, first_step_s (the
     first device call, which compiles on a new shape), tokens_per_s (after that call; see DecodeClock),
-    main_forwards (decode steps of the main model that some row needed, batched), tokens_per_forward, and
-    for speculative decoding drafts, accepted, acceptance_rate.
+    main_forwards (decode steps of the main model that some row needed, batched), tokens_per_forward (tokens
+    a row emits per main forward), and for speculative decoding draft_tokens (drafts per step), drafts
+    (drafted tokens), accepted, acceptance_rate (accepted / drafts).
     """
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
@@ -97,9 +102,12 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     params = decode_params(cfg, params, rows=batch_size or len(prompts))
     req = GenerationRequest(prompts, int(max_new_tokens), float(temperature), float(top_p), seed, stream_callback,
                             eos_id, cache_dtype, max_len)
+    drafts = check_drafts(drafts)
     if batch_size is not None:
-        return queue_generate(cfg, params, router_state, req, batch_size, speculative=speculative)
-    return (speculative_generate if speculative else plain_generate)(cfg, params, router_state, req)
+        return queue_generate(cfg, params, router_state, req, batch_size, speculative=speculative, drafts=drafts)
+    if speculative:
+        return speculative_generate(cfg, params, router_state, req, drafts)
+    return plain_generate(cfg, params, router_state, req)
 
 
 

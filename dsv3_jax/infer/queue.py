@@ -31,7 +31,7 @@ from ..model.layers import dtype_of
 from .cache import init_cache
 from .decode import CHUNK, Sampling, jit_decode_steps, layout, pad_prompts, prefill, sample
 from .request import GenerationRequest, replicated_on_mesh_of
-from .speculative import SpecState, check_draft_module, jit_speculative_steps
+from .speculative import SpecState, check_draft_module, check_drafts, emitted_tokens, jit_speculative_steps, start_state
 
 
 def check_batch_size(batch_size) -> int:
@@ -45,8 +45,8 @@ class Engine(NamedTuple):
     mtp: bool                        # the prefill fills MTP module 1's cache too
     tokens_per_step: int             # the most tokens a step emits per row
     init: Callable                   # (batch, cfg) -> the per-row decode state, all rows empty
-    set_rows: Callable               # (state, rows [k], first tokens [k], prompt lengths [k], last prompt
-                                     #  tokens [k], Prefill of k rows) -> state
+    set_rows: Callable               # (state, rows [k], first tokens [k], prompt lengths [k], prompts [k,T],
+                                     #  Prefill of k rows) -> state
     steps: Callable                  # (cfg, greedy_only) -> jitted (params, rs, cache, state, active, sampling,
                                      #  step, n) -> ...
     emitted: Callable                # one step's host outputs -> per-row token lists (for every row)
@@ -64,44 +64,49 @@ def _plain_steps(cfg, greedy_only: bool):      # greedy_only: jit_decode_steps k
 PLAIN = Engine(
     mtp=False, tokens_per_step=1,
     init=lambda b, cfg: (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)),   # (pending token, position)
-    set_rows=lambda st, r, tok, n, last, pre: (st[0].at[r].set(tok), st[1].at[r].set(n)),
+    set_rows=lambda st, r, tok, n, prompts, pre: (st[0].at[r].set(tok), st[1].at[r].set(n)),
     steps=_plain_steps,
     emitted=lambda out: [[int(t)] for t in out])
 
-SPECULATIVE = Engine(
-    mtp=True, tokens_per_step=2,
-    init=lambda b, cfg: SpecState(*(jnp.zeros((b,), jnp.int32) for _ in range(3)),
-                                  *(jnp.zeros((b, cfg.hidden_size), dtype_of(cfg.dtype)) for _ in range(2))),
-    set_rows=lambda st, r, tok, n, last, pre: SpecState(
-        st.length.at[r].set(n), st.tok_prev.at[r].set(last), st.tok_pend.at[r].set(tok),
-        st.h_prev.at[r].set(pre.h_prev.astype(st.h_prev.dtype)),
-        st.h_last.at[r].set(pre.h_last.astype(st.h_last.dtype))),
-    steps=lambda cfg, greedy_only: jit_speculative_steps(cfg, greedy_only=greedy_only),
-    emitted=lambda out: [[int(f), int(b)] if a else [int(f)] for f, b, a in zip(*out)])
+
+def speculative_engine(drafts: int) -> Engine:
+    """The queue's speculative decoding with `drafts` tokens drafted per step (speculative.py)."""
+    def set_rows(st, r, tok, n, prompts, pre):
+        rows = start_state(n, prompts, tok, pre.h_tail, drafts)
+        return SpecState(*[a.at[r].set(v.astype(a.dtype)) for a, v in zip(st, rows)])
+
+    return Engine(
+        mtp=True, tokens_per_step=drafts + 1,
+        init=lambda b, cfg: SpecState(jnp.zeros((b,), jnp.int32), jnp.zeros((b, drafts + 1), jnp.int32),
+                                      jnp.zeros((b, drafts + 1, cfg.hidden_size), dtype_of(cfg.dtype))),
+        set_rows=set_rows,
+        steps=lambda cfg, greedy_only: jit_speculative_steps(cfg, greedy_only=greedy_only),
+        emitted=lambda out: emitted_tokens(*out, np.ones(len(out[1]), bool)))
+
+
+def engine(name: str, drafts: int = 1) -> Engine:
+    return PLAIN if name == "plain" else speculative_engine(drafts)
 
 
 @functools.lru_cache(maxsize=32)
-def jit_refill(cfg: ModelConfig, engine_name: str):
+def jit_refill(cfg: ModelConfig, engine_name: str, drafts: int = 1):
     """jit((params, rs, cache, state, rows [k], tokens [k,T], lengths [k], key, temperature, top_p) -> (first
     tokens [k], cache, state)): prefill k prompts into a fresh k-row cache of the batch cache's size, write
     those rows of the batch cache (every layer, MTP caches included) and of the decode state. A row may
-    repeat (padding: the same prompt into the same row twice writes the same values). Cache donated."""
-    engine = ENGINES[engine_name]
+    repeat (padding: the same prompt into the same row twice writes the same values). Cache donated.
+    drafts: per speculative step (the state's shape)."""
+    eng = engine(engine_name, drafts)
 
     def fn(params, rs, cache, state, rows, tokens, lengths, key, temperature, top_p):
         k = rows.shape[0]
         fresh = jax.tree.map(lambda a: jnp.zeros(a.shape[:1] + (k,) + a.shape[2:], a.dtype), cache)
-        out = prefill(cfg, params, rs, fresh, tokens, lengths, mtp=engine.mtp)
+        out = prefill(cfg, params, rs, fresh, tokens, lengths, mtp=eng.mtp)
         for j in range(k):
             cache = jax.tree.map(lambda big, new: jax.lax.dynamic_update_index_in_dim(big, new[:, j], rows[j], 1),
                                  cache, out.cache)
         tok = sample(out.logits, key, temperature, top_p)
-        last = tokens[jnp.arange(k), lengths - 1]
-        return tok, cache, engine.set_rows(state, rows, tok, lengths, last, out)
+        return tok, cache, eng.set_rows(state, rows, tok, lengths, tokens, out)
     return jax.jit(fn, donate_argnums=(2,))
-
-
-ENGINES = {"plain": PLAIN, "speculative": SPECULATIVE}
 
 
 class Slots:
@@ -153,7 +158,7 @@ class Slots:
 
 
 def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: GenerationRequest, batch_size: int,
-                   *, speculative: bool = False) -> tuple[list[list[int]], dict]:
+                   *, speculative: bool = False, drafts: int = 1) -> tuple[list[list[int]], dict]:
     """A validated request through min(batch_size, prompts) slots -> (tokens per prompt, stats).
 
     stats: new_tokens, queue_s (the whole queue: prefills and decode), prefill_s (the first fill and every
@@ -163,19 +168,20 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     accepted, acceptance_rate, tokens_per_forward."""
     if speculative:
         check_draft_module(cfg, params)
+        drafts = check_drafts(drafts)
     name = "speculative" if speculative else "plain"
-    engine = ENGINES[name]
+    eng = engine(name, drafts)
     batch = min(batch_size, len(req.prompts))
-    t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len)
+    t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len, drafts if speculative else 1)
     sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))
     first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a refill's first tokens: fold_in(this, i)
     # Placed as the refills will return them, so the first refill compiles what the later ones run.
-    cache, state = replicated_on_mesh_of((init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=engine.mtp),
-                                          engine.init(batch, cfg)), jax.tree.leaves(params)[0])
-    refill, steps = jit_refill(cfg, name), engine.steps(cfg, req.temperature == 0)
+    cache, state = replicated_on_mesh_of((init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=eng.mtp),
+                                          eng.init(batch, cfg)), jax.tree.leaves(params)[0])
+    refill, steps = jit_refill(cfg, name, drafts if speculative else 1), eng.steps(cfg, req.temperature == 0)
     slots = Slots(req, batch)
     t0 = time.perf_counter()
-    prefill_s, refills, forwards, drafts, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0
+    prefill_s, refills, forwards, stepped, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0
     while True:
         free = slots.free_rows()
         if free:
@@ -200,7 +206,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
         if not active.any():
             break
         left = slots.left()
-        n = min(CHUNK, -(-(min(left) if slots.waiting else max(left)) // engine.tokens_per_step))
+        n = min(CHUNK, -(-(min(left) if slots.waiting else max(left)) // eng.tokens_per_step))
         state, cache, outs = steps(params, router_state, cache, state, jnp.asarray(active), sampling, forwards + 1, n)
         outs = jax.device_get(outs)
         calls += 1
@@ -211,9 +217,9 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
             step_out = jax.tree.map(lambda o: o[j], outs)
             forwards += 1
             if speculative:
-                drafts += int(live.sum())
-                accepted += int((step_out[2] & live).sum())
-            slots.add(engine.emitted(step_out), live)
+                stepped += int(live.sum())
+                accepted += int((step_out[1] * live).sum())
+            slots.add(eng.emitted(step_out), live)
     queue_s = time.perf_counter() - t0
     new = sum(len(o) for o in slots.out)
     stats: dict[str, Any] = dict(new_tokens=new, queue_s=queue_s, prefill_s=prefill_s, decode_s=queue_s - prefill_s,
@@ -222,6 +228,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
                                  device_calls=calls, prefill_calls=prefills,
                                  speculative=speculative, tokens_per_forward=1.0)
     if speculative:
-        rate = accepted / drafts if drafts else 0.0
-        stats.update(drafts=drafts, accepted=accepted, acceptance_rate=rate, tokens_per_forward=1.0 + rate)
+        stats.update(drafts=drafts * stepped, accepted=accepted, draft_tokens=drafts,
+                     acceptance_rate=accepted / (drafts * stepped) if stepped else 0.0,
+                     tokens_per_forward=1.0 + (accepted / stepped if stepped else 0.0))
     return slots.out, stats

@@ -107,7 +107,7 @@ class Started(NamedTuple):
     lengths: np.ndarray         # [B]
     tok: jax.Array              # first new token of each row (from the prefill)
     cache: KVCache
-    prefill: Prefill            # the prefill output (h_prev, h_last for speculative decoding)
+    prefill: Prefill            # the prefill output (h_tail for speculative decoding)
     col: Collector
     sampling: Sampling
     t0: float                   # prefill start and end (perf_counter)
@@ -126,11 +126,11 @@ def replicated_on_mesh_of(tree, ref: jax.Array):
 
 
 def start_request(cfg: ModelConfig, params: dict, router_state: dict, req: GenerationRequest, *,
-                  mtp: bool) -> Started:
-    """The part plain and speculative decoding share: lay out and pad the prompts, allocate the latent cache
-    (with MTP caches when mtp), run the jitted prefill (which samples each row's first new token) and hand
-    that token to the collector."""
-    t_pad, slots = layout(req.prompts, req.max_new_tokens, req.max_len)
+                  mtp: bool, drafts: int = 1) -> Started:
+    """The part plain and speculative decoding share: lay out and pad the prompts (the cache sized for
+    `drafts` per speculative step), allocate the latent cache (with MTP caches when mtp), run the jitted
+    prefill (which samples each row's first new token) and hand that token to the collector."""
+    t_pad, slots = layout(req.prompts, req.max_new_tokens, req.max_len, drafts)
     tokens, lengths = pad_prompts(req.prompts, t_pad)
     cache = init_cache(cfg, len(req.prompts), slots, req.cache_dtype, mtp=mtp)
     sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))

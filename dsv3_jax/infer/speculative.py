@@ -1,24 +1,30 @@
 """Self-speculative decoding with MTP module 1 (`mtp_0`) as the draft model (arXiv 2412.19437, section 2.2,
-"MTP in Inference"; acceptance and speed-up in section 5.4.3).
+"MTP in Inference"; acceptance and speed-up in section 5.4.3), drafting K tokens per step (K = `drafts`, 1 to
+MAX_DRAFTS): the module chained on its own output for drafts 2..K (as session 9's study proposed:
+experiments/results/spec_cost_chain.md).
 
-State of a row before a step (L = number of tokens in the main cache, positions 0..L-1):
-  tok_pend = t_L        the newest token (emitted, not yet run through the main model)
-  tok_prev = t_{L-1}    h_last = h^0_{L-1}, h_prev = h^0_{L-2} (main-model outputs before the final norm)
-  the MTP cache holds valid entries for positions < L-2.
+MTP module 1 at position i reads (h^0_i, Emb(t_{i+1})) and predicts t_{i+2}. State of a row before a step
+(L = number of tokens in the main cache, positions 0..L-1):
+  toks = t_{L-K} .. t_L        the last one pending (emitted, not yet run through the main model)
+  hs   = h^0_{L-K-1} .. h^0_{L-1}   (main-model outputs before the final norm)
+  the MTP cache holds valid entries for positions < L-K-1.
 One step:
-  1. Draft. The MTP module runs on the pair of positions (L-2, L-1) with inputs
-     (h^0_{L-2}, Emb(t_{L-1})) and (h^0_{L-1}, Emb(t_L)), attending over its own cache; the second output
-     predicts t_{L+1}: the draft d. (Position L-2 is recomputed when the previous draft was rejected: same
-     inputs, same entry; it is new when the previous draft was accepted. Always two positions keeps the shapes
-     static. When L-2 < 0 the first member is a dummy: masked and not written. Position L-2 only writes its
-     latent: attention, FFN and head run for L-1 alone.)
-  2. Verify. The main model runs [t_L, d] at positions (L, L+1) in one absorbed decode step of two tokens,
-     causal between them: logits at L give the target p1 for t_{L+1}, logits at L+1 give p2 for t_{L+2}.
-  3. Accept or reject. Greedy: accept iff argmax p1 == d; sampling: accept with probability min(1, p1(d)/q(d))
-     (q: the draft distribution), else draw t_{L+1} from normalise(max(p1 - q, 0)) (Leviathan et al. 2023).
-     Accepted: emit d and a bonus token t_{L+2} ~ p2 (greedy: argmax), L += 2.
-     Rejected: emit t_{L+1}, L += 1; the main cache entry written for d at slot L+1 is past the row's length,
-     so it is masked and later overwritten: both caches stay consistent with no rollback.
+  1. Draft 1. The MTP module runs on positions L-K-1 .. L-1 with inputs (hs[j], Emb(toks[j])), attending over
+     its own cache; the last output predicts t_{L+1}: d_1. The positions before L-1 only write their latents
+     (attention, FFN and head run for L-1 alone): they rewrite the entries that may be stale, the ones a
+     previous step's chained drafts wrote, and the one a rejected draft's position left. K+1 positions keep the
+     shapes static; positions below 0 are dummies, masked and not written.
+  2. Drafts 2..K. The module runs at position L+j-2 on (h^1_{L+j-3}, Emb(d_{j-1})): its own output h^1
+     standing in for the main model's h^0, which predicts the same token. It writes a stand-in entry at that
+     position, which step 1 of a later step rewrites from the true h^0.
+  3. Verify. The main model runs [t_L, d_1, ..., d_K] at positions L .. L+K in one absorbed decode step, causal
+     among them: logits at L+j give the target p_j for t_{L+j+1}.
+  4. Accept. Greedy: n = the number of leading drafts equal to the main model's argmax; emit d_1..d_n and the
+     argmax after them (the correction, or after all K the bonus token), L += n + 1. Sampling: draft j is
+     accepted with probability min(1, p_{j-1}(d_j) / q_j(d_j)) (q_j: its draft distribution) while all
+     before it were; at the first rejection a token is drawn from normalise(max(p_{j-1} - q_j, 0)) (Leviathan
+     et al. 2023), and after K acceptances the bonus from p_K. Main cache entries written for rejected drafts
+     lie past the row's length: masked, later overwritten, so both caches stay consistent with no rollback.
 Greedy output is therefore exactly plain greedy decoding (every emitted token is the main model's argmax given
 the previous tokens); sampling output has exactly the main model's (tempered, top-p) distribution.
 """
@@ -34,17 +40,28 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import InputError
-from .decode import (CHUNK, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps, sample,
+from .decode import (CHUNK, MAX_DRAFTS, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps, sample,
                      sample_from, sampling_probs)
 from .request import DecodeClock, GenerationRequest, replicated_on_mesh_of, start_request
 
 
 class SpecState(NamedTuple):
     length: jax.Array      # [B] int32, L: tokens in the main cache
-    tok_prev: jax.Array    # [B] int32, t_{L-1}
-    tok_pend: jax.Array    # [B] int32, t_L
-    h_prev: jax.Array      # [B,D] h^0_{L-2}
-    h_last: jax.Array      # [B,D] h^0_{L-1}
+    toks: jax.Array        # [B,K+1] int32, t_{L-K} .. t_L (t_L pending)
+    hs: jax.Array          # [B,K+1,D] h^0_{L-K-1} .. h^0_{L-1}
+
+
+def start_state(lengths, prompt_tokens, first, h_tail, drafts: int) -> SpecState:
+    """The state after a prefill: lengths [B] prompt lengths (L), prompt_tokens [B,T] right-padded prompts,
+    first [B] the first new token (t_L), h_tail [B,W,D] the prefill's h^0 at positions L-W .. L-1 (W > drafts).
+    Positions below 0 get token 0 and zeros (dummies the draft pass masks). numpy or jax arrays (queue.py
+    calls it inside a jitted refill)."""
+    xp = jnp if isinstance(prompt_tokens, jax.Array) else np
+    rows = xp.arange(prompt_tokens.shape[0])[:, None]
+    pos = lengths[:, None] + xp.arange(-drafts, 0)                                   # [B,K]: L-K .. L-1
+    before = xp.where(pos >= 0, prompt_tokens[rows, xp.maximum(pos, 0)], 0)
+    toks = jnp.concatenate([jnp.asarray(before, jnp.int32), jnp.asarray(first, jnp.int32)[:, None]], axis=1)
+    return SpecState(jnp.asarray(lengths, jnp.int32), toks, h_tail[:, -(drafts + 1):])
 
 
 def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Array):
@@ -63,67 +80,92 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Ar
     return accepted, jnp.where(accepted, draft, alt)
 
 
+def accept_drafts(p: jax.Array, q: jax.Array, drafts: jax.Array, keys) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling for K chained drafts per row. p [B,K+1,X] target distributions at the K+1 verified
+    positions, q [B,K,X] the draft distributions each draft was drawn from, drafts [B,K], keys: K + 1 keys.
+    Returns (n [B], token [B]): draft j is accepted with probability min(1, p_{j-1}(d_j) / q_j(d_j)) while all
+    before it were (`accept_or_resample`); n counts the accepted; token is the draw from the residual of the
+    first rejected one, or after all K a draw from p_K. Each emitted token is distributed as its p."""
+    k = drafts.shape[1]
+    ok, toks = zip(*[accept_or_resample(p[:, j], q[:, j], drafts[:, j], keys[j]) for j in range(k)])
+    n = jnp.cumprod(jnp.stack(ok, axis=1), axis=1).sum(1)
+    resampled = jnp.stack(toks, axis=1)[jnp.arange(drafts.shape[0]), jnp.minimum(n, k - 1)]
+    return n, jnp.where(n == k, sample_from(p[:, k], keys[k]), resampled)
+
+
 def speculative_step(cfg: ModelConfig, params, router_state, cache, st: SpecState, active, sampling: Sampling,
                      step, greedy_only: bool = False):
     """One draft-verify-accept step for every row (rows with active False keep their state); its randomness
-    is fold_in(sampling.key, step).
+    is fold_in(sampling.key, step). K, the drafts per step, is the state's (toks [B,K+1]).
+    Returns (state, cache, (emitted [B,K+1], accepted [B])): a row emits its first accepted + 1 tokens
+    (accepted is 0 for inactive rows).
 
-    Greedy (temperature == 0) is the same rule on one-hot distributions, written directly: the draft is
-    accepted exactly when it is the main model's argmax, and otherwise that argmax is emitted. By default
+    Greedy (temperature == 0) is the same rule on one-hot distributions, written directly: a draft is accepted
+    exactly when it is the main model's argmax, and the argmax after the accepted ones is emitted. By default
     the rule is chosen at run time (lax.cond on the traced temperature); greedy_only (static, for a request
-    known to be greedy) compiles the greedy rule alone, without the two conditionals, which cost a step
+    known to be greedy) compiles the greedy rule alone, without the conditionals, which cost a step
     measurably at batch 1 (experiments/results/spec_cost.md, session 9)."""
-    b = st.length.shape[0]
+    b, width = st.toks.shape
+    k = width - 1
     temperature, top_p = sampling.temperature, sampling.top_p
-    k_draft, k_acc, k_bonus = jax.random.split(jax.random.fold_in(sampling.key, step), 3)
-    # 1. Draft with MTP module 1 on positions (L-2, L-1).
-    pair_pos = jnp.stack([st.length - 2, st.length - 1], axis=1)
-    q_logits, _, cache = mtp_forward(cfg, params, router_state, cache,
-                                     jnp.stack([st.h_prev, st.h_last], axis=1),
-                                     jnp.stack([st.tok_prev, st.tok_pend], axis=1),
-                                     pair_pos, k=0, key_valid=pair_pos >= 0, outputs_from=1)
-    q_logits = q_logits[:, 0].astype(jnp.float32)                                      # position L-1 only
-    draft = greedy(q_logits) if greedy_only else sample(q_logits, k_draft, temperature, top_p)
-    # 2. Verify [t_L, draft] at (L, L+1) in one main forward of two tokens.
-    ver_pos = jnp.stack([st.length, st.length + 1], axis=1)
-    h0, cache = forward(cfg, params, router_state, cache, jnp.stack([st.tok_pend, draft], axis=1), ver_pos)
-    logits = main_logits(cfg, params, h0)                                               # [B,2,X]
+    keys = jax.random.split(jax.random.fold_in(sampling.key, step), 2 * k + 1)   # drafts, acceptances, bonus
+    length = st.length
+    # 1. Draft 1 from positions L-K-1 .. L-1 (all but the last only write their latents).
+    pos = length[:, None] + jnp.arange(-k - 1, 0, dtype=length.dtype)                            # [B,K+1]
+    q_logits, h1, cache = mtp_forward(cfg, params, router_state, cache, st.hs, st.toks, pos, k=0,
+                                      key_valid=pos >= 0, outputs_from=k)
+    drafts, qs = [], []
+    for j in range(k):
+        if j:   # 2. Draft j+1: the module at position L+j-1 on its own h^1 and draft j.
+            q_logits, h1, cache = mtp_forward(cfg, params, router_state, cache, h1, drafts[-1][:, None],
+                                              (length + j - 1)[:, None], k=0)
+        ql = q_logits[:, 0].astype(jnp.float32)
+        qs.append(ql)
+        drafts.append(greedy(ql) if greedy_only else sample(ql, keys[j], temperature, top_p))
+    d = jnp.stack(drafts, axis=1)                                                                   # [B,K]
+    # 3. Verify [t_L, d_1 .. d_K] at L .. L+K in one main forward.
+    h0, cache = forward(cfg, params, router_state, cache, jnp.concatenate([st.toks[:, -1:], d], axis=1),
+                        length[:, None] + jnp.arange(k + 1, dtype=length.dtype))
+    logits = main_logits(cfg, params, h0)                                                         # [B,K+1,X]
+    rows = jnp.arange(b)
 
-    # 3. Accept / reject, and the bonus token after an accepted draft.
+    # 4. Accept: n leading drafts, then the correction (or bonus) token.
     def greedy_rule(logits):
-        first = greedy(logits[:, 0])
-        return first == draft, first, greedy(logits[:, 1])
+        target = greedy(logits)                                                                   # [B,K+1]
+        n = jnp.cumprod(d == target[:, :k], axis=1).sum(1)
+        return n, target[rows, n]
 
     def sampling_rule(logits):
-        p = sampling_probs(logits, temperature, top_p)                                   # [B,2,X]
-        q = sampling_probs(q_logits, temperature, top_p)
-        accepted, first = accept_or_resample(p[:, 0], q, draft, k_acc)
-        return accepted, first, sample_from(p[:, 1], k_bonus)
+        q = sampling_probs(jnp.stack(qs, axis=1), temperature, top_p)                               # [B,K,X]
+        return accept_drafts(sampling_probs(logits, temperature, top_p), q, d, keys[k:])
 
     if greedy_only:
-        accepted, first, bonus = greedy_rule(logits)
+        n, last = greedy_rule(logits)
     else:
-        accepted, first, bonus = jax.lax.cond(temperature > 0, sampling_rule, greedy_rule, logits)
-    acc2 = accepted[:, None]
+        n, last = jax.lax.cond(temperature > 0, sampling_rule, greedy_rule, logits)
+    n = n.astype(jnp.int32)
+    slot = jnp.arange(k + 1)
+    emitted = jnp.where(slot < n[:, None], jnp.pad(d, ((0, 0), (0, 1))), last[:, None])           # [B,K+1]
+    # The new windows end at L' - 1 = L + n: offset n + 1 into [old window, this step's K+1 entries].
+    window = (n + 1)[:, None] + slot                                                               # [B,K+1]
     new = SpecState(
-        length=st.length + jnp.where(accepted, 2, 1),
-        tok_prev=jnp.where(accepted, draft, st.tok_pend),
-        tok_pend=jnp.where(accepted, bonus, first),
-        h_prev=jnp.where(acc2, h0[:, 0], st.h_last),
-        h_last=jnp.where(acc2, h0[:, 1], h0[:, 0]),
+        length=length + n + 1,
+        toks=jnp.take_along_axis(jnp.concatenate([st.toks, emitted], axis=1), window, axis=1),
+        hs=jnp.take_along_axis(jnp.concatenate([st.hs, h0.astype(st.hs.dtype)], axis=1), window[..., None], axis=1),
     )
-    keep = lambda n, o: jnp.where(active.reshape((b,) + (1,) * (n.ndim - 1)), n, o)
-    new = SpecState(*[keep(n, o) for n, o in zip(new, st)])
-    return new, cache, (first, bonus, accepted & active)
+    keep = lambda n_, o: jnp.where(active.reshape((b,) + (1,) * (n_.ndim - 1)), n_, o)
+    new = SpecState(*[keep(a, o) for a, o in zip(new, st)])
+    return new, cache, (emitted, jnp.where(active, n, 0))
 
 
 @functools.lru_cache(maxsize=32)
 def jit_speculative_steps(cfg: ModelConfig, n_max: int = CHUNK, step_fn=speculative_step, greedy_only: bool = False):
     """jit(up to n_max speculative steps on the device): (params, router_state, cache, state, active,
-    sampling, step, n) -> (state, cache, (first, bonus, accepted) each [n_max, B]), cache donated;
-    step j's randomness is fold_in(sampling.key, step + j). step_fn: `speculative_step` or a stand-in with
-    its signature (experiments/spec_cost.py times the step's passes alone that way). greedy_only: compiled
-    for temperature 0 only (`speculative_step`'s greedy_only; sampling arguments are then ignored)."""
+    sampling, step, n) -> (state, cache, (emitted, accepted) each [n_max, B, ...]), cache donated; step j's
+    randomness is fold_in(sampling.key, step + j); the drafts per step are the state's. step_fn:
+    `speculative_step` or a stand-in with its signature (experiments/spec_cost.py times the step's passes alone
+    that way). greedy_only: compiled for temperature 0 only (`speculative_step`'s greedy_only; sampling
+    arguments are then ignored)."""
     step_fn = functools.partial(step_fn, greedy_only=True) if greedy_only else step_fn
 
     def fn(params, router_state, cache, st, active, sampling: Sampling, step, n):
@@ -143,32 +185,42 @@ def check_draft_module(cfg: ModelConfig, params: dict) -> None:
                          "params['mtp_0']); use speculative=False")
 
 
-def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict,
-                         req: GenerationRequest) -> tuple[list[list[int]], dict]:
+def check_drafts(drafts) -> int:
+    if isinstance(drafts, bool) or not isinstance(drafts, (int, np.integer)) or not 1 <= drafts <= MAX_DRAFTS:
+        raise InputError(f"drafts must be an integer from 1 to {MAX_DRAFTS} (tokens drafted per speculative "
+                         f"step), got {drafts!r}")
+    return int(drafts)
+
+
+def emitted_tokens(emitted, accepted, live) -> list[list[int]]:
+    """One step's host outputs -> the tokens each row emitted (none for rows not live)."""
+    return [[int(t) for t in e[:a + 1]] if on else [] for e, a, on in zip(emitted, accepted, live)]
+
+
+def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict, req: GenerationRequest,
+                         drafts: int = 1) -> tuple[list[list[int]], dict]:
     """A validated request -> (tokens, stats); see the module docstring and `generate`."""
     check_draft_module(cfg, params)
-    run = start_request(cfg, params, router_state, req, mtp=True)
+    drafts = check_drafts(drafts)
+    run = start_request(cfg, params, router_state, req, mtp=True, drafts=drafts)
     col, cache = run.col, run.cache
-    rows = np.arange(len(req.prompts))
-    st = SpecState(replicated_on_mesh_of(run.lengths, run.tok),
-                   replicated_on_mesh_of(run.tokens[rows, run.lengths - 1], run.tok),
-                   run.tok, run.prefill.h_prev, run.prefill.h_last)
-
+    st = replicated_on_mesh_of(start_state(run.lengths, run.tokens, run.tok, run.prefill.h_tail, drafts), run.tok)
     step = jit_speculative_steps(cfg, greedy_only=req.temperature == 0)
     clock = DecodeClock(col, run.t1)
-    forwards = drafts = accepted_total = 0
+    forwards = proposed = accepted_total = rows_stepped = 0
     while col.active.any():
         active = col.active
-        n = min(CHUNK, -(-col.most_left() // 2))         # a step emits at most two tokens per row
+        n = min(CHUNK, -(-col.most_left() // (drafts + 1)))     # a step emits at most drafts + 1 tokens per row
         st, cache, outs = step(params, router_state, cache, st, jnp.asarray(active), run.sampling, forwards + 1, n)
-        for (first, bonus, acc), live in col.live_steps(jax.device_get(outs), n):
+        for (emitted, acc), live in col.live_steps(jax.device_get(outs), n):
             forwards += 1
-            drafts += int(live.sum())
-            accepted_total += int((acc & live).sum())
-            col.add([([int(f), int(b)] if a else [int(f)]) if on else []
-                     for f, b, a, on in zip(first, bonus, acc, live)])
+            rows_stepped += int(live.sum())
+            proposed += drafts * int(live.sum())
+            accepted_total += int((acc * live).sum())
+            col.add(emitted_tokens(emitted, acc, live))
         clock.step_done()
-    rate = accepted_total / drafts if drafts else 0.0
-    return col.out, dict(clock.stats(), prefill_s=run.t1 - run.t0, main_forwards=forwards, drafts=drafts,
-                         accepted=accepted_total, acceptance_rate=rate, tokens_per_forward=1.0 + rate,
+    rate = accepted_total / proposed if proposed else 0.0
+    return col.out, dict(clock.stats(), prefill_s=run.t1 - run.t0, main_forwards=forwards, drafts=proposed,
+                         accepted=accepted_total, acceptance_rate=rate, draft_tokens=drafts,
+                         tokens_per_forward=1.0 + (accepted_total / rows_stepped if rows_stepped else 0.0),
                          speculative=True)

@@ -21,8 +21,7 @@ GATHER_TOKENS tokens (batch-1 decode and verify steps, where a loop's fixed cost
 copying a few experts' weights), else while N*K <= FEW_PAIRS_PER_EXPERT * E: `capacity_local` (expert_few.py:
 C row slots per expert, matmuls batched over all E with the weights read in place) when N*K >= E (most
 experts chosen) and its E*C rows are at most CAPACITY_ROWS, else `few_local` (small row blocks of the
-experts chosen, not a loop over all E). A `capacity_local` step whose routing overflows C falls back to
-E*N row slots (no overflow possible) while those are at most CAPACITY_ROWS, else to `few_local`.
+experts chosen, not a loop over all E). An expert's pairs past C in `capacity_local` take `few_local` blocks.
 Elsewhere (GPU/TPU, or a mesh with dense), `gather` while N*K <= E.
 Measured: experiments/results/bench_moe_few.md, and for capacity_local experiments/results/spec_cost.md.
 This docstring is the one place that rule is written down. Why blocked on CPU and ragged elsewhere:
@@ -75,10 +74,10 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
         if idx.size <= FEW_PAIRS_PER_EXPERT * e:
             dt = dtype_of(cfg.dtype)
             w1 = w_gate_up.reshape(e, w_gate_up.shape[1], -1).astype(dt)                # [E, D, 2F]
+            w2 = w_down.astype(dt)
             if idx.size >= e and e * expert_capacity(idx.size, e) <= CAPACITY_ROWS:
-                return capacity_local(x.astype(dt), idx, w, w1, w_down.astype(dt), None,
-                                      e * idx.shape[0] <= CAPACITY_ROWS)          # full_fallback
-            return few_local(x.astype(dt), idx, w, w1, w_down.astype(dt))
+                return capacity_local(x.astype(dt), idx, w, w1, w2)
+            return few_local(x.astype(dt), idx, w, w1, w2)
     elif gather_if_few and idx.size <= e and (not on_mesh or impl == "dense"):
         return gather(cfg, x, idx, w, w_gate_up, w_down)
     if impl == "dense":

@@ -20,6 +20,8 @@ the weights: `few_local` indexes one expert's weights per block, and XLA:CPU cop
 [E, ...] array before the matmul (a profile of the batch-8 decode step: those copies cost about 3x the
 matmuls that read them); the batched matmuls read every expert's weights in place, and the empty slots'
 arithmetic costs less than the copies once most experts are chosen (experiments/results/spec_cost.md).
+An expert with more than C pairs on a step (trained routers do it often) keeps C of them in its slots and
+sends the rest through `few_local`'s blocks (`skip`): a block or two, instead of a fallback for the whole step.
 Axis letters: see layers.py (P = token-expert pairs, N*K of them; R = rows per block; C = row slots per
 expert).
 """
@@ -38,30 +40,37 @@ def rows_per_block(num_pairs: int, num_experts: int) -> int:
     return 8 if num_pairs >= 4 * num_experts else 4
 
 
-def block_table(idx: jax.Array, num_experts: int, rows: int):
+def block_table(idx: jax.Array, num_experts: int, rows: int, skip: int = 0):
     """idx [N,K] -> (table [B,R] pair ids, P marking an empty slot; expert [B] of each block; count: blocks
-    in use, the first `count` rows of the table)."""
+    in use, the first `count` rows of the table). skip: each expert's first `skip` pairs (in token order) are
+    left out, the ones `capacity_slots` with C = skip already holds."""
+    n = idx.shape[0]
     p = idx.size
     order, _, sizes = sort_by_expert(idx, num_experts)                            # [P] by expert, [E]
     sorted_expert = idx.reshape(-1)[order]
-    rank = jnp.arange(p, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
-    blocks = (sizes + rows - 1) // rows                                           # [E] blocks per expert
+    rank = jnp.arange(p, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_expert] - skip
+    blocks = (jnp.maximum(sizes - skip, 0) + rows - 1) // rows                    # [E] blocks per expert
     block = (jnp.cumsum(blocks) - blocks)[sorted_expert] + rank // rows           # [P] each pair's block
-    bound = min(p, -(-p // rows) + min(p, num_experts))
-    table = jnp.full((bound, rows), p, jnp.int32).at[block, rank % rows].set(order)
-    expert = jnp.zeros((bound,), jnp.int32).at[block].set(sorted_expert)
+    if skip:   # experts past `skip` pairs: at most P // (skip + 1), each with at most N - skip more pairs
+        bound = max(1, min(num_experts, p // (skip + 1)) * -(-(n - skip) // rows))
+    else:
+        bound = min(p, -(-p // rows) + min(p, num_experts))
+    block = jnp.where(rank >= 0, block, bound)                                    # bound: dropped
+    table = jnp.full((bound, rows), p, jnp.int32).at[block, rank % rows].set(order, mode="drop")
+    expert = jnp.zeros((bound,), jnp.int32).at[block].set(sorted_expert, mode="drop")
     return table, expert, blocks.sum()
 
 
 def few_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax.Array,
-              rows: int | None = None) -> jax.Array:
+              rows: int | None = None, skip: int = 0) -> jax.Array:
     """x [N,D], idx/w [N,K], w1 [E,D,2F] (gate | up), w2 [E,F,D], already cast -> [N,D]:
     `sum_k w[n,k] * Expert_{idx[n,k]}(x[n])`, one pass per block of R pairs of one expert.
-    rows: R, default rows_per_block (the benchmark tries others)."""
+    rows: R, default rows_per_block (the benchmark tries others). skip: leave out each expert's first `skip`
+    pairs (`block_table`)."""
     n, k = idx.shape
     e, d, f2 = w1.shape
     f = f2 // 2
-    table, expert, count = block_table(idx, e, rows or rows_per_block(idx.size, e))
+    table, expert, count = block_table(idx, e, rows or rows_per_block(idx.size, e), skip)
     token = jnp.where(table < idx.size, table // k, n)                            # [B, R]; n: the zero row
     gate = jnp.concatenate([w.reshape(-1).astype(x.dtype), jnp.zeros((1,), x.dtype)])[table]       # [B, R]
     xz = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])                         # [N+1, D]
@@ -78,8 +87,8 @@ def few_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax
 
 
 def expert_capacity(num_pairs: int, num_experts: int) -> int:
-    """C: row slots per expert in `capacity_local`, twice the average pairs per expert plus 2, so that a step
-    whose routing overflows them (and falls back to `few_local`) is rare."""
+    """C: row slots per expert in `capacity_local`, twice the average pairs per expert plus 2 (an expert's pairs
+    past C take `few_local` blocks)."""
     return 2 * -(-num_pairs // num_experts) + 2
 
 
@@ -106,15 +115,13 @@ def capacity_slots(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2
 
 
 def capacity_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax.Array,
-                   capacity: int | None = None, full_fallback: bool = False) -> jax.Array:
+                   capacity: int | None = None) -> jax.Array:
     """Same contract as `few_local`, for a few tokens that choose most of the experts: `capacity_slots` with
-    C = `expert_capacity` (or `capacity`), and on a step where some expert has more than C pairs (lax.cond)
-    a fallback, so no pair is ever dropped: `capacity_slots` with C = N (an expert gets at most one pair per
-    token, so nothing can overflow; E*N rows, the weights still read in place) when full_fallback, else
-    `few_local`. Trained routers overflow C on a good share of decode steps (text whose rows repeat one
-    pattern sends them to the same experts); dispatch.py decides which fallback pays."""
+    C = `expert_capacity` (or `capacity`) for each expert's first C pairs, plus `few_local`'s blocks for the
+    pairs past C. Trained routers send far more pairs than average to one or two experts on many steps (a
+    speculative verify step of a batch: more than half of them); their overflow costs a block or two, so C
+    needs no worst-case margin, and no pair is ever dropped."""
     n = idx.shape[0]
-    c = capacity or expert_capacity(idx.size, w1.shape[0])
-    fits = sort_by_expert(idx, w1.shape[0])[2].max() <= c
-    fallback = (lambda *a: capacity_slots(*a, n)) if full_fallback else few_local
-    return lax.cond(fits, lambda *a: capacity_slots(*a, c), fallback, x, idx, w, w1, w2)
+    c = min(capacity or expert_capacity(idx.size, w1.shape[0]), n)
+    y = capacity_slots(x, idx, w, w1, w2, c)
+    return y if c >= n else y + few_local(x, idx, w, w1, w2, skip=c)
