@@ -104,8 +104,10 @@ def plot(out_dir: str, rows: list) -> None:
     for ax, run in zip(axes[0], runs):
         mine = [r for r in rows if r["run"] == run]
         for k in sorted({int(k) for r in mine for k in r["drafts"]}):
-            ax.plot([r["batch"] for r in mine], [r["drafts"][k]["speedup"] for r in mine], "o-", label=f"{k} draft(s)")
-            ax.plot([r["batch"] for r in mine], [r["drafts"][k]["bound"] for r in mine], ":", color=ax.lines[-1].get_color())
+            ax.plot([r["batch"] for r in mine], [r["drafts"][k]["speedup"] for r in mine], "o-",
+                    label=f"{k} draft(s)")
+            ax.plot([r["batch"] for r in mine], [r["drafts"][k]["bound"] for r in mine], ":",
+                    color=ax.lines[-1].get_color())
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch (rows)")

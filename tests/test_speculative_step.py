@@ -67,7 +67,7 @@ def test_queue_compiles_refill_and_steps_once():
     variables = jax.device_put(agreeing_variables(cfg), NamedSharding(mesh, PartitionSpec()))
     out, stats = generate(cfg, variables, prompts_20()[:6], max_new_tokens=4, batch_size=2)
     assert stats["prefill_calls"] == 3 and stats["device_calls"] == 3
-    assert jit_refill(cfg, "plain")._cache_size() == 1
+    assert jit_refill(cfg, "plain", 1)._cache_size() == 1                # the queue's key (drafts 1)
     assert jit_decode_steps(cfg)._cache_size() == 1                # the queue's key (queue._plain_steps)
 
 

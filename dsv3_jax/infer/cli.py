@@ -135,7 +135,8 @@ def run_generate(args) -> int:
         context = _on_mesh(mesh, generation_rules(mesh, 1))
     with context:
         _, stats = generate(cfg, variables, [prompt], args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed, speculative=args.speculative, drafts=getattr(args, 'drafts', 1),
+                            top_p=args.top_p, seed=args.seed, speculative=args.speculative,
+                            drafts=getattr(args, 'drafts', 1),
                             stream_callback=stream, eos_id=getattr(tokenizer, "eos_id", None))
     stream.close()
     if not quiet:

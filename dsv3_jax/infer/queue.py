@@ -31,7 +31,8 @@ from ..model.layers import dtype_of
 from .cache import init_cache
 from .decode import CHUNK, Sampling, jit_decode_steps, layout, pad_prompts, prefill, sample
 from .request import GenerationRequest, replicated_on_mesh_of
-from .speculative import SpecState, check_draft_module, check_drafts, emitted_tokens, jit_speculative_steps, start_state
+from .speculative import (SpecState, check_draft_module, check_drafts, emitted_tokens, jit_speculative_steps,
+                          start_state)
 
 
 def check_batch_size(batch_size) -> int:

@@ -40,8 +40,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import InputError
-from .decode import (CHUNK, MAX_DRAFTS, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps, sample,
-                     sample_from, sampling_probs)
+from .decode import (CHUNK, MAX_DRAFTS, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps,
+                     sample, sample_from, sampling_probs)
 from .request import DecodeClock, GenerationRequest, replicated_on_mesh_of, start_request
 
 
