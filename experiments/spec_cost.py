@@ -215,7 +215,7 @@ def part_of(op: str) -> str:
     if "moe/" in op:
         if "dynamic_index_in_dim" in op:
             return "routed experts: weight slices copied out (few_local)"
-        if "cond/branch_" in op or "moe/while" in op:
+        if "routed_experts" in op:
             return "routed experts: kernel"
         return "shared expert" if "moe/shared" in op else "routing, rest of the MoE layer"
     if "/mlp/" in op:

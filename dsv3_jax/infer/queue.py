@@ -169,17 +169,17 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     accepted, acceptance_rate, tokens_per_forward."""
     if speculative:
         check_draft_module(cfg, params)
-        drafts = check_drafts(drafts)
+    drafts = check_drafts(drafts) if speculative else 1          # plain: the one-draft cache slack and keys
     name = "speculative" if speculative else "plain"
     eng = engine(name, drafts)
     batch = min(batch_size, len(req.prompts))
-    t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len, drafts if speculative else 1)
+    t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len, drafts)
     sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))
     first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a refill's first tokens: fold_in(this, i)
     # Placed as the refills will return them, so the first refill compiles what the later ones run.
     cache, state = replicated_on_mesh_of((init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=eng.mtp),
                                           eng.init(batch, cfg)), jax.tree.leaves(params)[0])
-    refill, steps = jit_refill(cfg, name, drafts if speculative else 1), eng.steps(cfg, req.temperature == 0)
+    refill, steps = jit_refill(cfg, name, drafts), eng.steps(cfg, req.temperature == 0)
     slots = Slots(req, batch)
     t0 = time.perf_counter()
     prefill_s, refills, forwards, stepped, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0

@@ -76,9 +76,11 @@ class MoE(nn.Module):
 
         x2 = x.reshape(b * t, d)                                                               # [N, D]
         r = route(cfg, x2, router_kernel, router_bias)
-        # gather_if_few: decode steps read only the chosen experts' weights
-        y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down,
-                           gather_if_few=True)                                                  # [N, D]
+        # gather_if_few: decode steps read only the chosen experts' weights. The scope names the kernel's ops in
+        # profiles (experiments/spec_cost.py splits a step into parts by it).
+        with jax.named_scope("routed_experts"):
+            y = routed_experts(cfg, x2, r.expert_index, r.gate_weight, w_gate_up, w_down,
+                               gather_if_few=True)                                              # [N, D]
         y = y.reshape(b, t, d).astype(x.dtype)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * f, name="shared")(x)
