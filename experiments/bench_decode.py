@@ -18,6 +18,8 @@ constructed model whose draft agrees with the main model on about `--agree` of t
 Part 3 (`--batch 1,4,8,16`): plain and speculative greedy generate() of the same model as part 2 on batches of
 that many validation prompts (one request per batch; rows that accept different numbers of drafts stay in one
 batch), alternating rounds; decode tokens/s summed over the rows, acceptance, and the median per-round ratio.
+Speculative decoding runs with the batch shrinking to the rows still decoding (`shrink_batch=True`) and, for
+comparison, with the batch kept whole until its slowest row is done.
 `--batch-runs RUN2[,RUN3]` adds the same table for more trained runs, e.g. one whose weights do not fit in the
 CPU's caches (the bench preset's 16 experts per layer): there a decode step is bound by reading weights, as
 serving a large model is, rather than by arithmetic, as the tiny preset's 19 MiB are (spec_cost.md, session 11).
@@ -220,35 +222,44 @@ def compare(cfg, variables, prompts, new_tokens, repeats, label) -> dict:
             "prompt": prompts[0], "output": plain_out[0]}
 
 
+# Part 3's three ways to decode a batch: (speculative, shrink_batch).
+BATCH_MODES = {"plain": (False, True), "spec": (True, True), "spec_kept": (True, False)}
+
+
 def compare_batches(cfg, variables, prompts, batches, new_tokens, repeats) -> list[dict]:
     """Plain and speculative greedy generation of the first b prompts as ONE batch, for each b in `batches`:
-    warmed up, then `repeats` rounds with plain and speculative alternating (outputs checked equal). Decode
-    tokens/s of a run = tokens emitted after the prefill, over all rows, / decode seconds."""
+    warmed up, then `repeats` rounds with the modes alternating (outputs checked equal). Speculative decoding
+    runs twice: with the batch shrinking to the rows still decoding (`shrink_batch=True`, which the warm-up
+    compiles for), and with the batch kept whole until its slowest row is done; plain decoding's rows all finish
+    together, so shrinking changes nothing there. Decode tokens/s of a run = tokens emitted after the prefill,
+    over all rows, / decode seconds."""
     max_len = max(len(p) for p in prompts) + new_tokens
     rows = []
     for b in batches:
         batch = [prompts[i % len(prompts)] for i in range(b)]
-        run = lambda spec: generate(cfg, variables, batch, new_tokens, speculative=spec, max_len=max_len)
-        run(False), run(True)                                                      # warm-up: compiles
-        rates = {False: [], True: []}
+        run = lambda mode: generate(cfg, variables, batch, new_tokens, speculative=BATCH_MODES[mode][0],
+                                    shrink_batch=BATCH_MODES[mode][1], max_len=max_len)
+        plain_out = run("plain")[0]                                                 # warm-up: compiles
+        for mode in ("spec", "spec_kept"):
+            assert run(mode)[0] == plain_out, "speculative greedy output differs from plain greedy"
+        rates, stats = {m: [] for m in BATCH_MODES}, {}
         for _ in range(repeats):
-            for spec in (False, True):
-                out, stats = run(spec)
-                rates[spec].append(sum(len(o) - 1 for o in out) / stats["decode_s"])
-                if spec:
-                    assert out == plain_out, "speculative greedy output differs from plain greedy"
-                    spec_stats = stats
-                else:
-                    plain_out = out
-        rows.append({"batch": b, "plain_tokens_per_s": statistics.median(rates[False]),
-                     "spec_tokens_per_s": statistics.median(rates[True]),
-                     "acceptance_rate": spec_stats["acceptance_rate"],
-                     "tokens_per_forward": spec_stats["tokens_per_forward"],
-                     "spec_forwards": spec_stats["main_forwards"],
-                     "speedup": statistics.median(t / p for p, t in zip(rates[False], rates[True]))})
+            for mode in BATCH_MODES:
+                out, stats[mode] = run(mode)
+                rates[mode].append(sum(len(o) - 1 for o in out) / stats[mode]["decode_s"])
+                assert out == plain_out, f"{mode}: greedy output differs from plain greedy"
+        ratio = lambda m: statistics.median(t / p for p, t in zip(rates["plain"], rates[m]))
+        spec = stats["spec"]
+        rows.append({"batch": b, "plain_tokens_per_s": statistics.median(rates["plain"]),
+                     "spec_tokens_per_s": statistics.median(rates["spec"]),
+                     "spec_kept_tokens_per_s": statistics.median(rates["spec_kept"]),
+                     "acceptance_rate": spec["acceptance_rate"], "tokens_per_forward": spec["tokens_per_forward"],
+                     "spec_forwards": spec["main_forwards"], "batch_sizes": spec["batch_sizes"],
+                     "speedup": ratio("spec"), "speedup_kept": ratio("spec_kept")})
         r = rows[-1]
         print(f"  batch {b:3d}: plain {r['plain_tokens_per_s']:.1f} tok/s, speculative {r['spec_tokens_per_s']:.1f} "
-              f"tok/s, acceptance {r['acceptance_rate']:.2f}, speedup {r['speedup']:.2f}x", flush=True)
+              f"tok/s (batch {'->'.join(map(str, r['batch_sizes']))}), acceptance {r['acceptance_rate']:.2f}, "
+              f"speedup {r['speedup']:.2f}x (batch kept: {r['speedup_kept']:.2f}x)", flush=True)
     return rows
 
 
@@ -336,7 +347,7 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
         groups = list(by_model(batch_rows).values())
         for i, group in enumerate(groups):
             bs = [r["batch"] for r in group]
-            name = "" if len(groups) == 1 else f", {group[0]['routed_experts']} experts"
+            name = "" if len(groups) == 1 else f", {group[0].get('layers', '?')} layers, {group[0]['routed_experts']} experts"
             ax3.plot(bs, [r["plain_tokens_per_s"] for r in group], "o-", color=f"C{2 * i}", label="plain" + name)
             ax3.plot(bs, [r["spec_tokens_per_s"] for r in group], "s-", color=f"C{2 * i + 1}",
                      label="speculative (MTP draft)" + name)
@@ -517,13 +528,19 @@ def main(argv=None) -> dict:
     for model, group in by_model(batch_rows).items():
         lines += ["", f"## Plain and speculative greedy decoding by batch ({model}: {shape_text(group[0])}; "
                   f"{args.new_tokens} new tokens per row, validation-text prompts, one request per batch; after a "
-                  f"warm-up, {args.repeats} rounds, plain and speculative alternating; median decode tokens/s over "
-                  "all rows and the median of the per-round ratios; identical outputs checked)", "",
-                  "| batch | plain tok/s | speculative tok/s | acceptance | tokens per main forward | speculative / plain |",
-                  "|---|---|---|---|---|---|"]
+                  f"warm-up, {args.repeats} rounds, the three modes alternating; median decode tokens/s over "
+                  "all rows and the median of the per-round ratios; identical outputs checked). Speculative: the "
+                  "batch shrinks to the rows still decoding (`shrink_batch=True`; the sizes it ran at are listed); "
+                  "batch kept: the whole batch steps until its slowest row is done.", "",
+                  "| batch | plain tok/s | speculative tok/s | batch sizes | acceptance | tokens per main forward | "
+                  "speculative / plain | batch kept: tok/s | batch kept / plain |", "|---|---|---|---|---|---|---|---|---|"]
         for r in group:
-            lines.append(f"| {r['batch']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
-                         f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
+            sizes = "->".join(map(str, r.get("batch_sizes", [r["batch"]])))
+            kept = (f"{r['spec_kept_tokens_per_s']:.1f} | {r['speedup_kept']:.2f}x" if "speedup_kept" in r
+                    else "- | -")
+            lines.append(f"| {r['batch']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | {sizes} | "
+                         f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | **{r['speedup']:.2f}x** | "
+                         f"{kept} |")
     if queue_rows:
         lines += ["", f"## Serving queue: plain and speculative greedy decoding with slots refilled ({label}, "
                   f"{queue_rows[0]['requests'] // queue_rows[0]['batch']} requests per slot, {args.new_tokens} new "

@@ -61,12 +61,15 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
         sizes = "/".join(str(r["batch"]) for r in batches)
         acc = [r["acceptance_rate"] for r in batches]
         b = batches[0]
-        shape = (f"{b['routed_experts']} routed experts, {b['weights_mib']:.0f} MiB of weights"
+        shape = (f"{b['layers']} layers, {b['routed_experts']} routed experts, {b['weights_mib']:.0f} MiB of weights"
                  if "weights_mib" in b else "tiny preset")
         rows.append((f"greedy decoding of a trained run ({shape}), plain vs MTP speculative, batch {sizes} "
                      "(outputs checked equal)",
                      "plain " + " / ".join(f"{r['plain_tokens_per_s']:.0f}" for r in batches) + " tokens/s; "
                      "speculative / plain " + " / ".join(f"{r['speedup']:.2f}x" for r in batches)
+                     + (" with the batch shrinking to the rows still decoding (kept whole: "
+                        + " / ".join(f"{r['speedup_kept']:.2f}x" for r in batches) + ")"
+                        if all("speedup_kept" in r for r in batches) else "")
                      + f" (acceptance {min(acc):.2f}-{max(acc):.2f})",
                      cmd if i == 0 else cmd.rstrip("`") + " --batch-runs RUN2`"))
     queue = sorted(d.get("queue", []), key=lambda r: r["batch"])

@@ -52,3 +52,23 @@ def test_batch_tables_for_two_runs(tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match="not a training run directory"):
         bench_decode.main(args[:-4] + ["--batch-runs", str(tmp_path), "--out", str(tmp_path / "out2")])
+
+
+@pytest.mark.slow
+def test_spec_depth_table(tmp_path, monkeypatch):
+    """experiments/spec_depth.py: one row per (depth, batch), the weights growing with depth, the bound the
+    stated tokens per forward over the measured step ratio, and the table and plot written."""
+    monkeypatch.syspath_prepend(EXPERIMENTS)
+    import spec_depth
+    out = spec_depth.main(["--preset", "tiny", "--depths", "1,2", "--batches", "1,2", "--repeats", "1",
+                           "--tokens-per-forward", "1.5", "--out", str(tmp_path)])
+    rows = out["rows"]
+    assert [(r["layers"], r["batch"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert rows[0]["weights_mib"] < rows[2]["weights_mib"]
+    for r in rows:
+        assert r["plain_step_us"] > 0 and r["spec_step_us"] > 0
+        assert r["bound"] == pytest.approx(1.5 / r["step_over_plain"])
+    saved = json.loads((tmp_path / "spec_depth.json").read_text())
+    assert saved["rows"] == rows
+    assert (tmp_path / "spec_depth.md").read_text().count("\n| ") == 1 + len(rows)    # header + one per row
+    assert (tmp_path / "spec_depth.png").stat().st_size > 0

@@ -432,3 +432,72 @@ def test_decode_step_writes_the_cache_in_place():
               and re.search(r"=\s*(f32\[[0-9,]+\])", line).group(1) in stacked]
     assert not copies, copies[:4]
     assert any("scatter" in line for line in hlo.splitlines())        # the writes are in the program
+
+
+# 5. Shrinking the batch to the rows still decoding ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_shrunk_batch_gives_the_same_tokens(agreeing_plain):
+    """shrink_batch=True (request.py's BatchShrinker): rows accept different numbers of drafts, so they finish
+    at different steps; once at most half of the batch still decodes it shrinks to those rows (padded to a power
+    of two), and again: the tokens are still plain greedy's. shrink_batch=False keeps the batch."""
+    v, plain, _ = agreeing_plain
+    spec, stats = generate(CFG_A, v, prompts_20(), max_new_tokens=64, speculative=True, max_len=MAX_LEN,
+                           shrink_batch=True)
+    assert spec == plain
+    sizes = stats["batch_sizes"]
+    assert sizes[0] == 20 and len(sizes) >= 3, sizes
+    assert all(b <= a // 2 and b & (b - 1) == 0 for a, b in zip(sizes, sizes[1:])), sizes
+    _, kept = generate(CFG_A, v, prompts_20()[:4], max_new_tokens=64, speculative=True, max_len=MAX_LEN,
+                       shrink_batch=False)
+    assert kept["batch_sizes"] == [4]
+
+
+@pytest.mark.slow
+def test_shrunk_batch_plain_rows_stopped_at_eos():
+    """Plain decoding shrinks when most rows stop at eos: the output is the eos-free output cut after each
+    row's first eos, streamed in order, with the batch shrunk."""
+    plain, _ = plain_greedy_20()
+    eos = max(range(VOCAB), key=lambda t: sum(t in o[:40] for o in plain))   # in 17 of the 20 rows
+    expect = [o[:o.index(eos) + 1] if eos in o else o for o in plain]
+    assert sum(len(e) <= 40 for e in expect) > 10
+    streamed = [[] for _ in expect]
+
+    def collect(new):
+        for row, toks in zip(streamed, new):
+            row.extend(toks)
+    out, stats = generate(CFG_A, variables(CFG_A), prompts_20(), max_new_tokens=64, max_len=MAX_LEN,
+                          eos_id=int(eos), stream_callback=collect, shrink_batch=True)
+    assert out == expect and streamed == expect
+    assert len(stats["batch_sizes"]) >= 2, stats["batch_sizes"]
+
+
+def test_batch_shrinker_policy():
+    """BatchShrinker without a model: it shrinks only once at most half the rows are live, to the next power of
+    two, padding with inactive copies of a live row (cache rows on axis 1, state rows on axis 0); by default
+    (None) only to a size whose program already ran; never when the policy is False."""
+    from dsv3_jax.infer.request import BatchShrinker, Collector
+    cache = {"c": jnp.arange(8)[None, :, None, None] * jnp.ones((2, 8, 5, 3))}      # [L, B, S, C]
+    state = jnp.arange(8) * 10
+
+    def col_with(done):
+        col = Collector(8, 4, None, None)
+        col.done[list(done)] = True
+        return col
+    step = object()
+    for policy, ran, expect in [(True, (), [8, 4]), (None, (), [8]), (None, (4,), [8, 4]), (False, (4,), [8])]:
+        shrink = BatchShrinker(step, cache, policy)
+        for b in ran:
+            shrink.ran(b)
+        col = col_with([0, 2, 3, 5, 7])                         # rows 1, 4, 6 live: 3 of 8
+        c, s = shrink(col, cache, state)
+        assert shrink.sizes == expect, (policy, ran)
+        if expect == [8, 4]:
+            assert list(col.rows) == [1, 4, 6, -1] and list(col.live_rows) == [True, True, True, False]
+            assert list(s) == [10, 40, 60, 10] and list(c["c"][0, :, 0, 0]) == [1, 4, 6, 1]
+            col.add_rows([[1], [2], [3], [9]])                  # the padding row's token goes nowhere
+            assert [o for o in col.out] == [[], [1], [], [], [2], [], [3], []]
+        BatchShrinker._ran.discard((step, 4, 5))
+    shrink = BatchShrinker(step, cache, True)
+    c, s = shrink(col_with([0, 1, 2]), cache, state)              # 5 of 8 live: more than half
+    assert shrink.sizes == [8] and s is state

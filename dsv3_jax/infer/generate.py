@@ -17,7 +17,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from .decode import CHUNK, decode_params, jit_decode_steps, split_variables
-from .request import DecodeClock, GenerationRequest, StreamCallback, replicated_on_mesh_of, start_request
+from .request import (BatchShrinker, DecodeClock, GenerationRequest, StreamCallback, replicated_on_mesh_of,
+                      start_request)
 from .queue import check_batch_size, queue_generate
 from .speculative import check_drafts, speculative_generate
 
@@ -62,7 +63,8 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, speculative: bool = False,
              stream_callback: Optional[StreamCallback] = None, *, eos_id: Optional[int] = None,
              cache_dtype=None, max_len: Optional[int] = None,
-             batch_size: Optional[int] = None, drafts: int = 1) -> tuple[list[list[int]], dict]:
+             batch_size: Optional[int] = None, drafts: int = 1,
+             shrink_batch: Optional[bool] = None) -> tuple[list[list[int]], dict]:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     Greedy when temperature == 0, else sampling from softmax(logits / temperature) restricted to the top-p
@@ -83,13 +85,21 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     prompt is unchanged. Default None: all prompts in one batch, until the slowest row is done. The stats
     then differ (queue.py's `queue_generate`).
 
+    shrink_batch (one batch, batch_size None): once at most half of the rows are still decoding (the others
+    stopped at eos, or accepted more drafts), the batch shrinks to those rows (request.py's `BatchShrinker`),
+    so the slowest rows do not pay for the finished ones' compute. None (default): only to a batch size whose
+    step program already ran in this process (no new compilation); True: whenever it can (compiling the
+    smaller batch's program once: for serving loops and benchmarks); False: never. Outputs are unchanged
+    (greedy: the same tokens; sampling: the same distribution).
+
     Decode steps run CHUNK at a time on the device (one host round trip per call); tokens are streamed per
     step as each call returns.
 
     Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, first_step_s (the
     first device call, which compiles on a new shape), tokens_per_s (after that call; see DecodeClock),
     main_forwards (decode steps of the main model that some row needed, batched), tokens_per_forward (tokens
-    a row emits per main forward), and for speculative decoding draft_tokens (drafts per step), drafts
+    a row emits per main forward), batch_sizes (the decode batch's size, then each size it shrank to), and
+    for speculative decoding draft_tokens (drafts per step), drafts
     (drafted tokens), accepted, acceptance_rate (accepted / drafts).
     """
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
@@ -97,11 +107,13 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     if batch_size is not None:
         batch_size = check_batch_size(batch_size)
+    if shrink_batch not in (None, True, False):
+        raise ValueError(f"shrink_batch must be None, True or False, got {shrink_batch!r}")
     params, router_state = split_variables(variables)
     # per-layer weights where a batch decodes faster from them (decode.py)
     params = decode_params(cfg, params, rows=batch_size or len(prompts))
     req = GenerationRequest(prompts, int(max_new_tokens), float(temperature), float(top_p), seed, stream_callback,
-                            eos_id, cache_dtype, max_len)
+                            eos_id, cache_dtype, max_len, shrink_batch)
     drafts = check_drafts(drafts)
     if batch_size is not None:
         return queue_generate(cfg, params, router_state, req, batch_size, speculative=speculative, drafts=drafts)
@@ -119,15 +131,18 @@ def plain_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     step = jit_decode_steps(cfg, absorbed)
     pos = replicated_on_mesh_of(run.lengths, run.tok)     # position of each row's pending token
     clock = DecodeClock(col, run.t1)
+    shrink = BatchShrinker(step, cache, req.shrink_batch)
     forwards = 0
     while col.active.any():
-        active = col.active
+        cache, (tok, pos) = shrink(col, cache, (tok, pos))     # rows done (eos) leave the batch
+        active = col.live_rows
         n = min(CHUNK, col.most_left())                 # every step of the call is needed by some row
         tok, pos, cache, outs = step(params, router_state, cache, tok, pos, jnp.asarray(active), run.sampling,
                                      forwards + 1, n)
+        shrink.ran(len(active))
         for row, live in col.live_steps(np.asarray(outs), n):
             forwards += 1
-            col.add([[t] if a else [] for t, a in zip(row, live)])
+            col.add_rows([[t] if a else [] for t, a in zip(row, live)])
         clock.step_done()
     return col.out, dict(clock.stats(), prefill_s=run.t1 - run.t0, main_forwards=forwards, tokens_per_forward=1.0,
-                         speculative=False)
+                         batch_sizes=shrink.sizes, speculative=False)

@@ -32,15 +32,18 @@ class GenerationRequest:
     eos_id: Optional[int] = None
     cache_dtype: Any = None
     max_len: Optional[int] = None
+    shrink_batch: Optional[bool] = None
 
 
 class Collector:
-    """Per-row output lists with max_new_tokens / eos stopping and streaming."""
+    """Per-prompt output lists with max_new_tokens / eos stopping and streaming, and which prompt each row of
+    the decode batch serves (`rows`: the identity until `shrink` drops rows whose prompt is done)."""
 
     def __init__(self, n_rows: int, max_new: int, eos_id: Optional[int], callback: Optional[StreamCallback]):
         self.out = [[] for _ in range(n_rows)]
         self.max_new, self.eos_id, self.callback = max_new, eos_id, callback
         self.done = np.zeros(n_rows, bool)
+        self.rows = np.arange(n_rows)                  # batch row -> prompt; -1: a padding row, never live
 
     def add(self, new: list[list[int]]) -> None:
         emitted = []
@@ -57,9 +60,22 @@ class Collector:
         if self.callback is not None and any(emitted):
             self.callback(emitted)
 
+    def add_rows(self, per_row: list[list[int]]) -> None:
+        """`add` with one token list per batch row (padding rows' lists are dropped)."""
+        new = [[] for _ in self.out]
+        for r, toks in zip(self.rows, per_row):
+            if r >= 0:
+                new[r] = toks
+        self.add(new)
+
     @property
     def active(self) -> np.ndarray:
         return ~self.done
+
+    @property
+    def live_rows(self) -> np.ndarray:
+        """[batch] bool: the batch rows whose prompt is still decoding."""
+        return (self.rows >= 0) & ~self.done[np.maximum(self.rows, 0)]
 
     def most_left(self) -> int:
         """The most tokens any active row may still emit (>= 1 while a row is active)."""
@@ -67,10 +83,10 @@ class Collector:
 
     def live_steps(self, outs, n: int):
         """Walk the first n per-step outputs of a device call (a pytree of [n_max, B, ...] host arrays):
-        yields (that step's outputs, the rows still live at it), and stops once every row is done (later
+        yields (that step's outputs, the batch rows still live at it), and stops once every row is done (later
         steps of the call ran for nothing and are dropped)."""
         for i in range(n):
-            live = self.active
+            live = self.live_rows
             if not live.any():
                 return
             yield jax.tree.map(lambda o: o[i], outs), live
@@ -78,6 +94,44 @@ class Collector:
     @property
     def count(self) -> int:
         return sum(len(o) for o in self.out)
+
+
+class BatchShrinker:
+    """Drops the rows whose prompt is done from the decode batch once at most half of it is still live: the
+    live rows are gathered into a batch of the next power of two (padded with inactive copies of a live row),
+    cache and decode state alike, and the device calls continue at that size. A request's rows finish at
+    different steps when they stop at eos, or in speculative decoding accept different numbers of drafts, and
+    until the slowest is done every step computed every row (experiments/results/bench_decode.md).
+
+    policy: True shrinks whenever it can; False never; None (generate's default) only to a batch size whose
+    step program this process has already run for the same cache size, so that shrinking never compiles a
+    new program (which would cost more than it saves in a one-off request, and far more on an accelerator).
+    Never on a cache spread over several devices (its batch axis is sharded)."""
+
+    _ran: set = set()                 # (step program, batch, cache slots) this process has called
+
+    def __init__(self, step, cache, policy: Optional[bool]):
+        leaf = jax.tree.leaves(cache)[0]
+        self.step, self.slots = step, leaf.shape[2]
+        sharding = getattr(leaf, "sharding", None)
+        self.policy = False if sharding is not None and len(sharding.device_set) > 1 else policy
+        self.sizes = [leaf.shape[1]]
+
+    def ran(self, batch: int) -> None:
+        BatchShrinker._ran.add((self.step, batch, self.slots))
+
+    def __call__(self, col: Collector, cache, state):
+        """(cache, state), shrunk (and col.rows with them) if the policy allows."""
+        live = np.flatnonzero(col.live_rows)
+        size = 1 << max(len(live) - 1, 0).bit_length()
+        if (self.policy is False or not len(live) or size > len(col.rows) // 2
+                or (self.policy is None and (self.step, size, self.slots) not in BatchShrinker._ran)):
+            return cache, state
+        pick = np.concatenate([live, np.repeat(live[:1], size - len(live))])
+        col.rows = np.concatenate([col.rows[live], np.full(size - len(live), -1)])
+        self.sizes.append(size)
+        idx = jnp.asarray(pick)
+        return jax.tree.map(lambda a: a[:, idx], cache), jax.tree.map(lambda a: a[idx], state)
 
 
 class DecodeClock:

@@ -42,7 +42,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from .decode import (CHUNK, MAX_DRAFTS, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps,
                      sample, sample_from, sampling_probs)
-from .request import DecodeClock, GenerationRequest, replicated_on_mesh_of, start_request
+from .request import BatchShrinker, DecodeClock, GenerationRequest, replicated_on_mesh_of, start_request
 
 
 class SpecState(NamedTuple):
@@ -207,20 +207,23 @@ def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict, req
     st = replicated_on_mesh_of(start_state(run.lengths, run.tokens, run.tok, run.prefill.h_tail, drafts), run.tok)
     step = jit_speculative_steps(cfg, greedy_only=req.temperature == 0)
     clock = DecodeClock(col, run.t1)
+    shrink = BatchShrinker(step, cache, req.shrink_batch)
     forwards = proposed = accepted_total = rows_stepped = 0
     while col.active.any():
-        active = col.active
+        cache, st = shrink(col, cache, st)               # rows whose prompt is done leave the batch
+        active = col.live_rows
         n = min(CHUNK, -(-col.most_left() // (drafts + 1)))     # a step emits at most drafts + 1 tokens per row
         st, cache, outs = step(params, router_state, cache, st, jnp.asarray(active), run.sampling, forwards + 1, n)
+        shrink.ran(len(active))
         for (emitted, acc), live in col.live_steps(jax.device_get(outs), n):
             forwards += 1
             rows_stepped += int(live.sum())
             proposed += drafts * int(live.sum())
             accepted_total += int((acc * live).sum())
-            col.add(emitted_tokens(emitted, acc, live))
+            col.add_rows(emitted_tokens(emitted, acc, live))
         clock.step_done()
     rate = accepted_total / proposed if proposed else 0.0
     return col.out, dict(clock.stats(), prefill_s=run.t1 - run.t0, main_forwards=forwards, drafts=proposed,
                          accepted=accepted_total, acceptance_rate=rate, draft_tokens=drafts,
                          tokens_per_forward=1.0 + (accepted_total / rows_stepped if rows_stepped else 0.0),
-                         speculative=True)
+                         batch_sizes=shrink.sizes, speculative=True)
