@@ -71,7 +71,8 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
                         + " / ".join(f"{r['speedup_kept']:.2f}x" for r in batches) + ")"
                         if all("speedup_kept" in r for r in batches) else "")
                      + f" (acceptance {min(acc):.2f}-{max(acc):.2f})",
-                     cmd if i == 0 else cmd.rstrip("`") + " --batch-runs RUN2`"))
+                     cmd if i == 0 else cmd.rstrip("`") + " --batch-runs "
+                     + ",".join(f"RUN{j}" for j in range(2, len(groups) + 1)) + "`"))
     queue = sorted(d.get("queue", []), key=lambda r: r["batch"])
     if queue:
         per_slot = queue[0]["requests"] // queue[0]["batch"]
@@ -124,6 +125,19 @@ def _drafts_rows(d: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def _depth_rows(d: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for b in sorted({r["batch"] for r in d["rows"]}):
+        rows = sorted((r for r in d["rows"] if r["batch"] == b), key=lambda r: r["layers"])
+        out.append((f"a speculative step against the main model's depth (bench preset shape, random weights, one "
+                    f"MTP module), batch {b}",
+                    " / ".join(f"{r['step_over_plain']:.2f}" for r in rows) + " plain steps at "
+                    + "/".join(str(r["layers"]) for r in rows) + f" layers; bound at {d['tokens_per_forward']} "
+                    "tokens per forward " + " / ".join(f"{r['bound']:.2f}x" for r in rows),
+                    "`python experiments/spec_depth.py`"))
+    return out
+
+
 def _window_rows(d: dict) -> list[tuple[str, str, str]]:
     key = f"window{d['shipped_window_min']}"
     steps = {(r["preset"], r["batch"], r["max_len"]): r[f"{key}_over_whole"] for r in d["steps"]}
@@ -165,7 +179,7 @@ def _kv_rows(d: dict) -> list[tuple[str, str, str]]:
 SOURCES = [("bench_train.json", _train_rows), ("bench_moe.json", _moe_rows),
            ("bench_moe_few.json", _moe_few_rows), ("kv_cache.json", _kv_rows),
            ("bench_decode.json", _decode_rows), ("decode_ab_b1bbd96.json", _decode_ab_rows),
-           ("spec_cost.json", _spec_cost_rows), ("spec_drafts.json", _drafts_rows),
+           ("spec_cost.json", _spec_cost_rows), ("spec_drafts.json", _drafts_rows), ("spec_depth.json", _depth_rows),
            ("decode_window.json", _window_rows)]
 
 
