@@ -378,6 +378,7 @@ def test_speculative_sampling_matches_model_distribution(drafts):
     ([[1]], {"temperature": -1.0}, "temperature"),
     ([[1]], {"top_p": 0.0}, "top_p"),
     ([[1]], {"eos_id": VOCAB}, "eos_id"),
+    ([[1]], {"shrink_batch": 1}, "shrink_batch must be None, True or False"),
 ])
 def test_bad_inputs_raise_clear_errors(prompts, kw, match):
     kw = {"max_new_tokens": 4, **kw}

@@ -107,7 +107,7 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     if batch_size is not None:
         batch_size = check_batch_size(batch_size)
-    if shrink_batch not in (None, True, False):
+    if shrink_batch is not None and not isinstance(shrink_batch, bool):
         raise ValueError(f"shrink_batch must be None, True or False, got {shrink_batch!r}")
     params, router_state = split_variables(variables)
     # per-layer weights where a batch decodes faster from them (decode.py)

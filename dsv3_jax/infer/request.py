@@ -37,7 +37,7 @@ class GenerationRequest:
 
 class Collector:
     """Per-prompt output lists with max_new_tokens / eos stopping and streaming, and which prompt each row of
-    the decode batch serves (`rows`: the identity until `shrink` drops rows whose prompt is done)."""
+    the decode batch serves (`rows`: the identity until a `BatchShrinker` drops rows whose prompt is done)."""
 
     def __init__(self, n_rows: int, max_new: int, eos_id: Optional[int], callback: Optional[StreamCallback]):
         self.out = [[] for _ in range(n_rows)]
