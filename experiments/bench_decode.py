@@ -15,20 +15,22 @@ orbax checkpoints/) if it exists, else `--variables-npz` (+ `--spec-preset`), el
 constructed model whose draft agrees with the main model on about `--agree` of the tokens (the paper reports
 85-90% acceptance) to show what acceptance buys on this machine.
 
-Part 3 (`--batch 1,4,8,16`): plain and speculative greedy generate() of the same model as part 2 on batches of
-that many validation prompts (one request per batch; rows that accept different numbers of drafts stay in one
-batch), alternating rounds; decode tokens/s summed over the rows, acceptance, and the median per-round ratio.
-Speculative decoding runs with the batch shrinking to the rows still decoding (`shrink_batch=True`) and, for
-comparison, with the batch kept whole until its slowest row is done.
-`--batch-runs RUN2[,RUN3]` adds the same table for more trained runs, e.g. one whose weights do not fit in the
-CPU's caches (the bench preset's 16 experts per layer): there a decode step is bound by reading weights, as
-serving a large model is, rather than by arithmetic, as the tiny preset's 19 MiB are (spec_cost.md, session 11).
+Part 3 (`--batch 1,4,8,16`): plain and speculative greedy generate() of the same model as part 2 on the same
+lcm(batches) validation prompts at every batch size, in groups of one batch each (one request per group; rows
+that accept different numbers of drafts stay in one batch), alternating rounds; decode tokens/s summed over
+the rows, acceptance, and the median per-round ratio. Speculative decoding runs with the batch shrinking to the
+rows still decoding (`shrink_batch=True`) and, for comparison, with the batch kept whole until its slowest row
+is done.
 
 Part 4 (`--queue Q`, 0 for none): the serving queue (`generate(..., batch_size=B)`, dsv3_jax/infer/queue.py):
 for each B of `--queue-batch` (default: the part-3 batches), Q*B validation prompts through B slots, a slot
 refilled with the next prompt as soon as its request is done, plain and speculative alternating rounds
 (outputs checked equal); tokens/s over the whole queue (the refills' prefills included) and decode-only (the
 prefills' time left out). Part 3 keeps measuring one request per batch, which waits for its slowest row.
+
+`--batch-runs RUN2[,RUN3]` adds parts 3 and 4 for more trained runs, e.g. ones whose weights do not fit in the
+CPU's caches (the bench preset's 16 experts per layer): there a decode step is bound by reading weights, as
+serving a large model is, rather than by arithmetic, as the tiny preset's 19 MiB are (spec_cost.md, session 11).
 
 Writes experiments/results/bench_decode.{md,png,json}; the last printed line is JSON with `tokens_per_forward`
 and `speculative_speedup` (of the checkpoint, or of the random model when there is none).
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -228,40 +231,53 @@ BATCH_MODES = {"plain": (False, True), "spec": (True, True), "spec_kept": (True,
 
 
 def compare_batches(cfg, variables, prompts, batches, new_tokens, repeats) -> list[dict]:
-    """Plain and speculative greedy generation of the first b prompts as ONE batch, for each b in `batches`:
-    warmed up, then `repeats` rounds with the modes alternating (outputs checked equal). Speculative decoding
-    runs twice: with the batch shrinking to the rows still decoding (`shrink_batch=True`, which the warm-up
-    compiles for), and with the batch kept whole until its slowest row is done; plain decoding's rows all finish
-    together, so shrinking changes nothing there. Decode tokens/s of a run = tokens emitted after the prefill,
-    over all rows, / decode seconds."""
+    """Plain and speculative greedy generation of all the prompts in groups of b, each group ONE batch (one
+    request), for each b in `batches` (len(prompts) a multiple of each b): warmed up, then `repeats` rounds
+    with the modes alternating (outputs checked equal). Every batch size decodes the same prompts, so the
+    rows compare the same text; one prompt's acceptance moves a single batch's ratio by several percent.
+    Speculative decoding runs twice: with the batch shrinking to the rows still decoding
+    (`shrink_batch=True`, which the warm-up compiles for), and with the batch kept whole until its slowest
+    row is done; plain decoding's rows all finish together, so shrinking changes nothing there. Decode
+    tokens/s of a round = tokens emitted after the prefills, over all groups, / their decode seconds."""
     max_len = max(len(p) for p in prompts) + new_tokens
     rows = []
     for b in batches:
-        batch = [prompts[i % len(prompts)] for i in range(b)]
-        run = lambda mode: generate(cfg, variables, batch, new_tokens, speculative=BATCH_MODES[mode][0],
-                                    shrink_batch=BATCH_MODES[mode][1], max_len=max_len)
-        plain_out = run("plain")[0]                                                 # warm-up: compiles
+        assert len(prompts) % b == 0, (len(prompts), b)
+        groups = [prompts[i:i + b] for i in range(0, len(prompts), b)]
+        run = lambda group, mode: generate(cfg, variables, group, new_tokens, speculative=BATCH_MODES[mode][0],
+                                           shrink_batch=BATCH_MODES[mode][1], max_len=max_len)
+        plain_out = [run(g, "plain")[0] for g in groups]                          # warm-up: compiles
         for mode in ("spec", "spec_kept"):
-            assert run(mode)[0] == plain_out, "speculative greedy output differs from plain greedy"
+            assert [run(g, mode)[0] for g in groups] == plain_out, "speculative greedy output differs from plain"
         rates, stats = {m: [] for m in BATCH_MODES}, {}
         for _ in range(repeats):
             for mode in BATCH_MODES:
-                out, stats[mode] = run(mode)
-                rates[mode].append(sum(len(o) - 1 for o in out) / stats[mode]["decode_s"])
-                assert out == plain_out, f"{mode}: greedy output differs from plain greedy"
+                outs, stats[mode] = zip(*[run(g, mode) for g in groups])
+                rates[mode].append(sum(len(o) - 1 for out in outs for o in out)
+                                   / sum(st["decode_s"] for st in stats[mode]))
+                assert list(outs) == plain_out, f"{mode}: greedy output differs from plain greedy"
         ratio = lambda m: statistics.median(t / p for p, t in zip(rates["plain"], rates[m]))
         spec = stats["spec"]
-        rows.append({"batch": b, "plain_tokens_per_s": statistics.median(rates["plain"]),
+        drafts, accepted = sum(st["drafts"] for st in spec), sum(st["accepted"] for st in spec)
+        rows.append({"batch": b, "groups": len(groups), "plain_tokens_per_s": statistics.median(rates["plain"]),
                      "spec_tokens_per_s": statistics.median(rates["spec"]),
                      "spec_kept_tokens_per_s": statistics.median(rates["spec_kept"]),
-                     "acceptance_rate": spec["acceptance_rate"], "tokens_per_forward": spec["tokens_per_forward"],
-                     "spec_forwards": spec["main_forwards"], "batch_sizes": spec["batch_sizes"],
+                     "acceptance_rate": accepted / drafts, "tokens_per_forward": 1 + accepted / drafts,
+                     "spec_forwards": sum(st["main_forwards"] for st in spec),
+                     "batch_sizes": spec[0]["batch_sizes"],
+                     "group_batch_sizes": [st["batch_sizes"] for st in spec],
                      "speedup": ratio("spec"), "speedup_kept": ratio("spec_kept")})
         r = rows[-1]
-        print(f"  batch {b:3d}: plain {r['plain_tokens_per_s']:.1f} tok/s, speculative {r['spec_tokens_per_s']:.1f} "
-              f"tok/s (batch {'->'.join(map(str, r['batch_sizes']))}), acceptance {r['acceptance_rate']:.2f}, "
+        print(f"  batch {b:3d} ({len(groups)} groups): plain {r['plain_tokens_per_s']:.1f} tok/s, speculative "
+              f"{r['spec_tokens_per_s']:.1f} tok/s (batch {sizes_text(r)}), acceptance {r['acceptance_rate']:.2f}, "
               f"speedup {r['speedup']:.2f}x (batch kept: {r['speedup_kept']:.2f}x)", flush=True)
     return rows
+
+
+def sizes_text(r: dict) -> str:
+    """The batch sizes speculative decoding ran at: per group, the distinct sequences ('8->1, 8->2')."""
+    seqs = r.get("group_batch_sizes", [r.get("batch_sizes", [r["batch"]])])
+    return ", ".join(dict.fromkeys("->".join(map(str, q)) for q in seqs))
 
 
 def compare_queue(cfg, variables, prompts, batches, per_slot, new_tokens, repeats) -> list[dict]:
@@ -295,6 +311,8 @@ def compare_queue(cfg, variables, prompts, batches, per_slot, new_tokens, repeat
                      "acceptance_rate": spec_stats["acceptance_rate"],
                      "tokens_per_forward": spec_stats["tokens_per_forward"],
                      "plain_forwards": plain_stats["main_forwards"], "spec_forwards": spec_stats["main_forwards"],
+                     "plain_prefill_calls": plain_stats["prefill_calls"],
+                     "spec_prefill_calls": spec_stats["prefill_calls"],
                      "speedup": ratio("tokens_per_s"), "decode_speedup": ratio("decode_tokens_per_s")})
         r = rows[-1]
         print(f"  queue, batch {b:3d} ({len(queue)} requests): plain {r['plain_tokens_per_s']:.1f} tok/s, "
@@ -320,7 +338,7 @@ def main(argv=None) -> dict:
                     help="presets of the constructed agreeing-draft models ('' for none)")
     ap.add_argument("--batch", default="1,4,8,16", help="batch sizes of the part-3 table ('' for none)")
     ap.add_argument("--batch-runs", default="",
-                    help="more training run directories, each with its own part-3 table (comma-separated)")
+                    help="more training run directories, each with its own part-3 and part-4 tables (comma-separated)")
     ap.add_argument("--queue", type=int, default=0,
                     help="part 4: this many requests per slot through the serving queue (0: no part 4)")
     ap.add_argument("--queue-batch", default=None, help="slots of the part-4 queues (default: --batch)")
@@ -391,35 +409,34 @@ def main(argv=None) -> dict:
         print_row(spec_rows[-1])
         del agree_vars
 
-    # Part 3.
+    # Parts 3 and 4, for the run of part 2 and each of --batch-runs.
     batches = [int(b) for b in args.batch.split(",") if b]
-    if batches:
-        print(f"part 3: batches {batches}, {label}", flush=True)
-        if len(prompts) < max(batches) and args.run_dir and os.path.exists(args.run_dir):
-            prompts = validation_prompts(run_cfg, tokenizer, max(batches), args.prompt_tokens)
-    batch_rows = compare_batches(scfg, variables, prompts, batches, args.new_tokens, args.repeats) if batches else []
-    for r in batch_rows:
-        r.update(model=label, **model_shape(scfg, variables))
-    for run in [r for r in args.batch_runs.split(",") if r] if batches else []:
-        bcfg, bvars, blabel, brc, btok = load_run(run)
-        print(f"part 3: batches {batches}, {blabel}", flush=True)
-        more = compare_batches(bcfg, bvars, validation_prompts(brc, btok, max(batches), args.prompt_tokens),
-                               batches, args.new_tokens, args.repeats)
-        for r in more:
-            r.update(model=blabel, **model_shape(bcfg, bvars))
-        batch_rows += more
-        del bvars
-
-    # Part 4.
     qbatches = [int(b) for b in (args.batch if args.queue_batch is None else args.queue_batch).split(",") if b]
-    queue_rows = []
-    if args.queue > 0 and qbatches:
-        print(f"part 4: queues of {args.queue} requests per slot, slots {qbatches}, {label}", flush=True)
-        if len(prompts) < args.queue * max(qbatches) and args.run_dir and os.path.exists(args.run_dir):
-            prompts = validation_prompts(run_cfg, tokenizer, args.queue * max(qbatches), args.prompt_tokens)
-        queue_rows = compare_queue(scfg, variables, prompts, qbatches, args.queue, args.new_tokens, args.repeats)
-        for r in queue_rows:
-            r["model"] = label
+    queue_batches = qbatches if args.queue > 0 else []
+    main_source = (run_cfg, tokenizer) if args.run_dir and os.path.exists(args.run_dir) else None
+    more_runs = [r for r in args.batch_runs.split(",") if r] if batches or queue_batches else []
+    batch_rows, queue_rows = [], []
+    for run in [None] + more_runs:                                  # None: part 2's; the others loaded in turn
+        if run is None:
+            bcfg, bvars, blabel, source = scfg, variables, label, main_source
+        else:
+            bcfg, bvars, blabel, rc, tok = load_run(run)
+            source = (rc, tok)
+        # validation text spread over the split (trained runs), the same prompts at every batch size
+        texts = lambda n: validation_prompts(*source, n, args.prompt_tokens) if source else prompts
+        at = lambda ps, n: [ps[i % len(ps)] for i in range(n)]
+        if batches:
+            count = math.lcm(*batches)                                          # a multiple of every batch
+            print(f"part 3: batches {batches}, {count} prompts, {blabel}", flush=True)
+            more = compare_batches(bcfg, bvars, at(texts(count), count), batches, args.new_tokens, args.repeats)
+            batch_rows += [dict(r, model=blabel, **model_shape(bcfg, bvars)) for r in more]
+        if queue_batches:
+            count = args.queue * max(queue_batches)
+            print(f"part 4: queues of {args.queue} requests per slot, slots {queue_batches}, {blabel}", flush=True)
+            more = compare_queue(bcfg, bvars, at(texts(count), count), queue_batches, args.queue, args.new_tokens,
+                                 args.repeats)
+            queue_rows += [dict(r, model=blabel, **model_shape(bcfg, bvars)) for r in more]
+        del bvars
 
     # Report.
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared: 1-min load average {os.getloadavg()[0]:.1f} "
@@ -449,38 +466,43 @@ def main(argv=None) -> dict:
                      f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | {r['plain_forwards']} / "
                      f"{r['spec_forwards']} | {r['speedup']:.2f}x |")
     for model, group in by_model(batch_rows).items():
+        count = group[0]["batch"] * group[0].get("groups", 1)
         lines += ["", f"## Plain and speculative greedy decoding by batch ({model}: {shape_text(group[0])}; "
-                  f"{args.new_tokens} new tokens per row, validation-text prompts, one request per batch; after a "
-                  f"warm-up, {args.repeats} rounds, the three modes alternating; median decode tokens/s over "
-                  "all rows and the median of the per-round ratios; identical outputs checked). Speculative: the "
-                  "batch shrinks to the rows still decoding (`shrink_batch=True`; the sizes it ran at are listed); "
-                  "batch kept: the whole batch steps until its slowest row is done.", "",
+                  f"{args.new_tokens} new tokens per row; the same {count} validation-text prompts at every batch "
+                  f"size, in groups of one batch each, one request per group; after a warm-up, {args.repeats} "
+                  "rounds, the three modes alternating; decode tokens/s over all groups' rows, medians, and the "
+                  "median of the per-round ratios; identical outputs checked). Speculative: the batch shrinks to "
+                  "the rows still decoding (`shrink_batch=True`; the sizes it ran at are listed); batch kept: "
+                  "the whole batch steps until its slowest row is done.", "",
                   "| batch | plain tok/s | speculative tok/s | batch sizes | acceptance | tokens per main forward | "
                   "speculative / plain | batch kept: tok/s | batch kept / plain |", "|---|---|---|---|---|---|---|---|---|"]
         for r in group:
-            sizes = "->".join(map(str, r.get("batch_sizes", [r["batch"]])))
             kept = (f"{r['spec_kept_tokens_per_s']:.1f} | {r['speedup_kept']:.2f}x" if "speedup_kept" in r
                     else "- | -")
-            lines.append(f"| {r['batch']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | {sizes} | "
-                         f"{r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | **{r['speedup']:.2f}x** | "
-                         f"{kept} |")
-    if queue_rows:
-        lines += ["", f"## Serving queue: plain and speculative greedy decoding with slots refilled ({label}, "
-                  f"{queue_rows[0]['requests'] // queue_rows[0]['batch']} requests per slot, {args.new_tokens} new "
-                  "tokens per request, validation-text prompts; `generate(..., batch_size=B)`: a slot takes the "
-                  "next request as soon as its own is done; after a warm-up, "
+            lines.append(f"| {r['batch']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | "
+                         f"{sizes_text(r)} | {r['acceptance_rate']:.2f} | {r['tokens_per_forward']:.2f} | "
+                         f"**{r['speedup']:.2f}x** | {kept} |")
+    for model, group in by_model(queue_rows).items():
+        lines += ["", f"## Serving queue: plain and speculative greedy decoding with slots refilled ({model}: "
+                  f"{shape_text(group[0])}; {group[0]['requests'] // group[0]['batch']} requests per slot, "
+                  f"{args.new_tokens} new tokens per request, validation-text prompts; `generate(..., "
+                  "batch_size=B)`: a slot takes the next request as soon as its own is done, the waiting prompts "
+                  "prefilled a batch at a time; after a warm-up, "
                   f"{args.repeats} rounds, plain and speculative alternating; median tokens/s over the whole queue "
                   "(all new tokens / the queue's wall time, every prefill included) and decode-only (prefill time "
                   "left out), and the medians of the per-round ratios; identical outputs checked). This is the "
                   "serving case; the table above is one request per batch, which waits for its slowest row.", "",
                   "| slots (batch) | requests | plain tok/s | speculative tok/s | speculative / plain | "
                   "plain decode-only tok/s | speculative decode-only tok/s | decode-only speculative / plain | "
-                  "acceptance | main forwards (plain / spec) |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in queue_rows:
+                  "acceptance | main forwards (plain / spec) | prefill calls (plain / spec) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in group:
             lines.append(f"| {r['batch']} | {r['requests']} | {r['plain_tokens_per_s']:.1f} | "
-                         f"{r['spec_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['plain_decode_tokens_per_s']:.1f} | "
-                         f"{r['spec_decode_tokens_per_s']:.1f} | {r['decode_speedup']:.2f}x | "
-                         f"{r['acceptance_rate']:.2f} | {r['plain_forwards']} / {r['spec_forwards']} |")
+                         f"{r['spec_tokens_per_s']:.1f} | **{r['speedup']:.2f}x** | "
+                         f"{r['plain_decode_tokens_per_s']:.1f} | {r['spec_decode_tokens_per_s']:.1f} | "
+                         f"{r['decode_speedup']:.2f}x | {r['acceptance_rate']:.2f} | {r['plain_forwards']} / "
+                         f"{r['spec_forwards']} | {r.get('plain_prefill_calls', '-')} / "
+                         f"{r.get('spec_prefill_calls', '-')} |")
     if note:
         lines += ["", f"Note: {note}."]
     if label != f"random {args.spec_preset}" and scfg.vocab_size == 256:
@@ -510,9 +532,9 @@ def main(argv=None) -> dict:
     summary["batches"] = {model: {str(r["batch"]): {k: round(r[k], 3) for k in (
         "plain_tokens_per_s", "spec_tokens_per_s", "acceptance_rate", "speedup")} for r in group}
         for model, group in by_model(batch_rows).items()}
-    summary["queue"] = {str(r["batch"]): {k: round(r[k], 3) for k in (
-        "plain_tokens_per_s", "spec_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate")}
-        for r in queue_rows}
+    summary["queue"] = {model: {str(r["batch"]): {k: round(r[k], 3) for k in (
+        "plain_tokens_per_s", "spec_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate")} for r in group}
+        for model, group in by_model(queue_rows).items()}
     if note:
         summary["note"] = note
     with open(os.path.join(args.out, "bench_decode.json"), "w") as f:

@@ -59,16 +59,19 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
                      label="speculative (MTP draft)" + name)
         if len(groups) > 1:
             ax3.set_yscale("log")
-        batch_rows, bs = groups[0], [r["batch"] for r in groups[0]]
-        if queue_rows:
-            qs = [r["batch"] for r in queue_rows]
-            per_slot = queue_rows[0]["requests"] // queue_rows[0]["batch"]
-            ax3.plot(qs, [r["plain_tokens_per_s"] for r in queue_rows], "o--", color="C0",
-                     label=f"plain, queue of {per_slot}x batch (prefills in)")
-            ax3.plot(qs, [r["spec_tokens_per_s"] for r in queue_rows], "s--", color="C1", label="speculative, queue")
-            for r in queue_rows:
+        names = [g[0]["model"] for g in groups]
+        for model, queue in by_model(queue_rows).items():   # the serving queue: dashed, in its run's colours
+            i = names.index(model) if model in names else len(names)
+            qs = [r["batch"] for r in queue]
+            per_slot = queue[0]["requests"] // queue[0]["batch"]
+            ax3.plot(qs, [r["plain_tokens_per_s"] for r in queue], "o--", color=f"C{2 * i}", alpha=0.6,
+                     label=f"plain, queue of {per_slot}x batch (prefills in)" if i == 0 else None)
+            ax3.plot(qs, [r["spec_tokens_per_s"] for r in queue], "s--", color=f"C{2 * i + 1}", alpha=0.6,
+                     label="speculative, queue" if i == 0 else None)
+            for r in queue:
                 ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
-                             xytext=(0, -12), ha="center", fontsize=8, color="C1")
+                             xytext=(0, -12), ha="center", fontsize=7, color=f"C{2 * i + 1}")
+        batch_rows, bs = groups[0], [r["batch"] for r in groups[0]]
         for r in [r for group in groups for r in group]:
             ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)

@@ -73,17 +73,23 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
                      + f" (acceptance {min(acc):.2f}-{max(acc):.2f})",
                      cmd if i == 0 else cmd.rstrip("`") + " --batch-runs "
                      + ",".join(f"RUN{j}" for j in range(2, len(groups) + 1)) + "`"))
-    queue = sorted(d.get("queue", []), key=lambda r: r["batch"])
-    if queue:
-        per_slot = queue[0]["requests"] // queue[0]["batch"]
+    queues = {}
+    for r in d.get("queue", []):
+        queues.setdefault(r["model"], []).append(r)
+    for i, queue in enumerate(queues.values()):
+        queue = sorted(queue, key=lambda r: r["batch"])
+        per_slot, q = queue[0]["requests"] // queue[0]["batch"], queue[0]
         acc = [r["acceptance_rate"] for r in queue]
+        shape = f"{q['layers']} layers, {q['weights_mib']:.0f} MiB" if "weights_mib" in q else "the same run"
         rows.append((f"serving queue (`generate(..., batch_size=B)`, a slot refilled as soon as its request is "
-                     f"done), {per_slot} requests per slot, the same run, plain vs MTP speculative, batch "
+                     f"done), {per_slot} requests per slot, {shape}, plain vs MTP speculative, batch "
                      + "/".join(str(r["batch"]) for r in queue) + " (outputs checked equal)",
                      "speculative / plain " + " / ".join(f"{r['speedup']:.2f}x" for r in queue)
                      + " over the whole queue, prefills included (decode only "
                      + " / ".join(f"{r['decode_speedup']:.2f}x" for r in queue)
-                     + f"); acceptance {min(acc):.2f}-{max(acc):.2f}", cmd.rstrip("`") + f" --queue {per_slot}`"))
+                     + f"); acceptance {min(acc):.2f}-{max(acc):.2f}",
+                     cmd.rstrip("`") + (" --batch-runs " + ",".join(f"RUN{j}" for j in range(2, len(queues) + 1))
+                                        if i > 0 else "") + f" --queue {per_slot}`"))
     return rows
 
 

@@ -1,5 +1,6 @@
-"""experiments/bench_decode.py's batch table over several trained runs (`--batch-runs`): one table per run,
-each labelled with what decides whether its decode step is bound by weight reads, and one README row each."""
+"""experiments/bench_decode.py's batch and serving-queue tables over several trained runs (`--batch-runs`): one
+table of each per run, labelled with what decides whether its decode step is bound by weight reads, and one
+README row each."""
 
 import json
 import os
@@ -29,7 +30,8 @@ def test_batch_tables_for_two_runs(tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["--preset", "tiny", "--contexts", "64", "--steps", "1", "--repeats", "1", "--new-tokens", "6",
             "--prompts", "2", "--prompt-tokens", "8", "--agree-presets", "", "--batch", "1,2",
-            "--run-dir", runs["few"], "--batch-runs", runs["many"], "--out", str(out)]
+            "--queue", "2", "--queue-batch", "2", "--run-dir", runs["few"], "--batch-runs", runs["many"],
+            "--out", str(out)]
     bench_decode.main(args)
 
     saved = json.loads((out / "bench_decode.json").read_text())
@@ -39,16 +41,25 @@ def test_batch_tables_for_two_runs(tmp_path, monkeypatch):
     assert list(by_model) == [runs["few"], runs["many"]]
     assert [r["batch"] for r in by_model[runs["many"]]] == [1, 2]
     assert [r["routed_experts"] for r in saved["batches"]] == [4, 4, 8, 8]
+    # every batch size decodes the same lcm(1, 2) = 2 prompts: two one-row groups, one two-row group
+    assert [r["groups"] for r in saved["batches"]] == [2, 1, 2, 1]
+    assert [(r["model"], r["batch"], r["requests"]) for r in saved["queue"]] == [(runs["few"], 2, 4),
+                                                                               (runs["many"], 2, 4)]
+    assert all(r["spec_prefill_calls"] == r["plain_prefill_calls"] == 2 for r in saved["queue"])   # 2 + 2 prompts
     few_mib, many_mib = by_model[runs["few"]][0]["weights_mib"], by_model[runs["many"]][0]["weights_mib"]
     assert 0 < few_mib < many_mib
     md = (out / "bench_decode.md").read_text()
     assert md.count("## Plain and speculative greedy decoding by batch") == 2
+    assert md.count("## Serving queue") == 2
     assert f"{runs['few']}: 3 layers, 4 routed experts" in md and f"{runs['many']}: 3 layers, 8 routed experts" in md
     rows = readme_table._decode_rows(saved)
     batch_rows = [r for r in rows if r[0].startswith("greedy decoding of a trained run")]
     assert [("4 routed experts" in r[0], "8 routed experts" in r[0]) for r in batch_rows] == [(True, False),
                                                                                             (False, True)]
     assert "--batch-runs" not in batch_rows[0][2] and "--batch-runs RUN2" in batch_rows[1][2]
+    queue_rows = [r for r in rows if r[0].startswith("serving queue")]
+    assert len(queue_rows) == 2 and all("--queue 2" in r[2] for r in queue_rows)
+    assert "--batch-runs" not in queue_rows[0][2] and "--batch-runs RUN2" in queue_rows[1][2]
 
     with pytest.raises(SystemExit, match="not a training run directory"):
         bench_decode.main(args[:-4] + ["--batch-runs", str(tmp_path), "--out", str(tmp_path / "out2")])

@@ -237,11 +237,14 @@ def test_eos_stops_rows_inside_a_device_call():
 def test_queue_speculative_equals_plain_greedy():
     """Speculative decoding on the queue path (generate(..., batch_size=8), dsv3_jax/infer/queue.py): 10
     prompts through 8 slots; rows accept different numbers of drafts, so slots free up at different steps and
-    the last two prompts start beside running rows: each prompt's tokens are its plain greedy output alone."""
+    the last two prompts start beside running rows: each prompt's tokens are its plain greedy output alone.
+    Those two are prefilled together, ahead of the rows that take them (two prefill calls in all), though
+    their rows free at different steps."""
     full, _ = plain_greedy_20()
     out, stats = generate(CFG_A, variables(CFG_A), prompts_20()[:10], max_new_tokens=64, speculative=True,
                           max_len=MAX_LEN, batch_size=8)
     assert out == full[:10] and stats["refills"] == 2 and stats["drafts"] > 0
+    assert stats["prefill_calls"] == 2
 
 
 @pytest.mark.slow
@@ -267,6 +270,7 @@ def test_queue_outputs_equal_each_prompt_alone():
         assert out == expect, f"speculative={spec}"
         assert streamed == expect, f"speculative={spec}"
         assert stats["refills"] == 12 and stats["new_tokens"] == sum(map(len, expect))
+        assert stats["prefill_calls"] == 3                      # 8 + 8 + 4 prompts, each group staged at once
         assert stats["queue_s"] >= stats["prefill_s"] > 0
 
 

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.infer import generate, split_variables
 from dsv3_jax.infer.decode import CHUNK, jit_decode_steps
-from dsv3_jax.infer.queue import jit_refill
+from dsv3_jax.infer.queue import jit_prefill_rows, take_rows
 from dsv3_jax.infer.request import GenerationRequest, start_request
 from dsv3_jax.infer.speculative import jit_speculative_steps, start_state
 from test_infer import CFG_A, MAX_LEN, agreeing_variables, prompts_20
@@ -57,17 +57,20 @@ def test_generate_compiles_its_step_program_once(speculative):
 
 @pytest.mark.slow
 def test_queue_compiles_refill_and_steps_once():
-    """The serving queue on weights on a mesh: its first refill gets the cache and slot state placed as the
-    refills return them (request.replicated_on_mesh_of), so each program compiles once (the first refill's
-    host-placed inputs made the second refill compile again). Plain greedy rows of equal length finish
-    together, so every refill fills both slots: one refill shape."""
+    """The serving queue on weights on a mesh: its first take gets the cache and slot state placed as the
+    takes return them (request.replicated_on_mesh_of), so each program compiles once (host-placed inputs to
+    the first refill made the second compile again). Plain greedy rows of equal length finish together, so
+    every refill stages and takes two rows: one shape each. (take_rows is shared by all configs: at most one
+    new program here.)"""
     cfg = CFG_A.replace(moe_block_size=5)            # a config of its own: fresh jit caches for this test
     mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     variables = jax.device_put(agreeing_variables(cfg), NamedSharding(mesh, PartitionSpec()))
+    takes = take_rows._cache_size()
     out, stats = generate(cfg, variables, prompts_20()[:6], max_new_tokens=4, batch_size=2)
     assert stats["prefill_calls"] == 3 and stats["device_calls"] == 3
-    assert jit_refill(cfg, "plain", 1)._cache_size() == 1                # the queue's key (drafts 1)
+    assert jit_prefill_rows(cfg, "plain", 1, None)._cache_size() == 1    # the queue's key (drafts 1)
+    assert take_rows._cache_size() - takes <= 1
     assert jit_decode_steps(cfg)._cache_size() == 1                # the queue's key (queue._plain_steps)
 
 

@@ -1,15 +1,21 @@
 """A request queue through a fixed number of batch slots (continuous batching), for plain and speculative
 decoding: `generate(..., batch_size=B)` runs any number of prompts through B cache rows, and as soon as a
-row's request is done the next prompt is prefilled into that row and decodes beside the others.
+row's request is done the next prompt takes that row and decodes beside the others.
 
 Why: one request per batch runs until its slowest row is done, and rows that finish early (eos, or in
 speculative decoding fewer rejected drafts) idle meanwhile; a serving queue gives their slot to the next
-request. A refill prefills the new prompts (expanded MLA, as `prefill`; the rows freed by one device call
-together, their count padded to a power of two so that few shapes compile) and writes those rows of the
-batch cache in place (`jit_refill`); slot == position (cache.py), so the row's positions restart at 0 and
-the previous request's entries past the new prompt are masked until overwritten. Every row decodes at its
-own offset, so greedy output per prompt is what the prompt gives alone. Sampling (temperature > 0) keeps the
-model's distribution, but a request's draws depend on its slot and steps, not only on the seed.
+request.
+
+Refills are staged: when a row frees and no prefilled request is waiting, the next B prompts (fewer at the
+queue's end) are prefilled in one call (`jit_prefill_rows`: expanded MLA, as `prefill`, into a cache of
+their own only as wide as the padded prompts), and each row that frees takes the next of them
+(`jit_take_rows`: a copy of its cache window and decode state). Why: a prefill call reads every weight
+whatever its row count, so prefilling rows one at a time as they free (speculative decoding frees them at
+scattered steps) cost about twice plain decoding's refill time (experiments/results/bench_decode.md, the
+serving queue). slot == position (cache.py), so a taken row's positions restart at 0 and the previous
+request's entries past the new prompt are masked until overwritten. Every row decodes at its own offset,
+so greedy output per prompt is what the prompt gives alone. Sampling (temperature > 0) keeps the model's
+distribution, but a request's draws depend on its slot and steps, not only on the seed.
 
 Device calls run at most CHUNK steps; while prompts wait, a call stops once the active row nearest its end
 can be done (so its slot is refilled without idling), and the last rows run as `generate` runs a batch.
@@ -46,8 +52,8 @@ class Engine(NamedTuple):
     mtp: bool                        # the prefill fills MTP module 1's cache too
     tokens_per_step: int             # the most tokens a step emits per row
     init: Callable                   # (batch, cfg) -> the per-row decode state, all rows empty
-    set_rows: Callable               # (state, rows [k], first tokens [k], prompt lengths [k], prompts [k,T],
-                                     #  Prefill of k rows) -> state
+    rows_state: Callable             # (first tokens [k], prompt lengths [k], prompts [k,T], Prefill of k rows)
+                                     #  -> the decode state of those k rows
     steps: Callable                  # (cfg, greedy_only) -> jitted (params, rs, cache, state, active, sampling,
                                      #  step, n) -> ...
     emitted: Callable                # one step's host outputs -> per-row token lists (for every row)
@@ -65,22 +71,18 @@ def _plain_steps(cfg, greedy_only: bool):      # greedy_only: jit_decode_steps k
 PLAIN = Engine(
     mtp=False, tokens_per_step=1,
     init=lambda b, cfg: (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)),   # (pending token, position)
-    set_rows=lambda st, r, tok, n, prompts, pre: (st[0].at[r].set(tok), st[1].at[r].set(n)),
+    rows_state=lambda tok, n, prompts, pre: (tok, n),
     steps=_plain_steps,
     emitted=lambda out: [[int(t)] for t in out])
 
 
 def speculative_engine(drafts: int) -> Engine:
     """The queue's speculative decoding with `drafts` tokens drafted per step (speculative.py)."""
-    def set_rows(st, r, tok, n, prompts, pre):
-        rows = start_state(n, prompts, tok, pre.h_tail, drafts)
-        return SpecState(*[a.at[r].set(v.astype(a.dtype)) for a, v in zip(st, rows)])
-
     return Engine(
         mtp=True, tokens_per_step=drafts + 1,
         init=lambda b, cfg: SpecState(jnp.zeros((b,), jnp.int32), jnp.zeros((b, drafts + 1), jnp.int32),
                                       jnp.zeros((b, drafts + 1, cfg.hidden_size), dtype_of(cfg.dtype))),
-        set_rows=set_rows,
+        rows_state=lambda tok, n, prompts, pre: start_state(n, prompts, tok, pre.h_tail, drafts),
         steps=lambda cfg, greedy_only: jit_speculative_steps(cfg, greedy_only=greedy_only),
         emitted=lambda out: emitted_tokens(*out, np.ones(len(out[1]), bool)))
 
@@ -90,24 +92,43 @@ def engine(name: str, drafts: int = 1) -> Engine:
 
 
 @functools.lru_cache(maxsize=32)
-def jit_refill(cfg: ModelConfig, engine_name: str, drafts: int = 1):
-    """jit((params, rs, cache, state, rows [k], tokens [k,T], lengths [k], key, temperature, top_p) -> (first
-    tokens [k], cache, state)): prefill k prompts into a fresh k-row cache of the batch cache's size, write
-    those rows of the batch cache (every layer, MTP caches included) and of the decode state. A row may
-    repeat (padding: the same prompt into the same row twice writes the same values). Cache donated.
-    drafts: per speculative step (the state's shape)."""
+def jit_prefill_rows(cfg: ModelConfig, engine_name: str, drafts: int = 1, cache_dtype=None):
+    """jit((params, rs, tokens [k,T], lengths [k], key, temperature, top_p) -> (first tokens [k], cache, state)):
+    prefill k right-padded prompts into a k-row cache of T slots (MTP caches included for speculative
+    decoding, in cache_dtype) and sample their first tokens; state: those k rows' decode state. drafts: per
+    speculative step (the state's shape)."""
     eng = engine(engine_name, drafts)
 
-    def fn(params, rs, cache, state, rows, tokens, lengths, key, temperature, top_p):
-        k = rows.shape[0]
-        fresh = jax.tree.map(lambda a: jnp.zeros(a.shape[:1] + (k,) + a.shape[2:], a.dtype), cache)
-        out = prefill(cfg, params, rs, fresh, tokens, lengths, mtp=eng.mtp)
-        for j in range(k):
-            cache = jax.tree.map(lambda big, new: jax.lax.dynamic_update_index_in_dim(big, new[:, j], rows[j], 1),
-                                 cache, out.cache)
+    def fn(params, rs, tokens, lengths, key, temperature, top_p):
+        k, t = tokens.shape
+        out = prefill(cfg, params, rs, init_cache(cfg, k, t, cache_dtype, mtp=eng.mtp), tokens, lengths, mtp=eng.mtp)
         tok = sample(out.logits, key, temperature, top_p)
-        return tok, cache, eng.set_rows(state, rows, tok, lengths, tokens, out)
-    return jax.jit(fn, donate_argnums=(2,))
+        return tok, out.cache, eng.rows_state(tok, lengths, tokens, out)
+    return jax.jit(fn)
+
+
+def _take_rows(cache, state, staged_cache, staged_state, rows, src):
+    """(cache, state, staged cache, staged state, rows [m], src [m]) -> (cache, state): batch row rows[j] takes
+    staged row src[j]: the first T slots of its cache in every layer and MTP cache (T: the staged cache's
+    width) and its decode state. A pair may repeat (padding writes the same values twice)."""
+    for j in range(rows.shape[0]):
+        cache = jax.tree.map(
+            lambda big, new: jax.lax.dynamic_update_slice_in_dim(
+                big, jax.lax.dynamic_slice_in_dim(new, src[j], 1, axis=1), rows[j], axis=1),
+            cache, staged_cache)
+    state = jax.tree.map(lambda a, v: a.at[rows].set(v[src].astype(a.dtype)), state, staged_state)
+    return cache, state
+
+
+take_rows = jax.jit(_take_rows, donate_argnums=(0,))       # the batch cache is updated in place
+
+
+class Staged(NamedTuple):
+    """Prompts prefilled ahead of the rows that will take them (`jit_prefill_rows`'s outputs, on the device)."""
+    requests: list[int]              # prompt index of each staged row, in queue order
+    first: np.ndarray                # [k] their first new tokens
+    cache: Any
+    state: Any
 
 
 class Slots:
@@ -163,10 +184,10 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     """A validated request through min(batch_size, prompts) slots -> (tokens per prompt, stats).
 
     stats: new_tokens, queue_s (the whole queue: prefills and decode), prefill_s (the first fill and every
-    refill), decode_s (queue_s - prefill_s), tokens_per_s (new tokens / queue_s), decode_tokens_per_s (new
-    tokens / decode_s), refills, main_forwards (device steps run), device_calls (decode calls),
-    prefill_calls, batch_size (slots used), and for speculative decoding drafts,
-    accepted, acceptance_rate, tokens_per_forward."""
+    refill: the staging prefills and the rows' takes), decode_s (queue_s - prefill_s), tokens_per_s (new
+    tokens / queue_s), decode_tokens_per_s (new tokens / decode_s), refills, main_forwards (device steps run),
+    device_calls (decode calls), prefill_calls (staging prefills), batch_size (slots used), and for
+    speculative decoding drafts, accepted, acceptance_rate, tokens_per_forward."""
     if speculative:
         check_draft_module(cfg, params)
     drafts = check_drafts(drafts) if speculative else 1          # plain: the one-draft cache slack and keys
@@ -175,34 +196,44 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     batch = min(batch_size, len(req.prompts))
     t_pad, n_slots = layout(req.prompts, req.max_new_tokens, req.max_len, drafts)
     sampling = Sampling(jax.random.PRNGKey(req.seed), jnp.float32(req.temperature), jnp.float32(req.top_p))
-    first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a refill's first tokens: fold_in(this, i)
-    # Placed as the refills will return them, so the first refill compiles what the later ones run.
+    first_keys = jax.random.fold_in(sampling.key, 2 ** 31 - 1)      # a staging's first tokens: fold_in(this, i)
+    # Placed as the take calls will return them, so the first take compiles what the later ones run.
     cache, state = replicated_on_mesh_of((init_cache(cfg, batch, n_slots, req.cache_dtype, mtp=eng.mtp),
                                           eng.init(batch, cfg)), jax.tree.leaves(params)[0])
-    refill, steps = jit_refill(cfg, name, drafts), eng.steps(cfg, req.temperature == 0)
+    prefill_rows = jit_prefill_rows(cfg, name, drafts, req.cache_dtype)
+    steps = eng.steps(cfg, req.temperature == 0)
     slots = Slots(req, batch)
+    staged, used = None, 0                  # prompts prefilled ahead; how many of them rows have taken
+    pow2 = lambda n: min(batch, 1 << (n - 1).bit_length())          # few shapes: counts padded to a power of two
     t0 = time.perf_counter()
     prefill_s, refills, forwards, stepped, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0
     while True:
         free = slots.free_rows()
         if free:
             t1 = time.perf_counter()
-            rows = free[:len(req.prompts) - slots.next]
-            reqs = [slots.start(r) for r in rows]
-            k = min(batch, 1 << (len(rows) - 1).bit_length())              # padded to a power of two
-            pad = lambda xs: xs + xs[:1] * (k - len(xs))
-            tokens, lengths = pad_prompts(pad([req.prompts[i] for i in reqs]), t_pad)
-            tok, cache, state = refill(params, router_state, cache, state, jnp.asarray(pad(rows), jnp.int32),
-                                       jnp.asarray(tokens), jnp.asarray(lengths),
-                                       jax.random.fold_in(first_keys, reqs[0]), sampling.temperature, sampling.top_p)
-            tok, firsts = np.asarray(tok), [[] for _ in range(batch)]
-            for j, r in enumerate(rows):
-                firsts[r] = [int(tok[j])]
+            if staged is None or used == len(staged.requests):       # stage the next B prompts, one call
+                ids = list(range(slots.next, min(len(req.prompts), slots.next + batch)))
+                ids_padded = ids + ids[:1] * (pow2(len(ids)) - len(ids))
+                tokens, lengths = pad_prompts([req.prompts[i] for i in ids_padded], t_pad)
+                tok, s_cache, s_state = prefill_rows(params, router_state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                                     jax.random.fold_in(first_keys, ids[0]), sampling.temperature,
+                                                     sampling.top_p)
+                staged, used = Staged(ids, np.asarray(tok), s_cache, s_state), 0
+                prefills += 1
+            rows = free[:len(staged.requests) - used]
+            src = list(range(used, used + len(rows)))
+            for r, j in zip(rows, src):
+                assert slots.start(r) == staged.requests[j]                      # staged in queue order
+            pad = lambda xs: jnp.asarray(xs + xs[:1] * (pow2(len(xs)) - len(xs)), jnp.int32)
+            cache, state = take_rows(cache, state, staged.cache, staged.state, pad(rows), pad(src))
+            used += len(rows)
+            firsts = [[] for _ in range(batch)]
+            for r, j in zip(rows, src):
+                firsts[r] = [int(staged.first[j])]
             slots.add(firsts, np.isin(np.arange(batch), rows))
             refills += len(rows)
-            prefills += 1
             prefill_s += time.perf_counter() - t1
-            continue                                    # a refilled request may already be done (max_new_tokens 1, eos)
+            continue                                    # a taken request may already be done (max_new_tokens 1, eos)
         active = slots.active
         if not active.any():
             break
