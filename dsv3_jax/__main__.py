@@ -211,7 +211,13 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text from a run directory or an HF checkpoint")
     g.add_argument("--run-dir")
     g.add_argument("--hf-dir")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", help="the text to continue (streamed to stdout)")
+    g.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line (blank lines skipped), served through --batch-size slots; one JSON "
+                   "line per prompt to stdout, in the file's order")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="with --prompts-file: batch slots of the serving queue, each refilled with the next prompt "
+                   "as soon as its request is done (default 8)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

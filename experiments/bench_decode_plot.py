@@ -26,7 +26,7 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
         print("matplotlib missing: no plot")
         return
     by = {(r["context"], r["form"]): r for r in rows}
-    fig, axes = plt.subplots(1, 3 if batch_rows else 2, figsize=(16 if batch_rows else 11, 4))
+    fig, axes = plt.subplots(1, 4 if batch_rows else 2, figsize=(21 if batch_rows else 11, 4))
     ax1, ax2 = axes[:2]
     for form, style in (("absorbed", "o-"), ("expanded", "s--")):
         ax1.plot(contexts, [by[(c, form)]["tokens_per_s"] for c in contexts], style, label=form)
@@ -59,18 +59,24 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
                      label="speculative (MTP draft)" + name)
         if len(groups) > 1:
             ax3.set_yscale("log")
+        ax4 = axes[3]                 # speculative / plain: one request per batch (solid), the serving queue (dashed)
         names = [g[0]["model"] for g in groups]
-        for model, queue in by_model(queue_rows).items():   # the serving queue: dashed, in its run's colours
+        for i, group in enumerate(groups):
+            ax4.plot([r["batch"] for r in group], [r["speedup"] for r in group], "s-", color=f"C{2 * i + 1}",
+                     label=f"{group[0].get('layers', '?')} layers, {group[0].get('weights_mib', 0):.0f} MiB: one request")
+        for model, queue in by_model(queue_rows).items():
             i = names.index(model) if model in names else len(names)
-            qs = [r["batch"] for r in queue]
-            per_slot = queue[0]["requests"] // queue[0]["batch"]
-            ax3.plot(qs, [r["plain_tokens_per_s"] for r in queue], "o--", color=f"C{2 * i}", alpha=0.6,
-                     label=f"plain, queue of {per_slot}x batch (prefills in)" if i == 0 else None)
-            ax3.plot(qs, [r["spec_tokens_per_s"] for r in queue], "s--", color=f"C{2 * i + 1}", alpha=0.6,
-                     label="speculative, queue" if i == 0 else None)
-            for r in queue:
-                ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",
-                             xytext=(0, -12), ha="center", fontsize=7, color=f"C{2 * i + 1}")
+            ax4.plot([r["batch"] for r in queue], [r["speedup"] for r in queue], "o--", color=f"C{2 * i + 1}",
+                     alpha=0.7, label=f"same, queue of {queue[0]['requests'] // queue[0]['batch']}x batch (prefills in)")
+        ax4.axhline(1.0, color="gray", lw=0.8)
+        ax4.axhline(1.2, color="gray", lw=0.8, ls=":")
+        ax4.set_xscale("log", base=2)
+        ax4.set_xticks([r["batch"] for r in groups[0]], [str(r["batch"]) for r in groups[0]])
+        ax4.set_xlabel("batch (rows decoded together)")
+        ax4.set_ylabel("speculative / plain tokens/s")
+        ax4.set_title("speculative / plain by batch (dotted: 1.2x)", fontsize=9)
+        ax4.legend(fontsize=7, loc="best")
+        ax4.grid(alpha=0.3)
         batch_rows, bs = groups[0], [r["batch"] for r in groups[0]]
         for r in [r for group in groups for r in group]:
             ax3.annotate(f"{r['speedup']:.2f}x", (r["batch"], r["spec_tokens_per_s"]), textcoords="offset points",

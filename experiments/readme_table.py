@@ -45,6 +45,12 @@ def _train_rows(d: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _span(values) -> str:
+    """'0.85' or '0.71-0.82': a figure's range over the rows."""
+    lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
     s, rows = d["summary"], []
     cmd = "`python experiments/bench_decode.py --run-dir RUN --agree-presets '' --batch 1,4,8,16`"
@@ -70,7 +76,7 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
                      + (" with the batch shrinking to the rows still decoding (kept whole: "
                         + " / ".join(f"{r['speedup_kept']:.2f}x" for r in batches) + ")"
                         if all("speedup_kept" in r for r in batches) else "")
-                     + f" (acceptance {min(acc):.2f}-{max(acc):.2f})",
+                     + f" (acceptance {_span(acc)})",
                      cmd if i == 0 else cmd.rstrip("`") + " --batch-runs "
                      + ",".join(f"RUN{j}" for j in range(2, len(groups) + 1)) + "`"))
     queues = {}
@@ -87,7 +93,7 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
                      "speculative / plain " + " / ".join(f"{r['speedup']:.2f}x" for r in queue)
                      + " over the whole queue, prefills included (decode only "
                      + " / ".join(f"{r['decode_speedup']:.2f}x" for r in queue)
-                     + f"); acceptance {min(acc):.2f}-{max(acc):.2f}",
+                     + f"); acceptance {_span(acc)}",
                      cmd.rstrip("`") + (" --batch-runs " + ",".join(f"RUN{j}" for j in range(2, len(queues) + 1))
                                         if i > 0 else "") + f" --queue {per_slot}`"))
     return rows

@@ -1,5 +1,6 @@
 """`python -m dsv3_jax generate`: load a run directory (or an HF checkpoint), stream generated text to
-stdout, statistics to stderr."""
+stdout, statistics to stderr; or, with --prompts-file, serve a file of prompts through the queue's batch
+slots (queue.py) and print one JSON line per prompt."""
 
 from __future__ import annotations
 
@@ -101,12 +102,36 @@ class TextStream:
         self.out.flush()
 
 
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a --prompts-file: its non-blank lines, without their line ends."""
+    if not os.path.isfile(path):
+        raise MissingInputError(f"--prompts-file {path}: no such file")
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"--prompts-file {path} holds no prompts (every line is blank)")
+    return prompts
+
+
 def run_generate(args) -> int:
     from .generate import generate
+    from .queue import check_batch_size
     if bool(args.run_dir) == bool(args.hf_dir):
         raise InputError("give exactly one of --run-dir or --hf-dir")
-    if not args.prompt:
-        raise InputError("the prompt is empty: give --prompt some text")
+    prompts_file = getattr(args, "prompts_file", None)
+    if prompts_file and args.prompt is not None:
+        raise InputError("give --prompt or --prompts-file, not both")
+    if prompts_file:
+        texts = read_prompts(prompts_file)
+        slots = check_batch_size(args.batch_size)
+    elif not args.prompt:
+        raise InputError("the prompt is empty: give --prompt some text (or --prompts-file)")
+    else:
+        texts, slots = [args.prompt], None
     mesh = None
     if getattr(args, "mesh", None):
         from ..config import MeshConfig, load_hf_config
@@ -121,24 +146,33 @@ def run_generate(args) -> int:
     dtype = getattr(args, "dtype", None)
     cfg, variables, tokenizer = (load_run(args.run_dir, mesh, dtype) if args.run_dir
                                  else load_hf(args.hf_dir, mesh, dtype))
-    prompt = [int(t) for t in tokenizer.encode(args.prompt)]
-    if not prompt:
-        raise InputError("the prompt encodes to no tokens")
+    prompts = [[int(t) for t in tokenizer.encode(text)] for text in texts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise InputError("the prompt encodes to no tokens" if slots is None else
+                             f"--prompts-file {prompts_file}: prompt {i + 1} encodes to no tokens")
     if args.speculative and cfg.num_nextn_predict_layers < 1:
         raise InputError("--speculative needs the MTP module, and this checkpoint has none "
                          "(num_nextn_predict_layers is 0, or transformers' save_pretrained dropped the layer): "
                          "generate without --speculative")
     quiet = jax.process_index() != 0               # with several processes, process 0 prints
-    stream = TextStream(tokenizer, out=open(os.devnull, "w") if quiet else sys.stdout)
+    out = open(os.devnull, "w") if quiet else sys.stdout
+    stream = TextStream(tokenizer, out=out) if slots is None else None
     context = contextlib.nullcontext()
     if mesh is not None:
-        context = _on_mesh(mesh, generation_rules(mesh, 1))
+        context = _on_mesh(mesh, generation_rules(mesh, slots or 1))
     with context:
-        _, stats = generate(cfg, variables, [prompt], args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed, speculative=args.speculative,
-                            drafts=getattr(args, 'drafts', 1),
-                            stream_callback=stream, eos_id=getattr(tokenizer, "eos_id", None))
-    stream.close()
+        tokens, stats = generate(cfg, variables, prompts, args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed, speculative=args.speculative,
+                                 drafts=getattr(args, 'drafts', 1), stream_callback=stream,
+                                 eos_id=getattr(tokenizer, "eos_id", None), batch_size=slots)
+    if stream is not None:
+        stream.close()
+    else:
+        for i, (text, new) in enumerate(zip(texts, tokens)):
+            out.write(json.dumps({"index": i, "prompt": text, "completion": tokenizer.decode(new),
+                                  "new_tokens": len(new)}, ensure_ascii=False) + "\n")
+        out.flush()
     if not quiet:
         stats = dict(stats, dtype=cfg.dtype)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}),

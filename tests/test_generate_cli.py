@@ -1,0 +1,68 @@
+"""`generate --prompts-file`: a file of prompts served through the queue's batch slots from the command line.
+Bad input is refused before anything loads; a trained run (2 steps, MTP on) served through 2 slots prints one
+JSON line per prompt, in the file's order, and each completion is what `generate --prompt` prints for that
+prompt alone, for plain and speculative decoding."""
+
+import json
+
+import pytest
+
+from hf_utils import cli
+from train_utils import make_run, write_corpus
+
+
+@pytest.mark.parametrize("lines,extra,message", [
+    (None, [], "no such file"),
+    (["", "   ", ""], [], "holds no prompts"),
+    (["a"], ["--prompt", "b"], "give --prompt or --prompts-file, not both"),
+    (["a"], ["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    (None, ["--prompt", ""], "the prompt is empty")])
+def test_bad_prompts_are_refused(lines, extra, message, tmp_path, capsys):
+    """In process, through the CLI's entry point: exit 2 with a one-line reason, before any run is read (the
+    run directory does not even exist)."""
+    from dsv3_jax.__main__ import main
+    argv = ["generate", "--run-dir", str(tmp_path / "no-run")] + extra
+    if lines is not None or "--prompt" not in extra:
+        path = tmp_path / "prompts.txt"
+        if lines is not None:
+            path.write_text("\n".join(lines) + "\n")
+        argv += ["--prompts-file", str(path)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_prompts_file_that_is_not_text_is_refused(tmp_path, capsys):
+    from dsv3_jax.__main__ import main
+    path = tmp_path / "prompts.bin"
+    path.write_bytes(b"ok\n\xff\xfe\x00\n")
+    assert main(["generate", "--run-dir", str(tmp_path), "--prompts-file", str(path)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prompts_file_gives_each_prompt_its_own_completion(tmp_path):
+    from dsv3_jax.config import MeshConfig
+    from dsv3_jax.train.loop import train
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = str(tmp_path / "run")
+    train(make_run(MeshConfig(), steps=2, data=corpus, eval_every=2, checkpoint_every=2), run, progress=False,
+          async_checkpoints=False)
+    prompts = ["def main(", "alpha beta", "router ", "x", "latent token expert"]
+    path = tmp_path / "prompts.txt"
+    path.write_text(prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")            # a blank line is skipped
+    common = ("generate", "--run-dir", run, "--max-new-tokens", 12)
+    served = {}
+    for spec in ((), ("--speculative",)):
+        r = cli(*common, "--prompts-file", path, "--batch-size", 2, *spec, devices=1)
+        assert r.returncode == 0, r.stderr[-3000:]
+        served[spec] = [json.loads(line) for line in r.stdout.splitlines()]
+        stats = json.loads(r.stderr.strip().splitlines()[-1])
+        assert stats["batch_size"] == 2 and stats["refills"] == 3 and stats["new_tokens"] == 5 * 12
+    plain, spec = served[()], served[("--speculative",)]
+    assert [d["index"] for d in plain] == list(range(5)) and [d["prompt"] for d in plain] == prompts
+    assert all(d["new_tokens"] == 12 for d in plain)
+    assert [d["completion"] for d in spec] == [d["completion"] for d in plain]
+    for i in (0, 4):                                # as each prompt alone prints it (a newline after the text)
+        alone = cli(*common, "--prompt", prompts[i], devices=1)
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        assert alone.stdout == plain[i]["completion"] + "\n"
