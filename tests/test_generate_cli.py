@@ -1,7 +1,7 @@
 """`generate --prompts-file`: a file of prompts served through the queue's batch slots from the command line.
 Bad input is refused before anything loads; a trained run (2 steps, MTP on) served through 2 slots prints one
 JSON line per prompt, in the file's order, and each completion is what `generate --prompt` prints for that
-prompt alone, for plain and speculative decoding."""
+prompt alone, for plain and speculative decoding, on one device and on the (2, 2, 2) mesh."""
 
 import json
 
@@ -52,13 +52,14 @@ def test_prompts_file_gives_each_prompt_its_own_completion(tmp_path):
     path.write_text(prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")            # a blank line is skipped
     common = ("generate", "--run-dir", run, "--max-new-tokens", 12)
     served = {}
-    for spec in ((), ("--speculative",)):
-        r = cli(*common, "--prompts-file", path, "--batch-size", 2, *spec, devices=1)
+    for spec in ((), ("--speculative",), ("--speculative", "--mesh", "data=2,expert=2,tensor=2")):
+        r = cli(*common, "--prompts-file", path, "--batch-size", 2, *spec, devices=8 if "--mesh" in spec else 1)
         assert r.returncode == 0, r.stderr[-3000:]
         served[spec] = [json.loads(line) for line in r.stdout.splitlines()]
         stats = json.loads(r.stderr.strip().splitlines()[-1])
         assert stats["batch_size"] == 2 and stats["refills"] == 3 and stats["new_tokens"] == 5 * 12
     plain, spec = served[()], served[("--speculative",)]
+    assert served[("--speculative", "--mesh", "data=2,expert=2,tensor=2")] == spec    # weights and cache sharded
     assert [d["index"] for d in plain] == list(range(5)) and [d["prompt"] for d in plain] == prompts
     assert all(d["new_tokens"] == 12 for d in plain)
     assert [d["completion"] for d in spec] == [d["completion"] for d in plain]
