@@ -7,7 +7,10 @@ the trees alternating. A child measures, after compiling (the first call's secon
     params layout the tree's `generate` decodes from: `decode_params` where the tree has it) at 1024, 2048 and
     4096 cached tokens, the median (and min) over 7 runs of 5 steps;
   * the tiny preset (random weights): `generate` of 128 new tokens, plain and speculative, at batch 1 and 8,
-    the median (and max) decode tokens/s (stats['tokens_per_s']) over 5 requests.
+    the median (and max) decode tokens/s (stats['tokens_per_s']) over 5 requests;
+  * `--parts queue --run-dir RUN` (a trained run): the serving queue, `generate(..., batch_size=8)` of 32
+    validation prompts, 128 new tokens each, plain and speculative alternating, 3 runs after a warm-up: the
+    median tokens/s over the whole queue, decode-only tokens/s and prefill seconds, and the prefill calls.
 The report gives each tree's median over the rounds and the median of the per-round ratios to the first tree.
 
 `--hlo` compares, instead of timing, the compiled programs (XLA:CPU HLO after optimisation, with instruction
@@ -15,7 +18,7 @@ names, metadata and numbering stripped) of the small preset's absorbed decode st
 of the tiny preset's prefill: the noise-free check that a refactor left the decode step's work unchanged.
 
     PYTHONPATH=$PWD python experiments/decode_ab.py --tree base=/path/to/main --tree new=. [--rounds 3] [--hlo]
-Writes experiments/results/decode_ab.{md,json} (timing only).
+Writes experiments/results/decode_ab.{md,json} (timing only; decode_ab_TAG.* with `--tag TAG`).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import time
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONTEXTS = (1024, 2048, 4096)
 BATCHES = (1, 8)
+QUEUE_SLOTS = 8
 PROMPT = b"The model was trained on a small corpus of text, and "
 
 
-def child(parts: list[str]) -> dict:
+def child(parts: list[str], run_dir: str | None = None) -> dict:
     """The measurements of the tree this subprocess imports (its PYTHONPATH names it)."""
     import jax
     import jax.numpy as jnp
@@ -97,6 +101,23 @@ def child(parts: list[str]) -> dict:
                 rates = [run()["tokens_per_s"] for _ in range(5)]
                 out[f"{name}_tok_s"] = statistics.median(rates)
                 out[f"{name}_max_tok_s"] = max(rates)
+    if "queue" in parts:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_decode import load_run, validation_prompts            # this script's tree, not the measured one
+        cfg, variables, _, rc, tokenizer = load_run(run_dir)
+        prompts = validation_prompts(rc, tokenizer, 4 * QUEUE_SLOTS, 48)
+        run = lambda spec: generate(cfg, variables, prompts, 128, speculative=spec, batch_size=QUEUE_SLOTS,
+                                    max_len=48 + 128)[1]
+        run(False), run(True)                                                       # warm-up: compiles
+        stats = {False: [], True: []}
+        for _ in range(3):
+            for spec in (False, True):
+                stats[spec].append(run(spec))
+        for spec in (False, True):
+            name = f"queue_{'spec' if spec else 'plain'}_b{QUEUE_SLOTS}"
+            for k in ("tokens_per_s", "decode_tokens_per_s", "prefill_s"):
+                out[f"{name}_{k.replace('tokens_per_s', 'tok_s')}"] = statistics.median(st[k] for st in stats[spec])
+            out[f"{name}_prefill_calls"] = stats[spec][0]["prefill_calls"]
     return out
 
 
@@ -167,18 +188,22 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tree", action="append", default=[], help="NAME=PATH of a source tree (give two or more)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--parts", default="small,tiny")
+    ap.add_argument("--parts", default="small,tiny", help="small, tiny and/or queue (queue needs --run-dir)")
+    ap.add_argument("--run-dir", help="a trained run for the queue part")
+    ap.add_argument("--tag", default="", help="write decode_ab_TAG.{md,json}")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--hlo", action="store_true", help="compare compiled programs instead of timing")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
     if args.child:
-        print(json.dumps(child_hlo() if args.hlo else child(parts)))
+        print(json.dumps(child_hlo() if args.hlo else child(parts, args.run_dir)))
         return {}
     trees = [t.split("=", 1) for t in args.tree]
     if len(trees) < 2 or any(len(t) != 2 for t in trees):
         ap.error("give at least two --tree NAME=PATH")
+    if "queue" in parts and not (args.run_dir and os.path.exists(os.path.join(args.run_dir, "config.json"))):
+        ap.error("--parts queue needs --run-dir RUN, a training run directory")
     if args.hlo:
         compare_hlo(trees, args.out)
         return {}
@@ -186,7 +211,8 @@ def main(argv=None) -> dict:
     for r in range(args.rounds):
         for name, path in trees:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(path), JAX_PLATFORMS="cpu")
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--parts", args.parts],
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--parts", args.parts]
+                                  + (["--run-dir", os.path.abspath(args.run_dir)] if args.run_dir else []),
                                   env=env, capture_output=True, text=True, cwd=os.path.abspath(path))
             if proc.returncode != 0:
                 sys.exit(f"tree {name} failed:\n{proc.stderr[-3000:]}")
@@ -210,9 +236,10 @@ def main(argv=None) -> dict:
         lines.append(f"| {k} | " + " | ".join(f"{m:.2f}" for m in meds) + " | " +
                      " | ".join(f"{x:.3f}" for x in ratios) + " |")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_ab.md"), "w") as f:
+    stem = "decode_ab" + (f"_{args.tag}" if args.tag else "")
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "decode_ab.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump({"trees": dict(trees), "summary": summary, "runs": runs}, f, indent=2)
     print("\n".join(lines))
     return summary
