@@ -63,11 +63,13 @@ def plot(out_dir: str, preset: str, contexts: list, rows: list, spec_rows: list,
         names = [g[0]["model"] for g in groups]
         for i, group in enumerate(groups):
             ax4.plot([r["batch"] for r in group], [r["speedup"] for r in group], "s-", color=f"C{2 * i + 1}",
-                     label=f"{group[0].get('layers', '?')} layers, {group[0].get('weights_mib', 0):.0f} MiB: one request")
+                     label=f"{group[0].get('layers', '?')} layers, {group[0].get('weights_mib', 0):.0f} MiB: "
+                     "one request")
         for model, queue in by_model(queue_rows).items():
             i = names.index(model) if model in names else len(names)
             ax4.plot([r["batch"] for r in queue], [r["speedup"] for r in queue], "o--", color=f"C{2 * i + 1}",
-                     alpha=0.7, label=f"same, queue of {queue[0]['requests'] // queue[0]['batch']}x batch (prefills in)")
+                     alpha=0.7,
+                     label=f"same, queue of {queue[0]['requests'] // queue[0]['batch']}x batch (prefills in)")
         ax4.axhline(1.0, color="gray", lw=0.8)
         ax4.axhline(1.2, color="gray", lw=0.8, ls=":")
         ax4.set_xscale("log", base=2)

@@ -9,10 +9,10 @@ request.
 Refills are staged: when a row frees and no prefilled request is waiting, the next B prompts (fewer at the
 queue's end) are prefilled in one call (`jit_prefill_rows`: expanded MLA, as `prefill`, into a cache of
 their own only as wide as the padded prompts), and each row that frees takes the next of them
-(`jit_take_rows`: a copy of its cache window and decode state). Why: a prefill call reads every weight
-whatever its row count, so prefilling rows one at a time as they free (speculative decoding frees them at
-scattered steps) cost about twice plain decoding's refill time (experiments/results/bench_decode.md, the
-serving queue). slot == position (cache.py), so a taken row's positions restart at 0 and the previous
+(`take_rows`: a copy of its cache window and decode state). Why: a prefill call reads every weight
+whatever its row count, so prefilling rows one or two at a time as they free (speculative decoding frees them
+at scattered steps) cost about twice plain decoding's refill time (experiments/results/spec_cost.md, session
+14, and decode_ab_queue.md). slot == position (cache.py), so a taken row's positions restart at 0 and the previous
 request's entries past the new prompt are masked until overwritten. Every row decodes at its own offset,
 so greedy output per prompt is what the prompt gives alone. Sampling (temperature > 0) keeps the model's
 distribution, but a request's draws depend on its slot and steps, not only on the seed.
@@ -101,7 +101,8 @@ def jit_prefill_rows(cfg: ModelConfig, engine_name: str, drafts: int = 1, cache_
 
     def fn(params, rs, tokens, lengths, key, temperature, top_p):
         k, t = tokens.shape
-        out = prefill(cfg, params, rs, init_cache(cfg, k, t, cache_dtype, mtp=eng.mtp), tokens, lengths, mtp=eng.mtp)
+        fresh = init_cache(cfg, k, t, cache_dtype, mtp=eng.mtp)                  # T slots: the prompts' width
+        out = prefill(cfg, params, rs, fresh, tokens, lengths, mtp=eng.mtp)
         tok = sample(out.logits, key, temperature, top_p)
         return tok, out.cache, eng.rows_state(tok, lengths, tokens, out)
     return jax.jit(fn)
