@@ -102,8 +102,7 @@ def child(parts: list[str], run_dir: str | None = None) -> dict:
                 out[f"{name}_tok_s"] = statistics.median(rates)
                 out[f"{name}_max_tok_s"] = max(rates)
     if "queue" in parts:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_decode import load_run, validation_prompts            # this script's tree, not the measured one
+        from bench_decode import load_run, validation_prompts     # beside this script (its tree, not the measured one)
         cfg, variables, _, rc, tokenizer = load_run(run_dir)
         prompts = validation_prompts(rc, tokenizer, 4 * QUEUE_SLOTS, 48)
         run = lambda spec: generate(cfg, variables, prompts, 128, speculative=spec, batch_size=QUEUE_SLOTS,
