@@ -45,6 +45,14 @@ def _train_rows(d: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _by_model(rows) -> dict:
+    """Result rows grouped by their "model" (one README row per trained run), in order of first appearance."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["model"], []).append(r)
+    return out
+
+
 def _span(values) -> str:
     """'0.85' or '0.71-0.82': a figure's range over the rows."""
     lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
@@ -59,9 +67,7 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
         rows.append((f"absorbed vs expanded decode step, {s['preset']} preset",
                      f"{s['absorbed_speedup_at_max_context']:.1f}x faster at {longest} cached tokens; absorbed "
                      f"step {1000 / s['absorbed_tokens_per_s'][longest]:.1f} ms there", cmd))
-    groups = {}
-    for r in d.get("batches", []):
-        groups.setdefault(r["model"], []).append(r)
+    groups = _by_model(d.get("batches", []))
     for i, batches in enumerate(groups.values()):
         batches = sorted(batches, key=lambda r: r["batch"])
         sizes = "/".join(str(r["batch"]) for r in batches)
@@ -79,9 +85,7 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
                      + f" (acceptance {_span(acc)})",
                      cmd if i == 0 else cmd.rstrip("`") + " --batch-runs "
                      + ",".join(f"RUN{j}" for j in range(2, len(groups) + 1)) + "`"))
-    queues = {}
-    for r in d.get("queue", []):
-        queues.setdefault(r["model"], []).append(r)
+    queues = _by_model(d.get("queue", []))
     for i, queue in enumerate(queues.values()):
         queue = sorted(queue, key=lambda r: r["batch"])
         per_slot, q = queue[0]["requests"] // queue[0]["batch"], queue[0]

@@ -205,7 +205,8 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     steps = eng.steps(cfg, req.temperature == 0)
     slots = Slots(req, batch)
     staged, used = None, 0                  # prompts prefilled ahead; how many of them rows have taken
-    pow2 = lambda n: min(batch, 1 << (n - 1).bit_length())          # few shapes: counts padded to a power of two
+    # a list padded with its first item to a power of two: few shapes compile
+    pad = lambda xs: xs + xs[:1] * (min(batch, 1 << (len(xs) - 1).bit_length()) - len(xs))
     t0 = time.perf_counter()
     prefill_s, refills, forwards, stepped, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0
     while True:
@@ -214,8 +215,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
             t1 = time.perf_counter()
             if staged is None or used == len(staged.requests):       # stage the next B prompts, one call
                 ids = list(range(slots.next, min(len(req.prompts), slots.next + batch)))
-                ids_padded = ids + ids[:1] * (pow2(len(ids)) - len(ids))
-                tokens, lengths = pad_prompts([req.prompts[i] for i in ids_padded], t_pad)
+                tokens, lengths = pad_prompts([req.prompts[i] for i in pad(ids)], t_pad)
                 tok, s_cache, s_state = prefill_rows(params, router_state, jnp.asarray(tokens), jnp.asarray(lengths),
                                                      jax.random.fold_in(first_keys, ids[0]), sampling.temperature,
                                                      sampling.top_p)
@@ -223,14 +223,15 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
                 prefills += 1
             rows = free[:len(staged.requests) - used]
             src = list(range(used, used + len(rows)))
-            for r, j in zip(rows, src):
-                assert slots.start(r) == staged.requests[j]                      # staged in queue order
-            pad = lambda xs: jnp.asarray(xs + xs[:1] * (pow2(len(xs)) - len(xs)), jnp.int32)
-            cache, state = take_rows(cache, state, staged.cache, staged.state, pad(rows), pad(src))
-            used += len(rows)
             firsts = [[] for _ in range(batch)]
             for r, j in zip(rows, src):
+                started = slots.start(r)
+                if started != staged.requests[j]:                           # staged in queue order, always
+                    raise RuntimeError(f"queue: row {r} started prompt {started}, staged {staged.requests[j]}")
                 firsts[r] = [int(staged.first[j])]
+            cache, state = take_rows(cache, state, staged.cache, staged.state, jnp.asarray(pad(rows), jnp.int32),
+                                     jnp.asarray(pad(src), jnp.int32))
+            used += len(rows)
             slots.add(firsts, np.isin(np.arange(batch), rows))
             refills += len(rows)
             prefill_s += time.perf_counter() - t1
