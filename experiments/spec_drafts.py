@@ -33,14 +33,14 @@ from dsv3_jax.infer.speculative import jit_speculative_steps, start_state
 from results_io import write_results
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PROMPT, NEW, POOL = 48, 128, 16
+PROMPT, NEW, POOL = 48, 128, 16          # --prompt-tokens, --new-tokens defaults; prompts in the pool
 
 
-def step_costs(cfg, params, rs, prompts, drafts: list, repeats: int, calls: int = 4) -> dict:
+def step_costs(cfg, params, rs, prompts, drafts: list, repeats: int, new: int = NEW, calls: int = 4) -> dict:
     """{K: microseconds per step} (K = 0: plain) and {K: median per-repeat ratio to plain}."""
     b = len(prompts)
     params = decode_params(cfg, params, rows=b)
-    req = GenerationRequest(prompts, NEW, max_len=PROMPT + NEW)
+    req = GenerationRequest(prompts, new, max_len=max(map(len, prompts)) + new)
     active = jnp.ones((b,), bool)
     progs = {}
     for k in [0] + drafts:
@@ -74,10 +74,10 @@ def step_costs(cfg, params, rs, prompts, drafts: list, repeats: int, calls: int 
             {k: statistics.median(a / p for a, p in zip(times[k], times[0])) for k in drafts})
 
 
-def generate_rates(cfg, variables, prompts, drafts: list, repeats: int) -> dict:
+def generate_rates(cfg, variables, prompts, drafts: list, repeats: int, new: int = NEW) -> dict:
     """Per K (0: plain): decode tokens/s (median), tokens per forward, main forwards, ratio to plain."""
-    run = lambda k: generate(cfg, variables, prompts, NEW, speculative=k > 0, drafts=max(k, 1),
-                             max_len=PROMPT + NEW)
+    run = lambda k: generate(cfg, variables, prompts, new, speculative=k > 0, drafts=max(k, 1),
+                             max_len=max(map(len, prompts)) + new)
     plain = run(0)[0]
     stats = {}
     for k in drafts:
@@ -124,6 +124,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--drafts", default="1,2,3")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=NEW)
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     argv = argv if argv is not None else __import__("sys").argv[1:]
@@ -132,12 +134,12 @@ def main(argv=None) -> dict:
     for run_dir in args.runs.split(","):
         cfg, variables, label, rc, tokenizer = load_run(run_dir)
         params, rs = split_variables(variables)
-        pool = validation_prompts(rc, tokenizer, POOL, PROMPT)
+        pool = validation_prompts(rc, tokenizer, POOL, args.prompt_tokens)
         shape = shape_text(model_shape(cfg, variables))
         for b in [int(x) for x in args.batches.split(",")]:
             prompts = [pool[i % POOL] for i in range(b)]
-            step_us, step_ratio = step_costs(cfg, params, rs, prompts, drafts, args.repeats + 2)
-            gen = generate_rates(cfg, variables, prompts, drafts, args.repeats)
+            step_us, step_ratio = step_costs(cfg, params, rs, prompts, drafts, args.repeats + 2, args.new_tokens)
+            gen = generate_rates(cfg, variables, prompts, drafts, args.repeats, args.new_tokens)
             for k in drafts:
                 gen[k].update(step_us=step_us[k], step_over_plain=step_ratio[k],
                               bound=gen[k]["tokens_per_forward"] / step_ratio[k])
@@ -147,9 +149,10 @@ def main(argv=None) -> dict:
                 f"K={k}: {gen[k]['speedup']:.2f}x (step {step_ratio[k]:.2f}, tok/fwd "
                 f"{gen[k]['tokens_per_forward']:.2f}, bound {gen[k]['bound']:.2f})" for k in drafts), flush=True)
     lines = ["# Drafts per speculative step: one MTP draft, or the module chained for two and three", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}. Command: "
-             f"`python experiments/spec_drafts.py {' '.join(argv)}`. Greedy, {NEW} new tokens per row after "
-             f"{PROMPT}-token validation-text prompts, one request per batch. Step: device microseconds per step "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
+             f"({jax.devices()[0].device_kind}). Command: `python experiments/spec_drafts.py {' '.join(argv)}`. "
+             f"Greedy, {args.new_tokens} new tokens per row after {args.prompt_tokens}-token validation-text "
+             "prompts, one request per batch. Step: device microseconds per step "
              f"(calls of {CHUNK} steps, median of {args.repeats + 2} alternating repeats), K-draft step in plain "
              f"steps. Speed-up: median per-round ratio of decode tokens/s to plain ({args.repeats} alternating "
              "rounds after a warm-up; greedy outputs equal to plain in every case). Bound = tokens per forward / "

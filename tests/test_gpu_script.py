@@ -32,25 +32,31 @@ def test_script_parses_and_refuses_unknown_arguments(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_dry_run_writes_every_result_under_out(tmp_path):
-    """The whole script on the CPU: every step runs and succeeds, and $OUT holds the summary (versions, each
-    step's status, the MFU figure against the stated peak), the log and each benchmark's own files."""
+    """The whole script on the CPU: every step runs and succeeds (the tests beside a CLI training run, then
+    the benchmarks on that run), and $OUT holds the summary (versions, each step's status, the MFU figure against
+    the stated peak, the decode ratios by batch), the log, each benchmark's own files and the run's metrics."""
     out = tmp_path / "out"
     p = _run("--cpu", out=out, timeout=1500)
     summary = (out / "summary.md").read_text()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert summary.startswith("# Dry run on the CPU") and "jax: " in summary and "device: cpu" in summary
-    for name in ("tests", "bench_train", "bench_decode_b1"):
+    for name in ("tests", "train_run", "bench_train", "bench_decode", "spec_drafts"):
         assert re.search(rf"^\| {name} \| ok \| \d+ \|", summary, re.M), summary
     assert re.search(r"^\| tests \| ok \| \d+ \| \d+ passed", summary, re.M), summary
     assert "MFU" in summary and "peak 989 TFLOP/s" in summary, summary
     assert "speculative / plain decode tokens/s" in summary, summary
+    assert re.search(r"^Decode by batch, one request per batch \(train_run\): batch 1: .*; batch 2: ", summary, re.M)
+    assert re.search(r"^Drafts per step, batch 1 .*K=1: .*K=2: ", summary, re.M), summary
 
     train = json.loads((out / "bench_train" / "bench_train.md").read_text().split("```")[1])
     assert (train["preset"], train["dtype"], train["moe_impl"]) == ("tiny", "bfloat16", "ragged")
     assert train["peak_flops"] == 989e12 and 0 < train["mfu"] < 1 and 0 < train["mfu_no_mtp"] < 1
     assert abs(train["mfu"] - train["model_flops_per_s"] / 989e12) < 1e-12
-    decode = json.loads((out / "bench_decode_b1" / "bench_decode.json").read_text())["summary"]
+    decode = json.loads((out / "bench_decode" / "bench_decode.json").read_text())["summary"]
     assert decode["preset"] == "tiny" and decode["tokens_per_forward"] >= 1
+    assert decode["speculative_model"].endswith("train_run")         # the run trained beside the tests
+    steps = [json.loads(line) for line in (out / "train_run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["step"] == 3 and "val_loss" in steps[-1]
     log = (out / "run.log").read_text()
     assert "install: skipped (--cpu dry run)" in log and "Traceback" not in log
     assert not list(out.glob(".*")), "temporary files left in $OUT"
