@@ -290,7 +290,7 @@ def schedules_ab(args, experts):
             lines.append(f"| {e} | {name} | {1e3 * wall[name]:.0f} | {1e3 * cpu[name]:.0f} | "
                          f"{cpu[name] / cpu[kept]:.3f} | {wall[name] / wall[kept]:.3f} | "
                          f"{cpu[name] / cpu['matmul']:.2f} |")
-    open(os.path.join(RESULTS, "bench_moe_ab.md"), "w").write("\n".join(lines) + "\n")
+    open(os.path.join(args.out, "bench_moe_ab.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -386,13 +386,14 @@ def main():
     ap.add_argument("--ab", action="store_true",
                     help="time the kept kernel's block schedules against each other (bench_moe_ab.md)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, no ragged beyond E=8")
+    ap.add_argument("--out", default=RESULTS, help="folder of the written tables (default experiments/results)")
     ap.add_argument("--ep-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ep_child:
         return ep_child(args)
     if args.quick:
         args.rounds, args.warmup, args.ragged_max_experts = 3, 1, 8
-    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     n, d, f, k = args.tokens, args.hidden, args.width, args.topk
     p = n * k
     experts = [int(v) for v in args.experts.split(",")]
@@ -439,7 +440,7 @@ def main():
                      "cpu_time_ratio_vs_first": cpu[(e, name)] / cbase if cbase else None})
 
     lines = [f"# MoE routed experts, forward + backward ({platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, jax {jax.__version__})", "",
+             f"{os.cpu_count()} cores, jax {jax.__version__}, {jax.devices()[0].device_kind})", "",
              f"N={n} tokens, K={k}, D={d}, F={f}, fp32; {flops / 1e9:.1f} GFLOP per step. Dense matmul with the "
              f"same active FLOPs: {1e3 * t_mm:.0f} ms = {flops / t_mm / 1e9:.0f} GFLOP/s (same run; "
              f"{1e3 * c_mm:.0f} ms of process CPU time). Median of {args.rounds} interleaved rounds, each "
@@ -457,7 +458,7 @@ def main():
 
     summary = {}
     if args.variants:
-        path = os.path.join(RESULTS, "bench_moe_variants.md")
+        path = os.path.join(args.out, "bench_moe_variants.md")
         open(path, "w").write("\n".join(lines) + "\n")
         print("\n".join(lines))
         summary = {"variants": {nm: {e: [round(times[(e, nm)] * 1e3), round(cpu[(e, nm)] * 1e3)]
@@ -479,10 +480,10 @@ def main():
             lines.append(f"| {'topk_group=4' if r['group_limit'] else 'none'} | {r['scheme']} | "
                          f"{r['rows_per_token']:.2f} | {r['bytes_per_token'] / 1024:.1f} | "
                          f"{r['worst_bytes_per_token'] / 1024:.1f} | {r['needed_shards_per_token']:.2f} |")
-    md = os.path.join(RESULTS, "bench_moe.md")
+    md = os.path.join(args.out, "bench_moe.md")
     open(md, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, names, experts, os.path.join(RESULTS, "bench_moe.png"), n, d, f, k)
+    plot(rows, names, experts, os.path.join(args.out, "bench_moe.png"), n, d, f, k)
 
     def pick(impl, e, key):
         return next((r[key] for r in rows if r["impl"] == impl and r["experts"] == e), None)
@@ -497,7 +498,7 @@ def main():
         "matmul_gflops": flops / t_mm / 1e9,
         "rows": rows, "ep_traffic": ep_rows,
     }
-    json.dump(summary, open(os.path.join(RESULTS, "bench_moe.json"), "w"), indent=1)
+    json.dump(summary, open(os.path.join(args.out, "bench_moe.json"), "w"), indent=1)
     short = {k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in summary.items()
              if k_ not in ("rows", "ep_traffic")}
     if ep_rows:

@@ -15,6 +15,8 @@
 #   run.log               every step's output
 #   bench_train/          bench_train.{md,json,png} (MTP on and off; MFU against PEAK_FLOPS)
 #   bench_decode/         bench_decode.{md,json,png}
+#   bench_moe/            bench_moe.{md,json,png}: the routed experts alone, per dispatch (blocked, dense, ragged)
+#   bench_moe_cudnn/      the same for ragged with XLA's cuDNN ragged-dot fusion flag (GPU only)
 #   spec_drafts/          spec_drafts.{md,json,png}
 #   train_run/            the trained run's config.json and metrics.jsonl (its checkpoints stay behind)
 #
@@ -78,7 +80,7 @@ RUN="$WORK/train_run"
 if [ "$MODE" = cpu ]; then
   export JAX_PLATFORMS=cpu
   TEST_TIMEOUT=${TEST_TIMEOUT:-300} RUN_TIMEOUT=${RUN_TIMEOUT:-300} TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-600}
-  DECODE_TIMEOUT=${DECODE_TIMEOUT:-600} DRAFTS_TIMEOUT=${DRAFTS_TIMEOUT:-600}
+  DECODE_TIMEOUT=${DECODE_TIMEOUT:-600} DRAFTS_TIMEOUT=${DRAFTS_TIMEOUT:-600} MOE_TIMEOUT=${MOE_TIMEOUT:-300}
   TEST_ARGS=(tests/test_data.py)                      # the suite's plumbing on one quick file
   RUN_ARGS=(--preset tiny train.steps=3 train.global_batch_size=2 train.seq_len=16 train.eval_every=3
             train.checkpoint_every=3 train.max_corpus_bytes=100000 model.num_hidden_layers=2)
@@ -87,24 +89,36 @@ if [ "$MODE" = cpu ]; then
   DECODE_ARGS=(--preset tiny --contexts 32,64 --steps 1 --repeats 1 --new-tokens 6 --prompts 2 --prompt-tokens 8
                --batch 1,2 --queue 1 --agree-presets "")
   DRAFTS_ARGS=(--batches 1 --drafts 1,2 --repeats 1 --new-tokens 6 --prompt-tokens 8)
+  MOE_ARGS=(--tokens 256 --experts 8 --impls blocked,ragged --rounds 1 --warmup 1 --no-ep)
+  MOE_FLAGS=""                                        # the cuDNN flag is a GPU flag: XLA:CPU refuses it
 else
   # The tests build meshes of 8 devices: on one GPU those tests fail by design (the log lists them); the CPU
   # platform stays available beside it for the host-side parts.
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu}
   TEST_TIMEOUT=${TEST_TIMEOUT:-140} RUN_TIMEOUT=${RUN_TIMEOUT:-150} TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-150}
-  DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} DRAFTS_TIMEOUT=${DRAFTS_TIMEOUT:-150}
-  TEST_ARGS=()
+  DECODE_TIMEOUT=${DECODE_TIMEOUT:-160} DRAFTS_TIMEOUT=${DRAFTS_TIMEOUT:-120} MOE_TIMEOUT=${MOE_TIMEOUT:-90}
+  # The numerical checks that mean something on one device (the rest of the suite builds 8-device meshes or
+  # times the host allocator; 140 s covered half of it with 8 workers on 2026-12-01, experiments/results/gpu.md).
+  TEST_ARGS=(tests/test_hf_parity.py tests/test_model.py tests/test_speculative_step.py tests/test_infer.py
+             tests/test_moe_dispatch.py tests/test_attention.py tests/test_generate_dtype.py
+             tests/test_decode_weights.py tests/test_hf_variants.py)
   # The 4-layer run of the CPU tables (experiments/results/spec_cost.md): bench model, 300 steps of 32 x 128.
   RUN_ARGS=(--preset bench train.steps=300 train.global_batch_size=32 train.seq_len=128 train.learning_rate=3e-3
             train.warmup_steps=30 train.stable_steps=120 train.decay_steps=150 train.final_lr=3e-4
             train.eval_every=50 train.checkpoint_every=100 train.bias_update_rate=1e-2
             train.bias_update_rate_final=1e-3 train.max_corpus_bytes=4000000)
-  TRAIN_ARGS=(--preset small --dtype bf16 --moe-impl ragged --steps 10 --rounds 3 --matmul-size 8192)
+  # The small preset's own batch (64 x 1024) ran out of the card's memory with ragged dispatch (gpu.md).
+  TRAIN_ARGS=(--preset small --dtype bf16 --moe-impl ragged --steps 10 --rounds 3 --matmul-size 8192
+              train.global_batch_size=16)
   # Each decode program compiles once per shape (some 200 on the CPU): few contexts, no constructed models, no
   # serving queue, so that compiling leaves time to measure.
   DECODE_ARGS=(--preset small --contexts 4096 --steps 5 --repeats 3 --new-tokens 128 --prompts 4 --batch 1,8
                --queue 0 --agree-presets "")
-  DRAFTS_ARGS=(--batches 1,8 --drafts 1,2,3 --repeats 2)
+  DRAFTS_ARGS=(--batches 8 --drafts 1,2 --repeats 2)
+  # The small preset's routed experts (D 512, F 256, K 6) at E = 16 and 64, for the train step's tokens.
+  MOE_ARGS=(--tokens 16384 --hidden 512 --width 256 --topk 6 --experts 16,64 --impls blocked,dense,ragged
+            --ragged-max-experts 64 --no-ep --rounds 5 --warmup 1)
+  MOE_FLAGS="--xla_gpu_experimental_use_ragged_dot_fusion=true"
 fi
 
 # step NAME TIMEOUT COMMAND...: run one step (a program or a function of this script) under `timeout`, its
@@ -206,9 +220,7 @@ FP32=(env JAX_DEFAULT_MATMUL_PRECISION=highest)
 SHARED=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)       # two processes on one GPU: allocate as needed
 TEST_CMD=("${SHARED[@]}" "${FP32[@]}" "$PY" -m pytest -v -p no:cacheprovider -rfE)
 if [ "$MODE" = gpu ]; then
-  # the checks that matter most on a new device first (HF parity, the model, speculative == plain), then the rest
-  TEST_ARGS=(tests/test_hf_parity.py tests/test_model.py tests/test_speculative_step.py tests/test_infer.py
-             tests/test_moe_dispatch.py tests/test_attention.py tests/)
+  TEST_CMD+=(--tb=short)
   if "$PY" -c "import xdist" 2>/dev/null; then TEST_CMD+=(-n "${TEST_WORKERS:-8}"); fi
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then TEST_CMD+=(--timeout 100); fi
 fi
@@ -221,6 +233,11 @@ cp "$RUN/config.json" "$RUN/metrics.jsonl" "$OUT/train_run/" 2>/dev/null
 
 step bench_train "$TRAIN_TIMEOUT" "$PY" experiments/bench_train.py "${TRAIN_ARGS[@]}" --peak-flops "$PEAK_FLOPS" \
   --out "$OUT/bench_train"
+step bench_moe "$MOE_TIMEOUT" "$PY" experiments/bench_moe.py "${MOE_ARGS[@]}" --out "$OUT/bench_moe"
+if [ -n "$MOE_FLAGS" ]; then
+  step bench_moe_cudnn "$MOE_TIMEOUT" env XLA_FLAGS="$MOE_FLAGS" "$PY" experiments/bench_moe.py "${MOE_ARGS[@]}" \
+    --impls ragged --out "$OUT/bench_moe_cudnn"
+fi
 step bench_decode "$DECODE_TIMEOUT" "${FP32[@]}" "$PY" experiments/bench_decode.py "${DECODE_ARGS[@]}" --run-dir "$RUN" \
   --out "$OUT/bench_decode"
 step spec_drafts "$DRAFTS_TIMEOUT" "${FP32[@]}" "$PY" experiments/spec_drafts.py --runs "$RUN" "${DRAFTS_ARGS[@]}" \
@@ -275,6 +292,13 @@ if s:
           f"{s['tokens_per_s_no_mtp']:.0f} tok/s, MFU {s['mfu_no_mtp']:.3g} (peak {peak / 1e12:.0f} TFLOP/s; "
           f"the same run's {s['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s matmul reference).")
     print()
+for folder, what in (("bench_moe", "routed experts alone"), ("bench_moe_cudnn", "ragged with the cuDNN fusion flag")):
+    d = read(folder, "bench_moe.json")
+    if d:
+        cells = "; ".join(f"E={r['experts']} {r['impl']}: {r['ms']:.1f} ms ({r['flops_fraction']:.2f} of the matmul)"
+                          for r in d["rows"])
+        print(f"MoE, {what}, forward + backward ({d['matmul_gflops'] / 1e3:.0f} TFLOP/s matmul reference): {cells}.")
+        print()
 d = read("bench_decode", "bench_decode.json")
 if d:
     s = d["summary"]
@@ -306,7 +330,8 @@ rm -f "$OUT/.status" "$OUT/.versions"
 cat "$OUT/summary.md"
 
 if [ "$PACK" = 1 ]; then
-  (cd "$OUT" && dirs=$(ls -d bench_* spec_drafts train_run 2>/dev/null) && tar czf results.tar.gz $dirs && rm -rf $dirs)
+  (cd "$OUT" && dirs=$(ls -d bench_* spec_drafts train_run 2>/dev/null || true) && tar czf results.tar.gz $dirs \
+    && rm -rf $dirs)
 fi
 if grep -q '^| \(install\|bench_[a-z0-9_]*\) | \(failed\|timed out\)' "$OUT/summary.md"; then exit 1; fi
 if [ "$MODE" = cpu ] && grep -q '^| tests | \(failed\|timed out\)' "$OUT/summary.md"; then exit 1; fi

@@ -40,13 +40,15 @@ def test_cpu_dry_run_writes_every_result_under_out(tmp_path):
     summary = (out / "summary.md").read_text()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert summary.startswith("# Dry run on the CPU") and "jax: " in summary and "device: cpu" in summary
-    for name in ("tests", "train_run", "bench_train", "bench_decode", "spec_drafts"):
+    for name in ("tests", "train_run", "bench_train", "bench_moe", "bench_decode", "spec_drafts"):
         assert re.search(rf"^\| {name} \| ok \| \d+ \|", summary, re.M), summary
     assert re.search(r"^\| tests \| ok \| \d+ \| \d+ passed", summary, re.M), summary
     assert "MFU" in summary and "peak 989 TFLOP/s" in summary, summary
     assert "speculative / plain decode tokens/s" in summary, summary
     assert re.search(r"^Decode by batch, one request per batch \(train_run\): batch 1: .*; batch 2: ", summary, re.M)
     assert re.search(r"^Drafts per step, batch 1 .*K=1: .*K=2: ", summary, re.M), summary
+    assert re.search(r"^MoE, routed experts alone, .*E=8 blocked: .*E=8 ragged: ", summary, re.M), summary
+    assert "bench_moe_cudnn" not in summary                           # a GPU-only step
 
     train = json.loads((out / "bench_train" / "bench_train.md").read_text().split("```")[1])
     assert (train["preset"], train["dtype"], train["moe_impl"]) == ("tiny", "bfloat16", "ragged")

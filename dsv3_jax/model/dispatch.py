@@ -25,7 +25,9 @@ experts chosen, not a loop over all E). An expert's pairs past C in `capacity_lo
 Elsewhere (GPU/TPU, or a mesh with dense), `gather` while N*K <= E.
 Measured: experiments/results/bench_moe_few.md, and for capacity_local experiments/results/spec_cost.md.
 This docstring is the one place that rule is written down. Why blocked on CPU and ragged elsewhere:
-experiments/results/bench_moe.md (ragged_dot is several times slower than the blocked loops on XLA:CPU).
+experiments/results/bench_moe.md (ragged_dot is several times slower than the blocked loops on XLA:CPU). On
+TPU ragged_dot is a native kernel; XLA:GPU expands it densely unless its cuDNN ragged-dot fusion takes it, and
+the one GPU run so far (experiments/results/gpu.md) gave the train step 1.5% MFU with it: unsettled there.
 A mesh is "there" when `jax.set_mesh` (or `dsv3_jax.sharding.activate`) made one ambient with more than
 one device; every implementation runs on any (data, expert, tensor) mesh.
 Axis letters: see layers.py (P = token-expert pairs, N*K of them).
