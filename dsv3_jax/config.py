@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .errors import InputError, MissingInputError
 
-MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "expert_parallel")
+MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "gathered", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload_inputs", "paper", "paper_offload")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("plain", "blocked")

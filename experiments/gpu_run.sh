@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU run in one call: install; the test suite on the GPU while a 4-layer model (the bench preset) trains
-# through the CLI; the train-step benchmark (small preset, bf16, ragged MoE dispatch, MFU); the decode benchmark
-# on the trained run (absorbed vs expanded MLA, plain vs speculative at batch 1 and 8, the serving queue); and
-# one, two or three MTP drafts per step. Everything is written under $OUT.
+# through the CLI; the train-step benchmark (small preset, bf16, MFU) with the ragged and the gathered MoE
+# dispatch; the routed experts alone per dispatch; the decode benchmark on the trained run (absorbed vs expanded
+# MLA, plain vs speculative at batch 1 and 8); and one or two MTP drafts per step. Everything is written under
+# $OUT; steps past the time budget are skipped and say so.
 #
 #   bash experiments/gpu_run.sh            # on the GPU machine (an H200)
 #   bash experiments/gpu_run.sh --cpu      # dry run here: CPU, tiny sizes, a couple of steps, no installs
@@ -13,9 +14,9 @@
 # $OUT (default ./out) receives:
 #   summary.md            date, versions, device, each step's status and the headline figures
 #   run.log               every step's output
-#   bench_train/          bench_train.{md,json,png} (MTP on and off; MFU against PEAK_FLOPS)
+#   bench_train_<impl>/   bench_train.{md,json,png} per MoE dispatch (MTP on and off; MFU against PEAK_FLOPS)
 #   bench_decode/         bench_decode.{md,json,png}
-#   bench_moe/            bench_moe.{md,json,png}: the routed experts alone, per dispatch (blocked, dense, ragged)
+#   bench_moe/            bench_moe.{md,json,png}: the routed experts alone, per dispatch
 #   bench_moe_cudnn/      the same for ragged with XLA's cuDNN ragged-dot fusion flag (GPU only)
 #   spec_drafts/          spec_drafts.{md,json,png}
 #   train_run/            the trained run's config.json and metrics.jsonl (its checkpoints stay behind)
@@ -84,12 +85,13 @@ if [ "$MODE" = cpu ]; then
   TEST_ARGS=(tests/test_data.py)                      # the suite's plumbing on one quick file
   RUN_ARGS=(--preset tiny train.steps=3 train.global_batch_size=2 train.seq_len=16 train.eval_every=3
             train.checkpoint_every=3 train.max_corpus_bytes=100000 model.num_hidden_layers=2)
-  TRAIN_ARGS=(--preset tiny --dtype bf16 --moe-impl ragged --steps 2 --rounds 1 --matmul-size 128
+  TRAIN_IMPLS=(ragged gathered)
+  TRAIN_ARGS=(--preset tiny --dtype bf16 --steps 2 --rounds 1 --matmul-size 128
               train.global_batch_size=2 train.seq_len=16 model.num_hidden_layers=2 model.scan_unroll=1)
   DECODE_ARGS=(--preset tiny --contexts 32,64 --steps 1 --repeats 1 --new-tokens 6 --prompts 2 --prompt-tokens 8
                --batch 1,2 --queue 1 --agree-presets "")
   DRAFTS_ARGS=(--batches 1 --drafts 1,2 --repeats 1 --new-tokens 6 --prompt-tokens 8)
-  MOE_ARGS=(--tokens 256 --experts 8 --impls blocked,ragged --rounds 1 --warmup 1 --no-ep)
+  MOE_ARGS=(--tokens 256 --experts 8 --impls blocked,gathered,ragged --rounds 1 --warmup 1 --no-ep)
   MOE_FLAGS=""                                        # the cuDNN flag is a GPU flag: XLA:CPU refuses it
 else
   # The tests build meshes of 8 devices: on one GPU those tests fail by design (the log lists them); the CPU
@@ -108,15 +110,16 @@ else
             train.eval_every=50 train.checkpoint_every=100 train.bias_update_rate=1e-2
             train.bias_update_rate_final=1e-3 train.max_corpus_bytes=4000000)
   # The small preset's own batch (64 x 1024) ran out of the card's memory with ragged dispatch (gpu.md).
-  TRAIN_ARGS=(--preset small --dtype bf16 --moe-impl ragged --steps 10 --rounds 3 --matmul-size 8192
-              train.global_batch_size=16)
+  # ragged: XLA's ragged_dot, 1.5% MFU on 2026-12-01; gathered: the batched-matmul form built after that run.
+  TRAIN_IMPLS=(ragged gathered)
+  TRAIN_ARGS=(--preset small --dtype bf16 --steps 10 --rounds 3 --matmul-size 8192 train.global_batch_size=16)
   # Each decode program compiles once per shape (some 200 on the CPU): few contexts, no constructed models, no
   # serving queue, so that compiling leaves time to measure.
   DECODE_ARGS=(--preset small --contexts 4096 --steps 5 --repeats 3 --new-tokens 128 --prompts 4 --batch 1,8
                --queue 0 --agree-presets "")
   DRAFTS_ARGS=(--batches 8 --drafts 1,2 --repeats 2)
   # The small preset's routed experts (D 512, F 256, K 6) at E = 16 and 64, for the train step's tokens.
-  MOE_ARGS=(--tokens 16384 --hidden 512 --width 256 --topk 6 --experts 16,64 --impls blocked,dense,ragged
+  MOE_ARGS=(--tokens 16384 --hidden 512 --width 256 --topk 6 --experts 16,64 --impls gathered,ragged,blocked,dense
             --ragged-max-experts 64 --no-ep --rounds 5 --warmup 1)
   MOE_FLAGS="--xla_gpu_experimental_use_ragged_dot_fusion=true"
 fi
@@ -231,9 +234,11 @@ wait
 mkdir -p "$OUT/train_run"
 cp "$RUN/config.json" "$RUN/metrics.jsonl" "$OUT/train_run/" 2>/dev/null
 
-step bench_train "$TRAIN_TIMEOUT" "$PY" experiments/bench_train.py "${TRAIN_ARGS[@]}" --peak-flops "$PEAK_FLOPS" \
-  --out "$OUT/bench_train"
 step bench_moe "$MOE_TIMEOUT" "$PY" experiments/bench_moe.py "${MOE_ARGS[@]}" --out "$OUT/bench_moe"
+for impl in "${TRAIN_IMPLS[@]}"; do
+  step "bench_train_$impl" "$TRAIN_TIMEOUT" "$PY" experiments/bench_train.py "${TRAIN_ARGS[@]}" --moe-impl "$impl" \
+    --peak-flops "$PEAK_FLOPS" --out "$OUT/bench_train_$impl"
+done
 if [ -n "$MOE_FLAGS" ]; then
   step bench_moe_cudnn "$MOE_TIMEOUT" env XLA_FLAGS="$MOE_FLAGS" "$PY" experiments/bench_moe.py "${MOE_ARGS[@]}" \
     --impls ragged --out "$OUT/bench_moe_cudnn"
@@ -285,8 +290,8 @@ if os.path.exists(metrics):
               f"{steps[-1]['loss']:.3f}" + (f", validation loss {val[-1]['val_loss']:.3f}" if val else "")
               + f"; {rate:.0f} tokens/s (median over the second half, the GPU shared with the tests).")
         print()
-s = read("bench_train", "bench_train.md")
-if s:
+for s in filter(None, (read(name, "bench_train.md") for name in sorted(os.listdir(out))
+                       if name.startswith("bench_train"))):
     print(f"Train step ({s['preset']} preset, {s['dtype']}, moe_impl={s['moe_impl']}, batch {s['batch']} x "
           f"{s['seq_len']}): MTP on {s['tokens_per_s']:.0f} tok/s, MFU {s['mfu']:.3g}; MTP off "
           f"{s['tokens_per_s_no_mtp']:.0f} tok/s, MFU {s['mfu_no_mtp']:.3g} (peak {peak / 1e12:.0f} TFLOP/s; "

@@ -40,20 +40,24 @@ def test_cpu_dry_run_writes_every_result_under_out(tmp_path):
     summary = (out / "summary.md").read_text()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert summary.startswith("# Dry run on the CPU") and "jax: " in summary and "device: cpu" in summary
-    for name in ("tests", "train_run", "bench_train", "bench_moe", "bench_decode", "spec_drafts"):
+    for name in ("tests", "train_run", "bench_train_ragged", "bench_train_gathered", "bench_moe", "bench_decode",
+                 "spec_drafts"):
         assert re.search(rf"^\| {name} \| ok \| \d+ \|", summary, re.M), summary
     assert re.search(r"^\| tests \| ok \| \d+ \| \d+ passed", summary, re.M), summary
     assert "MFU" in summary and "peak 989 TFLOP/s" in summary, summary
     assert "speculative / plain decode tokens/s" in summary, summary
     assert re.search(r"^Decode by batch, one request per batch \(train_run\): batch 1: .*; batch 2: ", summary, re.M)
     assert re.search(r"^Drafts per step, batch 1 .*K=1: .*K=2: ", summary, re.M), summary
-    assert re.search(r"^MoE, routed experts alone, .*E=8 blocked: .*E=8 ragged: ", summary, re.M), summary
+    assert re.search(r"^MoE, routed experts alone, .*E=8 blocked: .*E=8 gathered: .*E=8 ragged: ", summary,
+                     re.M), summary
     assert "bench_moe_cudnn" not in summary                           # a GPU-only step
 
-    train = json.loads((out / "bench_train" / "bench_train.md").read_text().split("```")[1])
-    assert (train["preset"], train["dtype"], train["moe_impl"]) == ("tiny", "bfloat16", "ragged")
-    assert train["peak_flops"] == 989e12 and 0 < train["mfu"] < 1 and 0 < train["mfu_no_mtp"] < 1
-    assert abs(train["mfu"] - train["model_flops_per_s"] / 989e12) < 1e-12
+    for impl in ("ragged", "gathered"):
+        train = json.loads((out / f"bench_train_{impl}" / "bench_train.md").read_text().split("```")[1])
+        assert (train["preset"], train["dtype"], train["moe_impl"]) == ("tiny", "bfloat16", impl)
+        assert train["peak_flops"] == 989e12 and 0 < train["mfu"] < 1 and 0 < train["mfu_no_mtp"] < 1
+        assert abs(train["mfu"] - train["model_flops_per_s"] / 989e12) < 1e-12
+        assert f"moe_impl={impl}, batch 2 x 16): MTP on" in summary, summary
     decode = json.loads((out / "bench_decode" / "bench_decode.json").read_text())["summary"]
     assert decode["preset"] == "tiny" and decode["tokens_per_forward"] >= 1
     assert decode["speculative_model"].endswith("train_run")         # the run trained beside the tests

@@ -24,7 +24,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import dispatch, expert_few, expert_kernels, expert_parallel as ep_mod
 from dsv3_jax.model.moe import MoE, route
 
-IMPLS = ("auto", "dense", "ragged", "blocked", "expert_parallel")
+IMPLS = ("auto", "dense", "ragged", "blocked", "gathered", "expert_parallel")
 D, F, E, K = 16, 8, 8, 3
 
 

@@ -38,7 +38,7 @@ def one_device_losses(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["auto", "dense", "blocked", "ragged", "expert_parallel"])
+@pytest.mark.parametrize("impl", ["auto", "dense", "blocked", "ragged", "gathered", "expert_parallel"])
 def test_mesh_losses_equal_one_device(one_device_losses, impl, tmp_path):
     losses = train_losses(tmp_path / "run", 8, "--mesh", "data=2,expert=2,tensor=2", f"model.moe_impl={impl}")
     assert len(losses) == len(one_device_losses) == 2

@@ -8,6 +8,8 @@ dropped, and is checked against the same per-token reference in tests/test_moe_d
                    all-gathered over `expert` (expert_parallel.py)
   ragged           grouped GEMMs with jax.lax.ragged_dot, the GPU/TPU kernel; on a mesh, the
                    expert-parallel form with that kernel
+  gathered         blocks of one expert's rows as batched matmuls with the blocks' weights gathered
+                   (expert_kernels.py); on a mesh, the expert-parallel form with that kernel
   expert_parallel  the expert-parallel form (shard_map + all_to_all over `expert`, expert_parallel.py)
                    with the blocked kernel; without a mesh, the local blocked kernel
   auto (default)   resolved at trace time (resolve_impl) from the platform of the mesh's devices (the
@@ -84,7 +86,7 @@ def routed_experts(cfg: ModelConfig, x: jax.Array, idx: jax.Array, w: jax.Array,
         return gather(cfg, x, idx, w, w_gate_up, w_down)
     if impl == "dense":
         return dense(cfg, x, idx, w, w_gate_up, w_down)
-    kernel = "ragged" if impl == "ragged" else "blocked"
+    kernel = impl if impl in ("ragged", "gathered") else "blocked"
     if not on_mesh:
         return local_experts(cfg, kernel, x, idx, w, w_gate_up, w_down)
     exchange = "all_gather" if impl == "blocked" else "all_to_all"

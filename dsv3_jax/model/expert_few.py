@@ -32,33 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .expert_kernels import _glu, sort_by_expert
+from .expert_kernels import _glu, block_table, sort_by_expert
 
 
 def rows_per_block(num_pairs: int, num_experts: int) -> int:
     """R: 4 rows, 8 once the pairs average 4 or more per expert (experiments/results/bench_moe_few.md)."""
     return 8 if num_pairs >= 4 * num_experts else 4
-
-
-def block_table(idx: jax.Array, num_experts: int, rows: int, skip: int = 0):
-    """idx [N,K] -> (table [B,R] pair ids, P marking an empty slot; expert [B] of each block; count: blocks
-    in use, the first `count` rows of the table). skip: each expert's first `skip` pairs (in token order) are
-    left out, the ones `capacity_slots` with C = skip already holds."""
-    n = idx.shape[0]
-    p = idx.size
-    order, _, sizes = sort_by_expert(idx, num_experts)                            # [P] by expert, [E]
-    sorted_expert = idx.reshape(-1)[order]
-    rank = jnp.arange(p, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_expert] - skip
-    blocks = (jnp.maximum(sizes - skip, 0) + rows - 1) // rows                    # [E] blocks per expert
-    block = (jnp.cumsum(blocks) - blocks)[sorted_expert] + rank // rows           # [P] each pair's block
-    if skip:   # experts past `skip` pairs: at most P // (skip + 1), each with at most N - skip more pairs
-        bound = max(1, min(num_experts, p // (skip + 1)) * -(-(n - skip) // rows))
-    else:
-        bound = min(p, -(-p // rows) + min(p, num_experts))
-    block = jnp.where(rank >= 0, block, bound)                                    # bound: dropped
-    table = jnp.full((bound, rows), p, jnp.int32).at[block, rank % rows].set(order, mode="drop")
-    expert = jnp.zeros((bound,), jnp.int32).at[block].set(sorted_expert, mode="drop")
-    return table, expert, blocks.sum()
 
 
 def few_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax.Array,

@@ -1,6 +1,7 @@
-"""Routed-expert kernels on one device's operands: `blocked` (the CPU path) and `ragged` (GPU/TPU).
+"""Routed-expert kernels on one device's operands: `blocked` (the CPU path), `ragged` (TPU, GPU) and
+`gathered` (batched matmuls over blocks of one expert's rows).
 
-Both take already-cast operands x [N,D], idx/w [N,K], w1 [E,D,2F] (gate | up), w2 [E,F,D] and return
+All take already-cast operands x [N,D], idx/w [N,K], w1 [E,D,2F] (gate | up), w2 [E,F,D] and return
 `sum_k w[n,k] * Expert_{idx[n,k]}(x[n])` [N,D], dropless. Pair ids >= E (the sharded forms in
 expert_parallel.py mark pairs of other shards that way) are skipped when `num_valid_experts` is given.
 dispatch.py picks between them; expert_parallel.py runs them per shard inside shard_map.
@@ -25,7 +26,13 @@ rows first (longer weight-gradient contractions, fewer adds), then the forward's
 saved from the forward. Why this variant and not the others: measured in experiments/results/bench_moe_variants.md.
 
 `ragged`: pairs sorted by expert, one `jax.lax.ragged_dot` grouped GEMM per projection (XLA's grouped
-matmul on GPU/TPU; slow on XLA:CPU).
+matmul on TPU; slow on XLA:CPU, and expanded densely by XLA:GPU unless its cuDNN ragged-dot fusion takes it).
+
+`gathered`: no loop and no ragged_dot. Each expert's pairs are cut into blocks of `block` rows (`block_table`;
+at most P / block + E blocks), and both projections run as one batched matmul over the blocks, with each
+block's expert weights gathered beside its rows. The price is the gathered weights: blocks / E times the
+expert weights, read and (in the backward) scatter-added. This is the form for an accelerator where
+ragged_dot has no grouped kernel; experiments/results/gpu.md has why.
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ def _mm_nt(a, b):                   # a @ b^T
 
 
 def _glu(h, f):
-    return nn.silu(h[:, :f]) * h[:, f:]
+    return nn.silu(h[..., :f]) * h[..., f:]
 
 
 def _glu_bwd(h, da, f):
@@ -296,7 +303,55 @@ def ragged_local(x, idx, w, w1, w2, block: int = 0, num_valid_experts: int | Non
     return combine(y, inverse, w, None if num_valid_experts is None else idx < e)
 
 
-KERNELS = {"blocked": blocked_local, "ragged": ragged_local}
+
+# ------------------------------------------------------------------------------------------------------
+# gathered
+
+
+def block_table(idx: jax.Array, num_experts: int, rows: int, skip: int = 0):
+    """idx [N,K] -> (table [B,R] pair ids, P marking an empty slot; expert [B] of each block; count: blocks
+    in use, the first `count` rows of the table): each expert's pairs cut into blocks of R = `rows`, in
+    expert order. B = min(P, ceil(P / R) + min(P, E)) bounds the blocks there can be. Ids >= E get no slot.
+    skip: each expert's first `skip` pairs (in token order) are left out, the ones
+    `expert_few.capacity_slots` with C = skip already holds."""
+    n = idx.shape[0]
+    p = idx.size
+    order, _, sizes = sort_by_expert(idx, num_experts)                            # [P] by expert, [E]
+    sorted_expert = idx.reshape(-1)[order]
+    rank = jnp.arange(p, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_expert] - skip
+    rank = jnp.where(sorted_expert < num_experts, rank, -1)       # ids >= E (other shards' pairs): no block
+    blocks = (jnp.maximum(sizes - skip, 0) + rows - 1) // rows                    # [E] blocks per expert
+    block = (jnp.cumsum(blocks) - blocks)[sorted_expert] + rank // rows           # [P] each pair's block
+    if skip:   # experts past `skip` pairs: at most P // (skip + 1), each with at most N - skip more pairs
+        bound = max(1, min(num_experts, p // (skip + 1)) * -(-(n - skip) // rows))
+    else:
+        bound = min(p, -(-p // rows) + min(p, num_experts))
+    block = jnp.where(rank >= 0, block, bound)                                    # bound: dropped
+    table = jnp.full((bound, rows), p, jnp.int32).at[block, rank % rows].set(order, mode="drop")
+    expert = jnp.zeros((bound,), jnp.int32).at[block].set(sorted_expert, mode="drop")
+    return table, expert, blocks.sum()
+
+
+def gathered_local(x, idx, w, w1, w2, block: int, num_valid_experts: int | None = None):
+    """The gathered computation, same contract as blocked_local: `block_table`'s blocks of R = `block` pairs
+    of one expert as two batched matmuls, each block's token rows [B,R,D] and its expert's weights
+    [B,D,2F], [B,F,D] gathered, then the gather-only combine. Empty slots compute on a zero row and no pair
+    reads them; ids >= E fall in no block and read the zero row past the slots."""
+    n, k = idx.shape
+    d, f2 = w1.shape[1:]
+    table, expert, _ = block_table(idx, w1.shape[0], block)                       # [B,R], [B]
+    token = jnp.where(table < idx.size, table // k, n)                            # [B,R]; n: the zero row
+    xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token]                  # [B,R,D]
+    h = jnp.einsum("BRD,BDF->BRF", xs, w1[expert])                                # [B,R,2F]
+    y = jnp.einsum("BRF,BFD->BRD", _glu(h, f2 // 2), w2[expert])                  # [B,R,D]
+    slots = table.size
+    slot = jnp.full((idx.size,), slots, jnp.int32).at[table.reshape(-1)].set(
+        jnp.arange(slots, dtype=jnp.int32), mode="drop")                          # [P]: each pair's slot
+    ys = jnp.concatenate([y.reshape(slots, -1), jnp.zeros((1, y.shape[-1]), y.dtype)])
+    return combine(ys, slot, w, None if num_valid_experts is None else idx < w1.shape[0])
+
+
+KERNELS = {"blocked": blocked_local, "ragged": ragged_local, "gathered": gathered_local}
 
 
 def local_experts(cfg: ModelConfig, kernel: str, x, idx, w, w_gate_up, w_down):
