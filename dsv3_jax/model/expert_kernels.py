@@ -303,7 +303,6 @@ def ragged_local(x, idx, w, w1, w2, block: int = 0, num_valid_experts: int | Non
     return combine(y, inverse, w, None if num_valid_experts is None else idx < e)
 
 
-
 # ------------------------------------------------------------------------------------------------------
 # gathered
 
