@@ -145,6 +145,30 @@ def test_matches_per_token_reference(impl, kind, n, block):
         close(got, want)
 
 
+
+def test_gathered_computes_only_the_chosen_experts():
+    """The compiled FLOPs of forward + backward (XLA's cost_analysis, compile only): `gathered` does the pairs'
+    matmuls plus its padding, at most E x R rows (here 1 + E * R / P = 1.125 of the useful work; 1.25 leaves
+    room for the elementwise ops), while `ragged`, which XLA:CPU (like XLA:GPU) expands over every expert,
+    does about E / K = 8 times the useful work. What the gathered form is for (experiments/results/gpu.md)."""
+    n, d, f, e, k, block = 2048, 64, 32, 16, 2, 32
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.permutation(e)[:k] for _ in range(n)]).astype(np.int32)
+    args = (jnp.asarray(rng.normal(size=(n, d)), jnp.float32), jnp.asarray(idx),
+            jnp.asarray(rng.random((n, k)), jnp.float32), jnp.zeros((e, d, 2 * f)), jnp.zeros((e, f, d)))
+    useful = 3 * 2 * n * k * (d * 2 * f + f * d)                 # forward + backward (2x) of both matmuls
+
+    def flops(kernel):
+        def loss(x, idx, w, w1, w2):
+            return expert_kernels.KERNELS[kernel](x, idx, w, w1, w2, block).sum()
+        grad = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4)))
+        cost = grad.lower(*args).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / useful
+
+    gathered, ragged = flops("gathered"), flops("ragged")
+    assert 1.0 <= gathered <= 1.25, gathered
+    assert ragged >= 0.8 * e / k, ragged
+
 def test_blocked_dropless_everything_on_one_expert():
     """K=1 and every token on one expert: 37 rows = 2 full blocks of 16 + a tail block of 8 holding 5."""
     rng = np.random.default_rng(1)

@@ -331,6 +331,15 @@ def block_table(idx: jax.Array, num_experts: int, rows: int, skip: int = 0):
     return table, expert, blocks.sum()
 
 
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_saveable)
+def _block_ffn(xz, token, expert, w1, w2):
+    """Both projections of every block: xz [N+1,D] (a zero row last), token [B,R], expert [B] -> [B,R,D].
+    Rematerialised except for the matmul outputs: the backward gathers the blocks' rows and weights again
+    instead of keeping [B,D,2F] + [B,F,D] of gathered weights per layer."""
+    h = jnp.einsum("BRD,BDF->BRF", xz[token], w1[expert])                         # [B,R,2F]
+    return jnp.einsum("BRF,BFD->BRD", _glu(h, w2.shape[1]), w2[expert])           # [B,R,D]
+
+
 def gathered_local(x, idx, w, w1, w2, block: int, num_valid_experts: int | None = None):
     """The gathered computation, same contract as blocked_local: `block_table`'s blocks of R = `block` pairs
     of one expert as two batched matmuls, each block's token rows [B,R,D] and its expert's weights
@@ -340,9 +349,7 @@ def gathered_local(x, idx, w, w1, w2, block: int, num_valid_experts: int | None 
     d, f2 = w1.shape[1:]
     table, expert, _ = block_table(idx, w1.shape[0], block)                       # [B,R], [B]
     token = jnp.where(table < idx.size, table // k, n)                            # [B,R]; n: the zero row
-    xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token]                  # [B,R,D]
-    h = jnp.einsum("BRD,BDF->BRF", xs, w1[expert])                                # [B,R,2F]
-    y = jnp.einsum("BRF,BFD->BRD", _glu(h, f2 // 2), w2[expert])                  # [B,R,D]
+    y = _block_ffn(jnp.concatenate([x, jnp.zeros((1, d), x.dtype)]), token, expert, w1, w2)   # [B,R,D]
     slots = table.size
     slot = jnp.full((idx.size,), slots, jnp.int32).at[table.reshape(-1)].set(
         jnp.arange(slots, dtype=jnp.int32), mode="drop")                          # [P]: each pair's slot
