@@ -23,12 +23,13 @@
 #
 # MFU is model FLOP/s over PEAK_FLOPS, by default 989e12: the H200's dense bf16 Tensor Core peak (NVIDIA's
 # datasheet lists 1979 TFLOP/s with 2:4 sparsity, half of that dense). Each step runs under `timeout`
-# (TEST_TIMEOUT, RUN_TIMEOUT, TRAIN_TIMEOUT, DECODE_TIMEOUT, DRAFTS_TIMEOUT seconds), cut further so that every
-# step ends by BUDGET seconds after the start (default 560 on the GPU: the whole run, summary and packing
-# included, fits one 10-minute call; 1500 in the dry run); a failed step is recorded and the next one still runs. The tests and the training run share
-# the GPU (no memory preallocation; neither is timed for a claim); the benchmarks run alone after them. Exit
-# status 1 if the install or a benchmark failed (or, in the dry run, the tests); on the GPU the tests' outcome
-# is reported, not fatal: tests that build 8-device meshes cannot pass on one GPU.
+# (TEST_TIMEOUT, RUN_TIMEOUT, TRAIN_TIMEOUT, MOE_TIMEOUT, DECODE_TIMEOUT, DRAFTS_TIMEOUT seconds), cut further so
+# that every step ends by BUDGET seconds after the start (default 560 on the GPU: the whole run, summary and
+# packing included, fits one 10-minute call; 1500 in the dry run); a failed step is recorded and the next one
+# still runs. The tests and the training run share the GPU (no memory preallocation; neither is timed for a
+# claim); the benchmarks run alone after them. Exit status 1 if the install or a benchmark failed (or, in the
+# dry run, the tests); on the GPU the tests' outcome is reported, not fatal: tests that build 8-device meshes
+# cannot pass on one GPU.
 #
 # fp32 on the GPU: XLA's default lets fp32 matmuls round through TF32 (10-bit mantissa). The tests (tolerances
 # set for fp32 against torch on the CPU) and the decode benchmarks (which assert speculative == plain greedy,
@@ -243,8 +244,8 @@ if [ -n "$MOE_FLAGS" ]; then
   step bench_moe_cudnn "$MOE_TIMEOUT" env XLA_FLAGS="$MOE_FLAGS" "$PY" experiments/bench_moe.py "${MOE_ARGS[@]}" \
     --impls ragged --out "$OUT/bench_moe_cudnn"
 fi
-step bench_decode "$DECODE_TIMEOUT" "${FP32[@]}" "$PY" experiments/bench_decode.py "${DECODE_ARGS[@]}" --run-dir "$RUN" \
-  --out "$OUT/bench_decode"
+step bench_decode "$DECODE_TIMEOUT" "${FP32[@]}" "$PY" experiments/bench_decode.py "${DECODE_ARGS[@]}" \
+  --run-dir "$RUN" --out "$OUT/bench_decode"
 step spec_drafts "$DRAFTS_TIMEOUT" "${FP32[@]}" "$PY" experiments/spec_drafts.py --runs "$RUN" "${DRAFTS_ARGS[@]}" \
   --out "$OUT/spec_drafts"
 rm -rf "$WORK"

@@ -62,7 +62,8 @@ def main(argv=None) -> list:
              "Temporaries: memory_analysis().temp_size_in_bytes of the step as `train` jits it. Compiled FLOPs: "
              "cost_analysis()'s count over the model FLOPs of the MFU convention (bench_train.py); above 1 is "
              "work the dispatch adds.", "",
-             "| batch | dispatch | temporaries GiB | params + optimizer GiB | compiled FLOPs / model FLOPs | compile s |",
+             "| batch | dispatch | temporaries GiB | params + optimizer GiB | compiled FLOPs / model FLOPs "
+             "| compile s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         state = (r.get("params_bytes", 0) + r.get("opt_state_bytes", 0)) / GIB
