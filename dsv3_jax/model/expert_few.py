@@ -32,12 +32,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .expert_kernels import _glu, block_table, sort_by_expert
+from .expert_kernels import _glu, block_table, slot_rows, sort_by_expert
 
 
 def rows_per_block(num_pairs: int, num_experts: int) -> int:
     """R: 4 rows, 8 once the pairs average 4 or more per expert (experiments/results/bench_moe_few.md)."""
     return 8 if num_pairs >= 4 * num_experts else 4
+
+
+def _slot_gates(w: jax.Array, table: jax.Array, dtype) -> jax.Array:
+    """Each slot's gate weight: w [N,K] read at the table's pair ids, 0 for an empty slot (id P)."""
+    return jnp.concatenate([w.reshape(-1).astype(dtype), jnp.zeros((1,), dtype)])[table]
 
 
 def few_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax.Array,
@@ -47,12 +52,11 @@ def few_local(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2: jax
     rows: R, default rows_per_block (the benchmark tries others). skip: leave out each expert's first `skip`
     pairs (`block_table`)."""
     n, k = idx.shape
-    e, d, f2 = w1.shape
+    e, _, f2 = w1.shape
     f = f2 // 2
     table, expert, count = block_table(idx, e, rows or rows_per_block(idx.size, e), skip)
-    token = jnp.where(table < idx.size, table // k, n)                            # [B, R]; n: the zero row
-    gate = jnp.concatenate([w.reshape(-1).astype(x.dtype), jnp.zeros((1,), x.dtype)])[table]       # [B, R]
-    xz = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])                         # [N+1, D]
+    xz, token = slot_rows(x, table, k)                                            # [N+1, D], [B, R]
+    gate = _slot_gates(w, table, x.dtype)                                         # [B, R]
 
     def run(b, y):
         a1 = lax.dynamic_index_in_dim(w1, expert[b], keepdims=False)              # [D, 2F]
@@ -84,9 +88,8 @@ def capacity_slots(x: jax.Array, idx: jax.Array, w: jax.Array, w1: jax.Array, w2
     rank = jnp.arange(p, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
     slot = jnp.where(rank < capacity, sorted_expert * capacity + rank, e * capacity)   # [P]; E*C: dropped
     table = jnp.full((e * capacity,), p, jnp.int32).at[slot].set(order, mode="drop")    # [E*C], P: empty
-    token = jnp.where(table < p, table // k, n)                                   # [E*C]; n: the zero row
-    gate = jnp.concatenate([w.reshape(-1).astype(x.dtype), jnp.zeros((1,), x.dtype)])[table]       # [E*C]
-    xz = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])                         # [N+1, D]
+    xz, token = slot_rows(x, table, k)                                            # [N+1, D], [E*C]
+    gate = _slot_gates(w, table, x.dtype)                                         # [E*C]
     h = jnp.einsum("ECD,EDF->ECF", xz[token].reshape(e, capacity, d), w1)         # [E, C, 2F]
     a = _glu(h.reshape(e * capacity, f2), f2 // 2).reshape(e, capacity, f2 // 2)  # [E, C, F]
     y = jnp.einsum("ECF,EFD->ECD", a, w2).reshape(e * capacity, -1)               # [E*C, D]

@@ -331,6 +331,13 @@ def block_table(idx: jax.Array, num_experts: int, rows: int, skip: int = 0):
     return table, expert, blocks.sum()
 
 
+def slot_rows(x: jax.Array, table: jax.Array, k: int):
+    """x [N,D] with a zero row appended [N+1,D], and the row each slot of a pair table reads in it: pair id
+    // K, or N (the zero row) for an empty slot (an id >= P = N*K)."""
+    n = x.shape[0]
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)]), jnp.where(table < n * k, table // k, n)
+
+
 @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_saveable)
 def _block_ffn(xz, token, expert, w1, w2):
     """Both projections of every block: xz [N+1,D] (a zero row last), token [B,R], expert [B] -> [B,R,D].
@@ -345,11 +352,8 @@ def gathered_local(x, idx, w, w1, w2, block: int, num_valid_experts: int | None 
     of one expert as two batched matmuls, each block's token rows [B,R,D] and its expert's weights
     [B,D,2F], [B,F,D] gathered, then the gather-only combine. Empty slots compute on a zero row and no pair
     reads them; ids >= E fall in no block and read the zero row past the slots."""
-    n, k = idx.shape
-    d, f2 = w1.shape[1:]
     table, expert, _ = block_table(idx, w1.shape[0], block)                       # [B,R], [B]
-    token = jnp.where(table < idx.size, table // k, n)                            # [B,R]; n: the zero row
-    y = _block_ffn(jnp.concatenate([x, jnp.zeros((1, d), x.dtype)]), token, expert, w1, w2)   # [B,R,D]
+    y = _block_ffn(*slot_rows(x, table, idx.shape[1]), expert, w1, w2)           # [B,R,D]
     slots = table.size
     slot = jnp.full((idx.size,), slots, jnp.int32).at[table.reshape(-1)].set(
         jnp.arange(slots, dtype=jnp.int32), mode="drop")                          # [P]: each pair's slot
