@@ -130,8 +130,14 @@ class BatchShrinker:
         pick = np.concatenate([live, np.repeat(live[:1], size - len(live))])
         col.rows = np.concatenate([col.rows[live], np.full(size - len(live), -1)])
         self.sizes.append(size)
-        idx = jnp.asarray(pick)
-        return jax.tree.map(lambda a: a[:, idx], cache), jax.tree.map(lambda a: a[idx], state)
+        return _take_rows(cache, state, jnp.asarray(pick))
+
+
+@jax.jit
+def _take_rows(cache, state, rows):
+    """The batch rows `rows` of a cache (batch on axis 1 of its arrays) and of a decode state (axis 0), in one
+    compiled call: gathered leaf by leaf, eagerly, they were a dozen dispatches per shrink."""
+    return jax.tree.map(lambda a: a[:, rows], cache), jax.tree.map(lambda a: a[rows], state)
 
 
 class DecodeClock:
