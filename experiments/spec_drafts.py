@@ -7,8 +7,9 @@ For each run and batch B (the first B of 16 validation-text prompts of 48 tokens
   generate: greedy `generate` of 128 new tokens per row, plain and with K drafts, alternating rounds after a
             warm-up (outputs checked equal to plain greedy): decode tokens/s, tokens per main forward, and the
             median per-round ratio to plain.
-bound = tokens per forward / (K-draft step / plain step): what the step's cost leaves of the speed-up; the
-measured ratio is below it by the rows that wait for the batch's slowest one (one request per batch).
+bound = tokens per forward / (K-draft step / plain step): what the step's cost leaves of the speed-up. A
+second table splits the gap between the bound and the measured ratio: the rows that wait for the batch's
+slowest one (one request per batch), and the step's cost inside `generate` (longer contexts, the host loop).
 
     PYTHONPATH=$PWD python experiments/spec_drafts.py --runs RUN[,RUN2] [--batches 1,4,8,16] [--drafts 1,2,3]
 Writes experiments/results/spec_drafts.{md,json,png}.
@@ -75,24 +76,32 @@ def step_costs(cfg, params, rs, prompts, drafts: list, repeats: int, new: int = 
 
 
 def generate_rates(cfg, variables, prompts, drafts: list, repeats: int, new: int = NEW) -> dict:
-    """Per K (0: plain): decode tokens/s (median), tokens per forward, main forwards, ratio to plain."""
+    """Per K (0: plain): decode tokens/s (median), main forwards, and for K > 0 the ratio to plain, tokens per
+    forward (the rows' mean), acceptance per prompt, tokens per step (plain's forwards / K's: the batch steps
+    until its slowest row is done) and the step's cost inside `generate` (decode seconds per main forward, over
+    plain's; median of the per-round ratios). speed-up = tokens per step / generate's step ratio, up to the
+    rounds' spread."""
     run = lambda k: generate(cfg, variables, prompts, new, speculative=k > 0, drafts=max(k, 1),
                              max_len=max(map(len, prompts)) + new)
-    plain = run(0)[0]
-    stats = {}
+    plain, first = run(0)
+    stats = {0: first}
     for k in drafts:
         out, stats[k] = run(k)
         assert out == plain, f"{k} drafts: speculative greedy output differs from plain greedy"
-    rates = {k: [] for k in [0] + drafts}
+    rates, per_step = {k: [] for k in [0] + drafts}, {k: [] for k in [0] + drafts}
     for _ in range(repeats):
         for k in rates:
             out, st = run(k)
             rates[k].append(sum(len(o) - 1 for o in out) / st["decode_s"])
-    return {k: {"tokens_per_s": statistics.median(r),
-                **({"speedup": statistics.median(a / p for a, p in zip(r, rates[0])),
+            per_step[k].append(st["decode_s"] / st["main_forwards"])
+    ratio = lambda xs, k: statistics.median(a / p for a, p in zip(xs[k], xs[0]))
+    return {k: {"tokens_per_s": statistics.median(r), "main_forwards": stats[k]["main_forwards"],
+                **({"speedup": ratio(rates, k),
                     "tokens_per_forward": stats[k]["tokens_per_forward"],
-                    "acceptance_rate": stats[k]["acceptance_rate"],
-                    "main_forwards": stats[k]["main_forwards"]} if k else {})} for k, r in rates.items()}
+                    "tokens_per_step": stats[0]["main_forwards"] / stats[k]["main_forwards"],
+                    "acceptance_per_prompt": stats[k]["acceptance_per_prompt"],
+                    "generate_step_over_plain": ratio(per_step, k),
+                    "acceptance_rate": stats[k]["acceptance_rate"]} if k else {})} for k, r in rates.items()}
 
 
 def plot(out_dir: str, rows: list) -> None:
@@ -165,6 +174,22 @@ def main(argv=None) -> dict:
                      f"{r['plain_tokens_per_s']:.0f} | {r['plain_step_us']:.0f} | " + " | ".join(
                          f"{d['step_over_plain']:.2f}, {d['tokens_per_forward']:.2f}, {d['bound']:.2f}x, "
                          f"**{d['speedup']:.2f}x**" for d in (r["drafts"][k] for k in drafts)) + " |")
+    k = drafts[0]
+    lines += ["", f"Where the bound goes (K={k}). The bound divides the rows' mean tokens per forward by the step "
+              f"programs' cost, each call {CHUNK} steps from the prompts' end ({args.prompt_tokens} cached "
+              "tokens); `generate` steps until the batch's slowest row is done (tokens per step: plain's main "
+              f"forwards / speculative's), at contexts growing to {args.prompt_tokens + args.new_tokens} tokens, "
+              "with its host loop. speed-up = tokens per step / generate's step ratio.", "",
+              "| run | batch | tok/fwd (rows' mean) | lowest prompt's acceptance | tok/step (the batch) | step / "
+              "plain: programs | step / plain: in generate | bound | tok/step / generate's step | speed-up |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["drafts"][k]
+        lines.append(f"| {os.path.basename(r['run'].rstrip('/'))} | {r['batch']} | {d['tokens_per_forward']:.2f} | "
+                     f"{min(d['acceptance_per_prompt']):.2f} | {d['tokens_per_step']:.2f} | "
+                     f"{d['step_over_plain']:.2f} | {d['generate_step_over_plain']:.2f} | "
+                     f"{d['bound']:.2f}x | {d['tokens_per_step'] / d['generate_step_over_plain']:.2f}x | "
+                     f"**{d['speedup']:.2f}x** |")
     write_results(args.out, "spec_drafts", lines, {"argv": argv, "rows": rows}, keep_from="## Reading")
     plot(args.out, rows)
     return {"rows": rows}

@@ -261,6 +261,22 @@ def test_speculative_accepts_agreeing_drafts(agreeing_plain):
     assert stats["main_forwards"] < 63                        # fewer main-model steps than plain decoding
 
 
+def test_acceptance_per_prompt(agreeing_plain):
+    """stats['acceptance_per_prompt'] (request.py's DraftCounts): in a batch of 20 each prompt's acceptance is
+    what that prompt gives alone (greedy rows are independent), the same through the serving queue, and the
+    prompts differ (the agreeing model drafts right only after an even token)."""
+    v, _, one = agreeing_plain
+    per = one["acceptance_per_prompt"]
+    assert len(per) == 20 and len({round(a, 6) for a in per}) > 3, per
+    for i in (0, 2, 3):                                        # lengths 1, 13, 5
+        _, alone = generate(CFG_A, v, [prompts_20()[i]], max_new_tokens=64, speculative=True, max_len=MAX_LEN)
+        assert alone["acceptance_per_prompt"] == [pytest.approx(alone["acceptance_rate"], abs=1e-12)]
+        assert per[i] == pytest.approx(alone["acceptance_rate"], abs=1e-12), i
+    _, queued = generate(CFG_A, v, prompts_20()[:10], max_new_tokens=64, speculative=True, max_len=MAX_LEN,
+                         batch_size=8)
+    assert queued["acceptance_per_prompt"] == pytest.approx(per[:10], abs=1e-12)
+
+
 @pytest.mark.parametrize("drafts", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_chained_drafts_greedy_equals_plain_greedy(drafts, agreeing_plain):
     """K drafts per step (MTP module 1 chained on its own output, speculative.py) on the agreeing model, 20

@@ -100,7 +100,8 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     main_forwards (decode steps of the main model that some row needed, batched), tokens_per_forward (tokens
     a row emits per main forward), batch_sizes (the decode batch's size, then each size it shrank to), and
     for speculative decoding draft_tokens (drafts per step), drafts
-    (drafted tokens), accepted, acceptance_rate (accepted / drafts).
+    (drafted tokens), accepted, acceptance_rate (accepted / drafts), acceptance_per_prompt (the same per prompt:
+    one prompt whose drafts keep failing holds a whole batch back).
     """
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:

@@ -36,7 +36,7 @@ from ..errors import InputError
 from ..model.layers import dtype_of
 from .cache import init_cache
 from .decode import CHUNK, Sampling, jit_decode_steps, layout, pad_prompts, prefill, sample
-from .request import GenerationRequest, replicated_on_mesh_of
+from .request import DraftCounts, GenerationRequest, replicated_on_mesh_of
 from .speculative import (SpecState, check_draft_module, check_drafts, emitted_tokens, jit_speculative_steps,
                           start_state)
 
@@ -188,7 +188,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     refill: the staging prefills and the rows' takes), decode_s (queue_s - prefill_s), tokens_per_s (new
     tokens / queue_s), decode_tokens_per_s (new tokens / decode_s), refills, main_forwards (device steps run),
     device_calls (decode calls), prefill_calls (staging prefills), batch_size (slots used), and for
-    speculative decoding drafts, accepted, acceptance_rate, tokens_per_forward."""
+    speculative decoding drafts, accepted, acceptance_rate, tokens_per_forward, acceptance_per_prompt."""
     if speculative:
         check_draft_module(cfg, params)
     drafts = check_drafts(drafts) if speculative else 1          # plain: the one-draft cache slack and keys
@@ -208,7 +208,8 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
     # a list padded with its first item to a power of two: few shapes compile
     pad = lambda xs: xs + xs[:1] * (min(batch, 1 << (len(xs) - 1).bit_length()) - len(xs))
     t0 = time.perf_counter()
-    prefill_s, refills, forwards, stepped, accepted, calls, prefills = 0.0, 0, 0, 0, 0, 0, 0
+    prefill_s, refills, forwards, calls, prefills = 0.0, 0, 0, 0, 0
+    counts = DraftCounts(len(req.prompts), drafts)
     while True:
         free = slots.free_rows()
         if free:
@@ -251,8 +252,7 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
             step_out = jax.tree.map(lambda o: o[j], outs)
             forwards += 1
             if speculative:
-                stepped += int(live.sum())
-                accepted += int((step_out[1] * live).sum())
+                counts.add(slots.row_req, live, step_out[1])
             slots.add(eng.emitted(step_out), live)
     queue_s = time.perf_counter() - t0
     new = sum(len(o) for o in slots.out)
@@ -262,7 +262,5 @@ def queue_generate(cfg: ModelConfig, params: dict, router_state: dict, req: Gene
                                  device_calls=calls, prefill_calls=prefills,
                                  speculative=speculative, tokens_per_forward=1.0)
     if speculative:
-        stats.update(drafts=drafts * stepped, accepted=accepted, draft_tokens=drafts,
-                     acceptance_rate=accepted / (drafts * stepped) if stepped else 0.0,
-                     tokens_per_forward=1.0 + (accepted / stepped if stepped else 0.0))
+        stats.update(counts.stats())
     return slots.out, stats

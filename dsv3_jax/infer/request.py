@@ -140,6 +140,30 @@ def _take_rows(cache, state, rows):
     return jax.tree.map(lambda a: a[:, rows], cache), jax.tree.map(lambda a: a[rows], state)
 
 
+class DraftCounts:
+    """Speculative decoding's counts, per prompt: the steps its row took part in and the drafts it accepted.
+    A batch steps until its slowest row is done, so one prompt whose drafts keep failing costs the whole batch
+    (experiments/results/spec_drafts.md); `acceptance_per_prompt` shows which."""
+
+    def __init__(self, n_prompts: int, drafts: int):
+        self.drafts = drafts
+        self.steps, self.accepted = np.zeros(n_prompts, np.int64), np.zeros(n_prompts, np.int64)
+
+    def add(self, prompt_of_row: np.ndarray, live: np.ndarray, accepted: np.ndarray) -> None:
+        """One step: prompt_of_row [B] (-1: a row serving none), live [B] bool, accepted [B] drafts."""
+        rows = live & (prompt_of_row >= 0)
+        np.add.at(self.steps, prompt_of_row[rows], 1)
+        np.add.at(self.accepted, prompt_of_row[rows], accepted[rows])
+
+    def stats(self) -> dict:
+        stepped, accepted = int(self.steps.sum()), int(self.accepted.sum())
+        per_prompt = np.where(self.steps > 0, self.accepted / np.maximum(self.steps * self.drafts, 1), 0.0)
+        return dict(drafts=self.drafts * stepped, accepted=accepted, draft_tokens=self.drafts,
+                    acceptance_rate=accepted / (self.drafts * stepped) if stepped else 0.0,
+                    tokens_per_forward=1.0 + (accepted / stepped if stepped else 0.0),
+                    acceptance_per_prompt=[float(a) for a in per_prompt])
+
+
 class DecodeClock:
     """Decode timing with the first device call apart: it compiles the steps for a new shape (seconds on CPU),
     which would otherwise swamp tokens/s of short requests. tokens_per_s is over the calls after the first."""

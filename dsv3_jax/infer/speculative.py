@@ -42,7 +42,8 @@ from ..config import ModelConfig
 from ..errors import InputError
 from .decode import (CHUNK, MAX_DRAFTS, Sampling, forward, greedy, main_logits, mtp_forward, on_device_steps,
                      sample, sample_from, sampling_probs)
-from .request import BatchShrinker, DecodeClock, GenerationRequest, replicated_on_mesh_of, start_request
+from .request import (BatchShrinker, DecodeClock, DraftCounts, GenerationRequest, replicated_on_mesh_of,
+                      start_request)
 
 
 class SpecState(NamedTuple):
@@ -208,7 +209,7 @@ def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict, req
     step = jit_speculative_steps(cfg, greedy_only=req.temperature == 0)
     clock = DecodeClock(col, run.t1)
     shrink = BatchShrinker(step, cache, req.shrink_batch)
-    forwards = proposed = accepted_total = rows_stepped = 0
+    forwards, counts = 0, DraftCounts(len(req.prompts), drafts)
     while col.active.any():
         cache, st = shrink(col, cache, st)               # rows whose prompt is done leave the batch
         active = col.live_rows
@@ -217,13 +218,8 @@ def speculative_generate(cfg: ModelConfig, params: dict, router_state: dict, req
         shrink.ran(len(active))
         for (emitted, acc), live in col.live_steps(jax.device_get(outs), n):
             forwards += 1
-            rows_stepped += int(live.sum())
-            proposed += drafts * int(live.sum())
-            accepted_total += int((acc * live).sum())
+            counts.add(col.rows, live, acc)
             col.add_rows(emitted_tokens(emitted, acc, live))
         clock.step_done()
-    rate = accepted_total / proposed if proposed else 0.0
-    return col.out, dict(clock.stats(), prefill_s=run.t1 - run.t0, main_forwards=forwards, drafts=proposed,
-                         accepted=accepted_total, acceptance_rate=rate, draft_tokens=drafts,
-                         tokens_per_forward=1.0 + (accepted_total / rows_stepped if rows_stepped else 0.0),
+    return col.out, dict(clock.stats(), prefill_s=run.t1 - run.t0, main_forwards=forwards, **counts.stats(),
                          batch_sizes=shrink.sizes, speculative=True)
