@@ -58,6 +58,9 @@ def test_prompts_file_gives_each_prompt_its_own_completion(tmp_path):
         served[spec] = [json.loads(line) for line in r.stdout.splitlines()]
         stats = json.loads(r.stderr.strip().splitlines()[-1])
         assert stats["batch_size"] == 2 and stats["refills"] == 3 and stats["new_tokens"] == 5 * 12
+        if spec:                                    # one acceptance per prompt, rounded like the other floats
+            assert len(stats["acceptance_per_prompt"]) == 5
+            assert all(0 <= a <= 1 and a == round(a, 4) for a in stats["acceptance_per_prompt"])
     plain, spec = served[()], served[("--speculative",)]
     assert served[("--speculative", "--mesh", "data=2,expert=2,tensor=2")] == spec    # weights and cache sharded
     assert [d["index"] for d in plain] == list(range(5)) and [d["prompt"] for d in plain] == prompts

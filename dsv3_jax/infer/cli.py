@@ -175,9 +175,15 @@ def run_generate(args) -> int:
         out.flush()
     if not quiet:
         stats = dict(stats, dtype=cfg.dtype)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}),
-              file=sys.stderr)
+        print(json.dumps({k: _rounded(v) for k, v in stats.items()}), file=sys.stderr)
     return 0
+
+
+def _rounded(v):
+    """A stats value for the JSON line: floats (and lists of them, e.g. acceptance_per_prompt) to 4 places."""
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return round(v, 4) if isinstance(v, float) else v
 
 
 @contextlib.contextmanager
