@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -59,7 +60,8 @@ import numpy as np
 
 from dsv3_jax.config import PRESETS
 from dsv3_jax.infer import init_cache, split_variables
-from dsv3_jax.infer.decode import CHUNK, forward, jit_decode_steps, layout, main_logits, mtp_forward, prefill
+from dsv3_jax.infer.decode import (CHUNK, decode_params, forward, jit_decode_steps, layout, main_logits,
+                                   mtp_forward, prefill)
 from dsv3_jax.infer.request import GenerationRequest, start_request
 from dsv3_jax.infer.speculative import jit_speculative_steps, start_state
 from dsv3_jax.model import dispatch
@@ -152,7 +154,7 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
     """{(kind, rule): run()} for kind plain / speculative and each rule in RULES, plus the speculative step's
     two passes alone ('draft pass', 'verify pass') under the current rule: run() makes one device call of
     CHUNK steps from the same state (a prefill of `batch` random prompts), compiled under that rule.
-    Returns with the compiled HLO text of each as run.hlo."""
+    run.hlo() gives the program's compiled HLO text."""
     rng = np.random.default_rng(seed)
     prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, PROMPT)] for _ in range(batch)]
     req = GenerationRequest(prompts, NEW, max_len=CONTEXT)
@@ -170,23 +172,36 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
               **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}
     try:
         for rule, rows_limit in RULES.items():
-            dispatch.CAPACITY_ROWS = rows_limit                     # read at trace time, by the lower() below
             for kind, build in builds.items():
                 if kind in PASSES + (RUN_TIME_RULE,) and rule != CURRENT:
                     continue
                 start = plain if kind == "plain" else spec
-                compiled = build().lower(*args["plain" if kind == "plain" else "speculative"](start.cache)).compile()
+                make = args["plain" if kind == "plain" else "speculative"]
+                # A fresh jitted function, called as `generate` calls its steps (a `Compiled` object's own
+                # __call__ adds a host overhead per call that would pass for step time: session 12's reading).
+                fn = build()
                 box = {"cache": jax.tree.map(jnp.copy, start.cache)}
 
-                def run(compiled=compiled, box=box, make=args["plain" if kind == "plain" else "speculative"]):
-                    out = compiled(*make(box["cache"]))             # the cache is donated: keep the new one
+                def run(fn=fn, box=box, make=make):
+                    out = fn(*make(box["cache"]))                   # the cache is donated: keep the new one
                     box["cache"] = out[-2]
                     jax.block_until_ready(out[-1])
-                run.hlo = compiled.as_text()
+                dispatch.CAPACITY_ROWS = rows_limit                 # read at trace time: the first call
+                run()
+                run.hlo = functools.partial(compiled_text, fn, make, box, rows_limit)
                 progs[(kind, rule)] = run
     finally:
         dispatch.CAPACITY_ROWS = saved
     return progs
+
+
+def compiled_text(fn, make, box, rows_limit: int) -> str:
+    """The compiled HLO text of a program of chunk_programs, compiled again under its rule (for the op names)."""
+    saved, dispatch.CAPACITY_ROWS = dispatch.CAPACITY_ROWS, rows_limit
+    try:
+        return fn.lower(*make(box["cache"])).compile().as_text()
+    finally:
+        dispatch.CAPACITY_ROWS = saved
 
 
 def step_costs(progs: dict, repeats: int, calls: int = 5) -> tuple[dict, dict]:
@@ -232,7 +247,7 @@ def step_parts(progs: dict, rounds: int = 10) -> dict:
     program once (alternating, as the timings do); each XLA op event's exclusive time (its duration minus that
     of the events nested in it on its thread) goes to the program whose call it falls in."""
     progs = {key: run for key, run in progs.items() if key[0] not in PASSES + (RUN_TIME_RULE,)}
-    names = {key: op_names(run.hlo) for key, run in progs.items()}
+    names = {key: op_names(run.hlo()) for key, run in progs.items()}
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(rounds):
@@ -449,13 +464,15 @@ def main(argv=None) -> dict:
     if args.chain:
         return chain_study(args, cfg, params, rs, label)
 
-    rows = []
+    rows, layouts = [], {}
     for b in [int(x) for x in args.batches.split(",")]:
-        c = pass_costs(cfg, params, rs, b, args.passes, args.repeats)
+        params_b = decode_params(cfg, params, rows=b)     # the layout `generate` decodes this batch from
+        layouts[b] = "per layer" if params_b is not params else "stacked"
+        c = pass_costs(cfg, params_b, rs, b, args.passes, args.repeats)
         rows.append({"batch": b, **{k: round(v, 1) for k, v in c.items()},
                      "c2_over_c1": round(c["main_2"] / c["main_1"], 3), "cm_over_c1": round(c["mtp_2"] / c["main_1"], 3),
                      "bound_at_acceptance": round(bound(c, args.acceptance), 3), "bound_at_1": round(bound(c, 1.0), 3)})
-        progs = chunk_programs(cfg, params, rs, b)
+        progs = chunk_programs(cfg, params_b, rs, b)
         steps, ratios = step_costs(progs, args.repeats)
         for rule in RULES:
             rows[-1][rule] = {"plain_step": round(steps[("plain", rule)], 1),
@@ -475,7 +492,7 @@ def main(argv=None) -> dict:
             parts = step_parts(progs)
             rows[-1]["parts"] = {f"{kind} {rule}": {k: round(v, 1) for k, v in d.items()}
                                  for (kind, rule), d in parts.items()}
-        del progs
+        del progs, params_b
         print(f"batch {b}: {rows[-1]}", flush=True)
     mm = matmul_costs(args.passes, args.repeats)
     print(f"matmul pairs (us): {mm}", flush=True)
@@ -486,7 +503,9 @@ def main(argv=None) -> dict:
              f"{sum(a.nbytes for a in jax.tree_util.tree_leaves(params['mtp_0'])) / 2 ** 20:.1f} MiB). "
              f"{os.cpu_count()} CPU cores, jax "
              f"{jax.__version__}. Device microseconds per pass ({args.passes} passes per device call, median of "
-             f"{args.repeats} alternating repeats), {CONTEXT} cached tokens.", "",
+             f"{args.repeats} alternating repeats), {CONTEXT} cached tokens. Main-layer weights in the layout "
+             f"`generate` decodes each batch from (`decode_params`): "
+             + ", ".join(f"batch {b} {v}" for b, v in layouts.items()) + ".", "",
              f"Bound = (1 + a) / (c2/c1 + cm/c1), the speed-up over plain decoding of a speculative step that costs "
              f"only its two passes; a = {args.acceptance} (measured by bench_decode) and a = 1.", "",
              "| batch | main, 1 token (c1) | main, 2 tokens (c2) | MTP draft, 2 positions (cm) | c2/c1 | cm/c1 | "

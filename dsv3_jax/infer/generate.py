@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from ..code_maps import ensure_map_headroom
 from ..config import ModelConfig
 from .decode import CHUNK, decode_params, jit_decode_steps, split_variables
 from .request import (BatchShrinker, DecodeClock, GenerationRequest, StreamCallback, replicated_on_mesh_of,
@@ -93,7 +94,9 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     (greedy: the same tokens; sampling: the same distribution).
 
     Decode steps run CHUNK at a time on the device (one host round trip per call); tokens are streamed per
-    step as each call returns.
+    step as each call returns. Each new shape (batch size, cache length) compiles its programs, which hold
+    memory mappings until dropped: past 3/4 of Linux's limit on them, `generate` first drops every compiled
+    JAX program, with a warning (code_maps.py), rather than let the process abort.
 
     Returns (new token ids per prompt, stats) with stats: new_tokens, prefill_s, decode_s, first_step_s (the
     first device call, which compiles on a new shape), tokens_per_s (after that call; see DecodeClock),
@@ -110,6 +113,8 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
         batch_size = check_batch_size(batch_size)
     if shrink_batch is not None and not isinstance(shrink_batch, bool):
         raise ValueError(f"shrink_batch must be None, True or False, got {shrink_batch!r}")
+    if ensure_map_headroom():          # compiled programs near the process's mapping limit were dropped
+        BatchShrinker.forget_compiled()
     params, router_state = split_variables(variables)
     # per-layer weights where a batch decodes faster from them (decode.py)
     params = decode_params(cfg, params, rows=batch_size or len(prompts))

@@ -120,6 +120,11 @@ class BatchShrinker:
     def ran(self, batch: int) -> None:
         BatchShrinker._ran.add((self.step, batch, self.slots))
 
+    @staticmethod
+    def forget_compiled() -> None:
+        """After JAX's compiled programs were dropped (code_maps.py): none of the step programs has run."""
+        BatchShrinker._ran.clear()
+
     def __call__(self, col: Collector, cache, state):
         """(cache, state), shrunk (and col.rows with them) if the policy allows."""
         live = np.flatnonzero(col.live_rows)
