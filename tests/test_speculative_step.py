@@ -81,3 +81,37 @@ def test_queue_takes_host_weights():
     out, _ = generate(CFG_A, host, prompts_20()[:3], max_new_tokens=2, batch_size=2)
     ref, _ = generate(CFG_A, agreeing_variables(CFG_A), prompts_20()[:3], max_new_tokens=2)
     assert out == ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_generate_compiles_once_on_a_2x2x2_mesh(speculative):
+    """The compile-once check above on a real mesh of 8 devices, as `generate --mesh data=2,expert=2,tensor=2`
+    runs it: weights with their training shardings, the CLI's generation rules, the default MoE dispatch.
+    The mesh compiles the step as many times as one device does (once per attention window the request
+    crosses), a second request of the same shape compiles nothing, and the tokens are those of one device."""
+    from flax import traverse_util
+    from dsv3_jax.config import MeshConfig
+    from dsv3_jax.hf import variable_shardings
+    from dsv3_jax.infer.cli import _on_mesh, generation_rules
+    from dsv3_jax.sharding import make_mesh
+    from test_infer import check_same_greedy
+
+    cfg = CFG_A.replace(moe_impl="auto", moe_block_size=7)     # the presets' dispatch; fresh jit caches
+    v = agreeing_variables(cfg)
+    prompts = prompts_20()[:4]                                  # rows split over data x expert = 4
+    step = jit_speculative_steps(cfg, greedy_only=True) if speculative else jit_decode_steps(cfg, True)
+    ref, _ = generate(cfg, v, prompts, max_new_tokens=3 * CHUNK, speculative=speculative)
+    one_device = step._cache_size()
+    mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+    shardings = variable_shardings(cfg, mesh)
+    placed = traverse_util.unflatten_dict({k: jax.device_put(x, shardings[k])
+                                           for k, x in traverse_util.flatten_dict(v).items()})
+    outs, compiled = [], []
+    with _on_mesh(mesh, generation_rules(mesh, len(prompts))):
+        for _ in range(2):
+            outs.append(generate(cfg, placed, prompts, max_new_tokens=3 * CHUNK, speculative=speculative)[0])
+            compiled.append(step._cache_size() - one_device)
+    assert compiled == [one_device, one_device], (one_device, compiled)
+    assert outs[0] == outs[1]
+    check_same_greedy(outs[0], ref, prompts, cfg, v)
