@@ -222,7 +222,10 @@ cat "$OUT/.versions" >> "$LOG"
 # fp32 matmuls at full precision where results are compared token for token or against torch (see the top)
 FP32=(env JAX_DEFAULT_MATMUL_PRECISION=highest)
 SHARED=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)       # two processes on one GPU: allocate as needed
-TEST_CMD=("${SHARED[@]}" "${FP32[@]}" "$PY" -m pytest -v -p no:cacheprovider -rfE)
+# Each failure's report lands in test_failures.txt as it happens (tests/conftest.py): a run cut off by its time
+# limit never prints pytest's closing report.
+TEST_CMD=("${SHARED[@]}" "${FP32[@]}" env DSV3_FAILURES_FILE="$OUT/test_failures.txt" "$PY" -m pytest -v
+          -p no:cacheprovider -rfE)
 if [ "$MODE" = gpu ]; then
   TEST_CMD+=(--tb=short)
   if "$PY" -c "import xdist" 2>/dev/null; then TEST_CMD+=(-n "${TEST_WORKERS:-8}"); fi

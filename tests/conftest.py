@@ -35,3 +35,13 @@ def hf_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("released"))
     write_transformers_checkpoint(path)
     return path
+
+
+def pytest_runtest_logreport(report):
+    """With DSV3_FAILURES_FILE set (experiments/gpu_run.sh sets it): each failure's report is appended to that
+    file as soon as it happens, so a run cut off by its time limit still says why its tests failed (pytest
+    prints the reports only at the end). Under xdist the controller writes, the workers do not."""
+    path = os.environ.get("DSV3_FAILURES_FILE")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

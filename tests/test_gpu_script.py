@@ -66,3 +66,23 @@ def test_cpu_dry_run_writes_every_result_under_out(tmp_path):
     log = (out / "run.log").read_text()
     assert "install: skipped (--cpu dry run)" in log and "Traceback" not in log
     assert not list(out.glob(".*")), "temporary files left in $OUT"
+
+
+def test_failures_are_written_as_they_happen(tmp_path):
+    """conftest's hook: with DSV3_FAILURES_FILE set, a failing test's report is in the file (a passing or
+    xfailing one is not), whatever becomes of the run afterwards."""
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n"
+        "def test_ok():\n    assert True\n"
+        "def test_broken():\n    assert 1 + 1 == 3, 'arithmetic moved'\n"
+        "@pytest.mark.xfail\ndef test_known():\n    assert False\n")
+    failures = tmp_path / "failures.txt"
+    env = dict(os.environ, DSV3_FAILURES_FILE=str(failures))
+    env.pop("PYTEST_XDIST_WORKER", None)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stdout[-2000:]
+    text = failures.read_text()
+    assert "==== test_some.py::test_broken (call)" in text and "arithmetic moved" in text
+    assert "test_ok" not in text and "test_known" not in text
