@@ -137,3 +137,21 @@ def test_recommended_setups_and_search_space_are_valid_configs():
     space = search_space(base, parse_topology("v5p-1024"))
     tokens = [base.override(o).train.global_batch_size for o in space]
     assert tokens == sorted(tokens, reverse=True) and len(space) > 8
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_offload_inputs_puts_the_layer_inputs_in_host_memory_on_tpu():
+    """`model.remat_policy=offload_inputs` compiled for a TPU slice: the layer inputs that `full` keeps in HBM
+    go to pinned host memory (memory_analysis' host temporaries, the JSON's host_temp_bytes: at least the fp32
+    inputs of every layer this device's rows pass through), and `full` has none."""
+    cfg = run_preset("tiny").model
+    host = {}
+    for policy in ("full", "offload_inputs"):
+        p = _plan_cli("--preset", "tiny", "--topology", "v5p-8", "--mesh", "data=2,expert=2", "--json", "--no-save",
+                      "model.num_hidden_layers=2", "train.global_batch_size=8", "train.seq_len=64",
+                      "model.moe_impl=dense", f"model.remat_policy={policy}")
+        assert p.returncode == 0, p.stderr[-3000:]
+        host[policy] = json.loads(p.stdout.strip().splitlines()[-1])["host_temp_bytes"]
+    layer_inputs = 2 * (8 // 4) * 64 * cfg.hidden_size * 4       # 2 layers x 2 rows per device x 64 x D, fp32
+    assert host["full"] == 0 and host["offload_inputs"] >= layer_inputs, (host, layer_inputs)

@@ -117,7 +117,9 @@ def format_report(r: dict) -> str:
              f"  temporaries {_gib(r.get('temp_bytes'))}  output {_gib(r.get('output_bytes'))}  "
              f"alias {_gib(r.get('alias_bytes'))}  sum of allocations {_gib(r.get('memory_analysis_bytes'))}",
              f"  peak {_gib(r.get('bytes_per_device'))} of {_gib(r['hbm_bytes_per_device'])} HBM "
-             f"(the HBM heap the compiler lays out and checks)",
+             f"(the HBM heap the compiler lays out and checks)"
+             + (f"; host (pinned) temporaries {_gib(r['host_temp_bytes'])}, outside the HBM"
+                if r.get("host_temp_bytes") else ""),
              f"fits: {'yes' if r['fits'] else 'no'}" + ("  (compiler: RESOURCE_EXHAUSTED: " + r.get('error', '')[:300]
                                                          + ")" if r.get("oom") else ""),
              f"compile {r.get('compile_s')} s (lower {r.get('lower_s')} s)",
@@ -234,7 +236,7 @@ def _json_summary(r: dict) -> dict:
             "xla_flops_per_device", "seconds_at_peak", "compile_s", "lower_s", "params_bytes", "opt_state_bytes",
             "batch_bytes", "other_state_bytes",
             "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes", "memory_analysis_bytes",
-            "collective_bytes", "oom", "error")
+            "host_temp_bytes", "collective_bytes", "oom", "error")
     return {k: r.get(k) for k in keys if k in r}
 
 
