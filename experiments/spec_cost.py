@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import contextlib
 import functools
 import glob
 import gzip
@@ -165,43 +166,47 @@ def chunk_programs(cfg, params, rs, batch: int, seed: int = 0) -> dict:
     args = {"plain": lambda c: (params, rs, c, plain.tok, jnp.asarray(plain.lengths), active, plain.sampling, 1,
                                 CHUNK),
             "speculative": lambda c: (params, rs, c, state, active, spec.sampling, 1, CHUNK)}
-    progs, saved = {}, dispatch.CAPACITY_ROWS
+    progs = {}
     builds = {"plain": lambda: jit_decode_steps.__wrapped__(cfg, True, CHUNK),
               "speculative": lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK, greedy_only=True),
               RUN_TIME_RULE: lambda: jit_speculative_steps.__wrapped__(cfg, CHUNK),
               **{p: lambda p=p: jit_speculative_steps.__wrapped__(cfg, CHUNK, one_pass_step(p)) for p in PASSES}}
-    try:
-        for rule, rows_limit in RULES.items():
-            for kind, build in builds.items():
-                if kind in PASSES + (RUN_TIME_RULE,) and rule != CURRENT:
-                    continue
-                start = plain if kind == "plain" else spec
-                make = args["plain" if kind == "plain" else "speculative"]
-                # A fresh jitted function, called as `generate` calls its steps (a `Compiled` object's own
-                # __call__ adds a host overhead per call that would pass for step time: session 12's reading).
-                fn = build()
-                box = {"cache": jax.tree.map(jnp.copy, start.cache)}
+    for rule, rows_limit in RULES.items():
+        for kind, build in builds.items():
+            if kind in PASSES + (RUN_TIME_RULE,) and rule != CURRENT:
+                continue
+            start = plain if kind == "plain" else spec
+            make = args["plain" if kind == "plain" else "speculative"]
+            # A fresh jitted function, called as `generate` calls its steps (a `Compiled` object's own
+            # __call__ adds a host overhead per call that would pass for step time: session 12's reading).
+            fn = build()
+            box = {"cache": jax.tree.map(jnp.copy, start.cache)}
 
-                def run(fn=fn, box=box, make=make):
-                    out = fn(*make(box["cache"]))                   # the cache is donated: keep the new one
-                    box["cache"] = out[-2]
-                    jax.block_until_ready(out[-1])
-                dispatch.CAPACITY_ROWS = rows_limit                 # read at trace time: the first call
+            def run(fn=fn, box=box, make=make):
+                out = fn(*make(box["cache"]))                       # the cache is donated: keep the new one
+                box["cache"] = out[-2]
+                jax.block_until_ready(out[-1])
+            with capacity_rule(rows_limit):                         # traced at the first call
                 run()
-                run.hlo = functools.partial(compiled_text, fn, make, box, rows_limit)
-                progs[(kind, rule)] = run
+            run.hlo = functools.partial(compiled_text, fn, make, box, rows_limit)
+            progs[(kind, rule)] = run
+    return progs
+
+
+@contextlib.contextmanager
+def capacity_rule(rows_limit: int):
+    """dispatch.CAPACITY_ROWS (the few-token expert rule, read at trace time) set while inside."""
+    saved, dispatch.CAPACITY_ROWS = dispatch.CAPACITY_ROWS, rows_limit
+    try:
+        yield
     finally:
         dispatch.CAPACITY_ROWS = saved
-    return progs
 
 
 def compiled_text(fn, make, box, rows_limit: int) -> str:
     """The compiled HLO text of a program of chunk_programs, compiled again under its rule (for the op names)."""
-    saved, dispatch.CAPACITY_ROWS = dispatch.CAPACITY_ROWS, rows_limit
-    try:
+    with capacity_rule(rows_limit):
         return fn.lower(*make(box["cache"])).compile().as_text()
-    finally:
-        dispatch.CAPACITY_ROWS = saved
 
 
 def step_costs(progs: dict, repeats: int, calls: int = 5) -> tuple[dict, dict]:
