@@ -16,7 +16,7 @@ from dsv3_jax.config import run_preset
 from dsv3_jax.errors import InputError
 from dsv3_jax.params import train_flops_per_step
 from dsv3_jax.pod import topology as topo_lib
-from dsv3_jax.pod.compile import collective_bytes
+from dsv3_jax.pod.hlo import collective_bytes, collective_report
 from dsv3_jax.pod.topology import parse_topology
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +59,118 @@ ENTRY %main (a: f32[16]) -> f32[16] {
     got = collective_bytes(hlo)
     assert got["all-gather"] == 3 * 4 * 8 * 2
     assert got["all-reduce"] == 16 * 4 and got["all-to-all"] == 16 * 4 and got["reduce-scatter"] == 0
+
+
+TPU_STYLE_LOOPS = """HloModule m
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(STEP)
+  %ic = s32[] copy(%i)
+  %next = s32[] add(COUNTER, %one)
+  %x = bf16[4,8]{1,0} get-tuple-element(%p), index=1
+  %ag = bf16[4,8]{1,0} all-gather(%x), dimensions={0}
+  ROOT %t = (s32[], bf16[4,8]) tuple(%next, %ag)
+}
+%cond (p: (s32[], bf16[4,8])) -> pred[] {
+  %p = (s32[], bf16[4,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(12)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+%rbody (p: (s32[], s32[])) -> (s32[], s32[]) {
+  %p = (s32[], s32[]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %x = f32[16]{0} constant({...})
+  %ar = f32[16]{0} all-reduce(%x), to_apply=%add
+  %n = s32[] get-tuple-element(%p), index=1
+  ROOT %t = (s32[], s32[]) tuple(%next, %n)
+}
+%rcond (p: (s32[], s32[])) -> pred[] {
+  %p = (s32[], s32[]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] get-tuple-element(%p), index=1
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+ENTRY %main (a: bf16[4,8], n: s32[]) -> bf16[4,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %n = s32[] parameter(1)
+  %zero = s32[] constant(START)
+  %start = s32[] copy(%zero)
+  %t = (s32[], bf16[4,8]) tuple(%start, %a)
+  %w = (s32[], bf16[4,8]) while(%t), condition=%cond, body=%body
+  %rt = (s32[], s32[]) tuple(%zero, %n)
+  %rw = (s32[], s32[]) while(%rt), condition=%rcond, body=%rbody
+  %r = bf16[64,8]{1,0} ragged-all-to-all(%a, %a, %n, %n, %n, %n)
+  ROOT %out = bf16[4,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("start,step,trips", [(0, 1, 12), (2, 1, 10), (0, 5, 3), (0, 12, 1), (12, 1, 0)])
+@pytest.mark.parametrize("counter", ["%i", "%ic"])
+def test_collective_bytes_reads_trip_counts_from_the_loop_when_the_backend_has_no_annotation(start, step, trips,
+                                                                                             counter):
+    """XLA:TPU writes no known_trip_count: a loop `i < 12` from a constant start (through a copy) by a constant
+    step (added to the counter or to a copy of it, as XLA:TPU does when it moves the counter between memory
+    spaces) runs ceil((12 - start) / step) times; a loop to a runtime bound is counted once and reported;
+    ragged-all-to-all is counted by its receive buffer."""
+    hlo = TPU_STYLE_LOOPS.replace("START", str(start)).replace("STEP", str(step)).replace("COUNTER", counter)
+    got, uncounted, largest = collective_report(hlo, top=2)
+    assert got["all-gather"] == trips * 4 * 8 * 2
+    assert got["all-reduce"] == 16 * 4 and uncounted == 1
+    assert got["ragged-all-to-all"] == 64 * 8 * 2 and got["all-to-all"] == 0
+    assert collective_bytes(hlo) == got
+    # the largest sources, each instruction's bytes times its executions
+    expected = sorted([("all-gather", trips, trips * 64), ("ragged-all-to-all", 1, 1024), ("all-reduce", 1, 64)],
+                      key=lambda x: -x[2])[:2]
+    assert [(c["kind"], c["executions"], c["bytes"]) for c in largest] == expected
+
+
+def test_report_lists_the_collectives_and_what_it_could_not_count():
+    """The text report: every kind in GiB (ragged-all-to-all marked as its buffers), the loops counted once,
+    and one line per largest source with its executions and the model code (transform wrappers dropped)."""
+    from dsv3_jax.pod.plan import format_report
+    gib = 1 << 30
+    r = {"topology": "v5p-8", "libtpu_topology": "v5:2x2x1", "chips": 4, "devices": 4, "hbm_bytes_per_device": 95 * gib,
+         "mesh": {}, "global_batch": 8, "seq_len": 64, "tokens_per_device": 128, "options": {}, "fits": True,
+         "collective_bytes": {"all-gather": 3 * gib, "ragged-all-to-all": 2 * gib}, "collective_loops_uncounted": 5,
+         "top_collectives": [{"kind": "all-gather", "shape": "bf16[4,8]", "executions": 12, "bytes": 3 * gib,
+                              "op_name": "jit(train_step)/while/body/closed_call/Transformer.trunk/moe_layers/while/"
+                                         "body/checkpoint/layers/moe/routed_experts/shard_map/all_gather"}]}
+    lines = format_report(r).splitlines()
+    assert lines[-2] == ("collective bytes per device per step (GiB): all-gather 3.0, ragged-all-to-all 2.0 "
+                         "(receive buffers: at most) (5 loops of data-dependent length counted once)")
+    assert lines[-1] == "  3.0 GiB: all-gather bf16[4,8] x 12  layers/moe/routed_experts/all_gather"
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_microbatch_loop_collectives_are_counted_per_microbatch_on_tpu():
+    """The tiny step for v5p-8 (expert=4) at 2 and 4 microbatches of one global batch: the expert dispatch
+    moves the batch's tokens either way (ragged-all-to-all bytes equal), while the weights are all-gathered
+    and the gradients reduce-scattered once per microbatch (twice the bytes at 4). Before the loop's trip count
+    was read from the loop, all four counts came out per microbatch (halving the dispatch at 4)."""
+    from dsv3_jax.pod.plan import plan_one
+    topo = parse_topology("v5p-8")
+    rows = {}
+    for mb in (2, 4):
+        rc = run_preset("tiny").override(["mesh.data=1", "mesh.expert=4", "model.num_hidden_layers=2",
+                                          "train.global_batch_size=16", "train.seq_len=64",
+                                          f"train.microbatches={mb}"])
+        report = plan_one(rc, topo)
+        rows[mb] = report["collective_bytes"]
+        top = report["top_collectives"]
+        assert top and [t["bytes"] for t in top] == sorted((t["bytes"] for t in top), reverse=True)
+        assert all(t["bytes"] <= rows[mb][t["kind"]] for t in top)
+        # the largest (an all-gather of weights, the dispatch) run in every microbatch
+        assert top[0]["executions"] >= mb and top[0]["op_name"].startswith("jit(train_step)/while")
+    assert rows[2]["ragged-all-to-all"] > 0
+    assert rows[4]["ragged-all-to-all"] == rows[2]["ragged-all-to-all"]
+    assert rows[4]["all-gather"] == pytest.approx(2 * rows[2]["all-gather"], rel=0.05)
+    assert rows[4]["reduce-scatter"] == pytest.approx(2 * rows[2]["reduce-scatter"], rel=0.05)
 
 
 @needs_libtpu

@@ -22,10 +22,9 @@ from ..sharding import activate, batch_sharding, make_mesh, validate_for_mesh
 from ..train.optimizer import make_optimizer
 from ..train.state import state_shardings
 from ..train.step import make_train_step
+from .hlo import collective_report
 
-COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+TOP_COLLECTIVES = 6          # the largest collective instructions the report lists (bytes x executions)
 
 
 def shard_bytes(tree: Any, shardings: Any) -> int:
@@ -35,69 +34,6 @@ def shard_bytes(tree: Any, shardings: Any) -> int:
         shape = s.shard_shape(a.shape) if hasattr(s, "shard_shape") else a.shape
         total += math.prod(shape) * jnp.dtype(a.dtype).itemsize
     return int(total)
-
-
-def _shape_bytes(text: str) -> float:
-    """Bytes of an HLO result shape, e.g. `bf16[8,128]{1,0}` or a tuple of them."""
-    total = 0.0
-    for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-        if dt in _DTYPE_BYTES:
-            total += _DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
-_COMP_HEAD = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(")
-_CALLEES = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def collective_bytes(hlo_text: str) -> dict:
-    """{kind: bytes per device per step} for each collective kind in compiled HLO text: the result bytes of
-    every collective (async `-done` halves counted once), a loop body's times its known trip count."""
-    comps: dict[str, dict] = {}
-    entry, cur = None, None
-    for line in hlo_text.splitlines():
-        head = _COMP_HEAD.match(line) if line[:1] in ("%", "E") else None     # instructions are indented
-        if head:
-            cur = comps.setdefault(head.group(2), {"own": dict.fromkeys(COLLECTIVES, 0.0), "calls": []})
-            if head.group(1):
-                entry = head.group(2)
-            continue
-        if cur is None:
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        shape, op = m.groups()
-        kind = op[:-5] if op.endswith("-done") else op
-        if kind in COLLECTIVES and not op.endswith("-start"):
-            cur["own"][kind] += _shape_bytes(shape)
-        if op == "fusion" and "calls=%all-reduce-scatter" in line:     # XLA:TPU's reduce-scatter fusion
-            cur["own"]["reduce-scatter"] += _shape_bytes(shape)
-            continue
-        trip = _TRIP.search(line)
-        mult = int(trip.group(1)) if (op == "while" and trip) else 1
-        for callee in _CALLEES.findall(line):
-            cur["calls"].append((callee, mult if op == "while" else 1))
-        for group in _BRANCHES.findall(line):
-            cur["calls"].extend((c.strip().lstrip("%"), 1) for c in group.split(","))
-
-    memo: dict[str, dict] = {}
-
-    def total(name: str, depth: int = 0) -> dict:
-        if name in memo or name not in comps or depth > 64:
-            return memo.get(name, dict.fromkeys(COLLECTIVES, 0.0))
-        out = dict(comps[name]["own"])
-        for callee, mult in comps[name]["calls"]:
-            for k, v in total(callee, depth + 1).items():
-                out[k] += mult * v
-        memo[name] = out
-        return out
-
-    return {k: int(v) for k, v in total(entry).items()} if entry else dict.fromkeys(COLLECTIVES, 0)
-
 
 def _oom_figures(message: str) -> dict:
     """The sizes a RESOURCE_EXHAUSTED message names (`Used 120.5G of 95.74G hbm`), in bytes."""
@@ -146,7 +82,8 @@ def compile_report(jitted, args: tuple, split: dict, hbm_bytes: Optional[int]) -
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report["flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
-    report["collective_bytes"] = collective_bytes(compiled.as_text())
+    (report["collective_bytes"], report["collective_loops_uncounted"],
+     report["top_collectives"]) = collective_report(compiled.as_text(), top=TOP_COLLECTIVES)
     report["fits"] = hbm_bytes is None or report["bytes_per_device"] <= hbm_bytes
     report["oom"] = False
     return report

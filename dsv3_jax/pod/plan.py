@@ -104,6 +104,13 @@ def _gib(x) -> str:
     return "-" if x is None else f"{x / GIB:.1f}"
 
 
+def _short_op_name(name: str) -> str:
+    """The model-code part of an HLO op_name: the module path after the last transform wrapper."""
+    parts = [p for p in name.split("/") if p not in ("while", "body", "closed_call", "checkpoint",
+                                                     "rematted_computation", "shard_map")]
+    return "/".join(parts[-4:])
+
+
 def format_report(r: dict) -> str:
     c = r.get("collective_bytes") or {}
     lines = [f"topology {r['topology']} ({r['libtpu_topology']}): {r['chips']} chips, {r['devices']} devices, "
@@ -127,8 +134,14 @@ def format_report(r: dict) -> str:
              f"bf16 peak; XLA's cost analysis, loop bodies once: {r.get('xla_flops_per_device') or 0:.3e})"
              if r.get("flops_per_device") else "FLOPs: -"]
     if c:
+        uncounted = r.get("collective_loops_uncounted")
         lines.append("collective bytes per device per step (GiB): " +
-                     ", ".join(f"{k} {_gib(v)}" for k, v in c.items()))
+                     ", ".join(f"{k} {_gib(v)}" + (" (receive buffers: at most)" if k == "ragged-all-to-all" else "")
+                               for k, v in c.items()) +
+                     (f" ({uncounted} loops of data-dependent length counted once)" if uncounted else ""))
+        for t in r.get("top_collectives") or []:
+            lines.append(f"  {_gib(t['bytes'])} GiB: {t['kind']} {t['shape'][:60]} x {t['executions']}  "
+                         f"{_short_op_name(t['op_name'])}")
     return "\n".join(lines)
 
 
@@ -236,7 +249,7 @@ def _json_summary(r: dict) -> dict:
             "xla_flops_per_device", "seconds_at_peak", "compile_s", "lower_s", "params_bytes", "opt_state_bytes",
             "batch_bytes", "other_state_bytes",
             "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes", "memory_analysis_bytes",
-            "host_temp_bytes", "collective_bytes", "oom", "error")
+            "host_temp_bytes", "collective_bytes", "collective_loops_uncounted", "top_collectives", "oom", "error")
     return {k: r.get(k) for k in keys if k in r}
 
 
