@@ -102,14 +102,17 @@ def step_programs(cfg, params_by_layout: dict, rs, prompts: list) -> dict:
             else:
                 start, make = spec, (lambda c, params=params, spec=spec, state=state: (
                     params, rs, c, state, active, spec.sampling, 1, CHUNK))
-            compiled = build().lower(*make(start.cache)).compile()
+            # A jitted function, called as `generate` calls its steps (a `Compiled` object's own __call__ adds
+            # a host overhead per call that would pass for step time: spec_cost.py, session 12's reading).
+            fn = build()
             box = {"cache": jax.tree.map(jnp.copy, start.cache)}
 
-            def run(compiled=compiled, box=box, make=make):
-                out = compiled(*make(box["cache"]))
+            def run(fn=fn, box=box, make=make):
+                out = fn(*make(box["cache"]))
                 box["cache"] = out[-2]
                 jax.block_until_ready(out[-1])
-            run.hlo = compiled.as_text                 # step_parts calls it
+            run()                                      # compiles
+            run.hlo = lambda fn=fn, box=box, make=make: fn.lower(*make(box["cache"])).compile().as_text()
             progs[(name, kind)] = run
     return progs
 
