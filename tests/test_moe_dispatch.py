@@ -428,6 +428,38 @@ def test_slot_passes_match_reference(impl, mesh_name):
         cfg.replace(moe_slot_passes=False), make_mesh(*MESHES[mesh_name]))
 
 
+@needs8
+@pytest.mark.parametrize("impl", ["expert_parallel", "ragged", "blocked"])
+def test_zero3_expert_weights_gather_inside_and_reduce_scatter_their_gradients(impl):
+    """Under zero3 (the rules put the expert weights' D on `data`) the shard_map takes them D-sharded and
+    all-gathers them inside, so the backward is a reduce-scatter (psum_scatter) into each device's shard,
+    not an all-reduce of the full weights followed by a slice. Outputs and gradients equal the reference
+    (fp32, tolerance as above), and the gradients keep the zero3 sharding. Without zero3 nothing is gathered
+    inside, and the replicated weights' gradients are psum-ed over `data`."""
+    from dsv3_jax.sharding import activate
+    cfg = make_cfg(moe_impl=impl, moe_capacity_fractions=(1.0,))
+    (x, idx, w, wgu, wd, dy), (want_y, want_g) = _routed_case(cfg, 7)
+    mesh = make_mesh(*MESHES["data2-expert2-tensor2"])
+    zero3 = (NamedSharding(mesh, P("expert", "data", None, "tensor")), NamedSharding(mesh, P("expert", "tensor", "data")))
+    wgu_s, wd_s = jax.device_put(wgu, zero3[0]), jax.device_put(wd, zero3[1])
+    def over_data(*args):       # the collectives over `data` in the step's jaxpr
+        jaxpr = jax.make_jaxpr(fwd_bwd(cfg))(*args).jaxpr
+        names = (e.primitive.name for e in _eqns(jaxpr) if e.primitive.name != "pvary"
+                 and "data" in str(e.params.get("axis_name", e.params.get("axes", ""))))
+        return sorted("psum" if n.startswith("psum") else n for n in names)    # psum_invariant in jax 0.10
+
+    with activate(mesh, zero3=True, fsdp=True):
+        y, grads = run_impl(cfg, x, idx, w, wgu_s, wd_s, dy)
+        collectives = over_data(x, w, wgu_s, wd_s, idx, dy)
+    close(y, want_y)
+    for got, want in zip(grads, want_g):
+        close(got, want)
+    assert collectives == ["all_gather", "all_gather", "reduce_scatter", "reduce_scatter"], collectives
+    assert grads[2].sharding.is_equivalent_to(zero3[0], 4) and grads[3].sharding.is_equivalent_to(zero3[1], 3)
+    with activate(mesh, zero3=False):       # weights replicated over data: their gradients are summed (psum)
+        assert over_data(x, w, wgu, wd, idx, dy) == ["psum", "psum"]
+
+
 def _primitives(cfg, mesh):
     (x, idx, w, wgu, wd, _), _ = _routed_case(cfg, 8)
     with jax.set_mesh(mesh):

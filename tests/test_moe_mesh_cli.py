@@ -48,9 +48,10 @@ def test_mesh_losses_equal_one_device(one_device_losses, impl, tmp_path):
 @pytest.mark.slow
 def test_mesh_losses_equal_one_device_with_pod_memory_options(one_device_losses, tmp_path):
     """The per-layer memory options of experiments/results/pod_memory.md (one capacity buffer, one kernel
-    pass per slot, layer inputs offloaded) change no loss."""
+    pass per slot, layer inputs offloaded) and the pod plan's zero3 + FSDP sharding (expert weights gathered
+    over `data` inside the expert-parallel region, gradients reduce-scattered) change no loss."""
     losses = train_losses(tmp_path / "run", 8, "--mesh", "data=2,expert=2,tensor=2", "model.moe_impl=expert_parallel",
                           "model.moe_capacity_fractions=[1.0]", "model.moe_slot_passes=true",
-                          "model.remat_policy=offload_inputs")
+                          "model.remat_policy=offload_inputs", "mesh.zero3=true", "mesh.fsdp=true")
     assert len(losses) == len(one_device_losses) == 2
     np.testing.assert_allclose(losses, one_device_losses, rtol=1e-4)

@@ -11,7 +11,11 @@ Inside `jax.shard_map` over the whole mesh:
            with weight-0 tokens;
   weights  w_gate_up [E,D,2,F] as P('expert', None, None, 'tensor'), w_down [E,F,D] as
            P('expert', 'tensor', None): each device holds E_l = E/ep experts and F/tp of each, never
-           gathered; their gradients come back with that sharding (summed over `data` by shard_map).
+           gathered over `expert`. Under zero3 (the rules shard their `embed` axis D over `data`) they come
+           in with that sharding too and are all-gathered over `data` inside, in the compute dtype, so that
+           the backward's transpose is a reduce-scatter straight to each device's shard of the gradient. A
+           weight replicated over `data` at the boundary would get its gradient by an all-reduce of the
+           full [E_l, D, 2F] per layer and microbatch (experiments/results/pod_memory.md, session 18).
 Each device runs a kernel on its local experts (ids of other shards become a sentinel the kernel skips) and
 psums its partial sums over `tensor`. The exchange over `expert` is one of:
   all_to_all  the expert-parallel form (moe_impl expert_parallel and ragged): below;
@@ -47,6 +51,7 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +84,17 @@ def mesh_platform(mesh) -> str:
 
 def axis_size(mesh, name: str) -> int:
     return dict(mesh.shape).get(name, 1) if mesh is not None else 1
+
+
+def weight_shard_axes(mesh, hidden: int, used: Sequence[Optional[str]]) -> tuple:
+    """The mesh axes the active logical rules shard the expert weights' `embed` axis over (`data` under
+    zero3: sharding.logical_rules), when the hidden size splits over them; () otherwise (no rules active,
+    or no zero3)."""
+    spec = nn.logical_to_mesh_axes(("expert", "embed", None, "mlp"))
+    axes = spec[1] if spec is not None and len(spec) > 1 else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.axis_names and a not in used and axis_size(mesh, a) > 1)
+    return axes if axes and hidden % math.prod(axis_size(mesh, a) for a in axes) == 0 else ()
 
 
 class ExchangeShape(NamedTuple):
@@ -293,11 +309,15 @@ def sharded_experts(cfg: ModelConfig, x, idx, w, w_gate_up, w_down, *, mesh, ker
                                capacity_fractions=capacity_fractions)[:n]
     tp = TENSOR_AXIS if tp_size > 1 and f % tp_size == 0 else None
     ex_axis = EXPERT_AXIS if EXPERT_AXIS in names else None
+    fsdp = weight_shard_axes(mesh, d, used=(ex_axis, tp))
     e_local = e // ep
     dt = jnp.dtype(cfg.dtype)
     ragged = mesh_platform(mesh) in RAGGED_ALL_TO_ALL_PLATFORMS
 
     def body(x, idx, w, w_gate_up, w_down):
+        if fsdp:    # gathered here so that the backward reduce-scatters the gradients (module docstring)
+            w_gate_up = lax.all_gather(w_gate_up.astype(dt), fsdp, axis=1, tiled=True)
+            w_down = lax.all_gather(w_down.astype(dt), fsdp, axis=2, tiled=True)
         experts = LocalExperts(KERNELS[kernel], w_gate_up.reshape(e_local, d, -1).astype(dt),
                                w_down.astype(dt), block_rows(cfg, idx.size * ep), tp, cfg.moe_slot_passes)
         x = x.astype(dt)
@@ -309,7 +329,7 @@ def sharded_experts(cfg: ModelConfig, x, idx, w, w_gate_up, w_down, *, mesh, ker
                                 capacity_fractions=capacity_fractions)
 
     tok_spec = P(token_axes, None)
-    in_specs = (tok_spec, tok_spec, tok_spec, P(ex_axis, None, None, tp), P(ex_axis, tp, None))
+    in_specs = (tok_spec, tok_spec, tok_spec, P(ex_axis, fsdp or None, None, tp), P(ex_axis, tp, fsdp or None))
     args = (x, idx.astype(jnp.int32), w.astype(jnp.float32), w_gate_up, w_down)
     if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", None) or ()):
         args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, in_specs))
