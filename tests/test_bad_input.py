@@ -167,6 +167,8 @@ MESH_CASES = [
                                                                   r"expert axis \(8\)"),
     (MeshConfig(data=4, expert=2), {}, dict(global_batch_size=12), r"global_batch_size=12 is not divisible by data "
                                                                    r"x expert = 8"),
+    (MeshConfig(data=4, expert=2), {}, dict(global_batch_size=8, microbatches=2),
+     r"global_batch_size=8 in train.microbatches=2 gives 4 rows per microbatch, not divisible by data x expert = 8"),
     (MeshConfig(data=3), {}, {}, r"has 3 devices, but there are 8 devices"),
     (MeshConfig(data=3, expert=-1), {}, {}, r"needs a multiple of 3 devices, but there are 8"),
     (MeshConfig(data=2, tensor=4), dict(vocab_size=258), {}, r"vocab_size=258 is not divisible by the tensor "

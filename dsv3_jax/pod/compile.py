@@ -97,7 +97,7 @@ def compile_train_step(rc: RunConfig, devices: list, hbm_bytes: Optional[int] = 
     """The train step exactly as `train` jits it (state shardings, batch sharding, donation), for `devices`."""
     mc, tc = rc.model, rc.train
     mesh = make_mesh(rc.mesh, devices)
-    validate_for_mesh(mc, mesh, tc.global_batch_size)
+    validate_for_mesh(mc, mesh, tc.global_batch_size, tc.microbatches)
     model, optimizer = Transformer(mc), make_optimizer(tc)
     abstract, shardings = state_shardings(model, rc, mesh, optimizer)
     with activate(mesh, rc.mesh.zero3, rc.mesh.fsdp):

@@ -180,7 +180,7 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     mc, tc = rc.model, rc.train
     proc, nproc = jax.process_index(), jax.process_count()
     mesh = make_mesh(rc.mesh)
-    validate_for_mesh(mc, mesh, tc.global_batch_size)
+    validate_for_mesh(mc, mesh, tc.global_batch_size, tc.microbatches)
     if tc.seq_len > mc.max_position_embeddings:
         raise InputError(f"train.seq_len={tc.seq_len} is longer than model.max_position_embeddings="
                          f"{mc.max_position_embeddings}")
