@@ -10,6 +10,8 @@ elsewhere it multiplies the loss by exactly 1). The crash test runs the real CLI
 
 from __future__ import annotations
 
+import threading
+
 from reliability_utils import *  # noqa: F401,F403  (imports, helpers, the corpus fixture)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,12 +209,18 @@ def _enospc_on_data_write(n: int):
 def test_full_disk_during_async_save_reports_it_and_keeps_the_last_checkpoint(reference, tmp_path, capsys,
                                                                                monkeypatch):
     """The save of step 4 fails in the background: the CLI exits 1 naming step 4 and the intact step 2, which
-    restores; once there is room again, --resume ends exactly like the uninterrupted run."""
+    restores; once there is room again, --resume ends exactly like the uninterrupted run. The failed save's
+    other writers (the arrays' threads, which orbax leaves running when the JSON item fails) have ended by
+    the time the error is reported: the resume in this process saves step 4 again into the same temporary
+    folder, and raced them before (OSError: Directory not empty)."""
     rc, ref_dir, ref_state = reference
     run_dir = tmp_path / "run"
     cls, save_fn = _enospc_on_data_write(2)
     monkeypatch.setattr(cls, "_save_fn", save_fn)
+    threads_before = set(threading.enumerate())
     assert main(cli(rc, run_dir)) == 1
+    left_running = [t.name for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert not left_running, left_running
     err = capsys.readouterr().err
     assert re.search(r"error: saving checkpoint step 4 .* failed \(OSError: \[Errno 28\] No space left on device",
                      err), err

@@ -160,9 +160,23 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
+            self._settle_failed_save()
             raise self._save_error(self._pending, e) from e
         finally:
             self._pending = None
+
+    def _settle_failed_save(self, timeout_s: float = 600.0) -> None:
+        """Wait for the other writers of a save that failed. Orbax's background thread stops at the first item
+        that fails and reports it while the other items' writers still write into the step's temporary
+        folder; a run resumed in the same process (a notebook, a test) would clean that folder and save
+        into it under them (OSError: Directory not empty). Orbax's private names, looked up defensively: where
+        a release lacks them this waits for nothing, as before."""
+        async_manager = getattr(getattr(self.manager, "_checkpointer", None), "_async_manager", None)
+        for commit in list(getattr(async_manager, "_commit_futures", None) or ()):
+            try:
+                commit.result(timeout=timeout_s)
+            except Exception:  # the failure itself, or a sibling's: the save is reported failed either way
+                pass
 
     def set_aside(self, steps: list[int]) -> list[str]:
         """Move unusable steps to <run_dir>/bad_checkpoints/ (kept for inspection) so that a resumed run can save
