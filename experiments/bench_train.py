@@ -45,6 +45,7 @@ from dsv3_jax.sharding import activate, make_mesh  # noqa: E402
 from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
 from dsv3_jax.train.state import create_train_state  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
+from results_io import cpu_summary  # noqa: E402  (experiments/, beside this file)
 
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 
@@ -112,7 +113,8 @@ def write_results(out_dir: str, rows: list, summary: dict) -> None:
     device = jax.devices()[0].device_kind
     lines = [f"# Train-step throughput ({summary['preset']} preset, one device: {device}, {summary['dtype']}, "
              f"moe_impl={summary['moe_impl']})", "",
-             f"Machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}). "
+             f"Machine: {os.cpu_count()} CPU cores" + (f", {summary['cpu']}" if summary.get("cpu") else "") +
+             f", jax {jax.__version__} ({jax.default_backend()}). "
              f"Batch {summary['batch']} x {summary['seq_len']} tokens. Each round times our step with MTP "
              "on, then off" + (", then runs the torch peer" if summary.get("torch_tokens_per_s") else "") +
              "; medians over rounds. Model FLOPs: see experiments/bench_train.py.", "",
@@ -201,6 +203,8 @@ def main() -> None:
                "model_flops_per_s": f_mtp * on / tokens, "model_flops_per_s_no_mtp": f_no * off / tokens,
                "matmul_flops_per_s": mm, "matmul_size": args.matmul_size, "flops_fraction": f_mtp * on / tokens / mm,
                "flops_fraction_no_mtp": f_no * off / tokens / mm}
+    if jax.default_backend() == "cpu":
+        summary["cpu"] = cpu_summary()          # the torch ratio moves with the CPU's vector extensions
     if args.preset == "bench" and jax.default_backend() == "cpu":
         summary["vs_maxtext"] = on / MAXTEXT_TOKENS_PER_S
     if args.peak_flops:

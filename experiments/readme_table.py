@@ -32,7 +32,8 @@ def _load(name: str):
 def _train_rows(d: dict) -> list[tuple[str, str, str]]:
     s, rounds = d["summary"], d["rows"]
     cmd = "`python experiments/bench_train.py --torch-peer ../shared/peers/torch_peer.py --rounds N`"
-    rows = [(f"train step, {s['preset']} config ({s['batch']} x {s['seq_len']} tokens), MTP on",
+    where = f", on {s['cpu']}" if s.get("cpu") else ""         # older runs did not record the CPU
+    rows = [(f"train step, {s['preset']} config ({s['batch']} x {s['seq_len']} tokens){where}, MTP on",
              f"{s['tokens_per_s']:.0f} tokens/s, {s['flops_fraction']:.1%} of the same run's "
              f"{s.get('matmul_size', 2048)}^3 matmul FLOP/s ({len(rounds)} rounds, medians)"
              + (f"; {s['vs_maxtext']:.1f}x MaxText's 450" if "vs_maxtext" in s else ""), cmd)]
@@ -43,6 +44,15 @@ def _train_rows(d: dict) -> list[tuple[str, str, str]]:
                      f"**{s['no_mtp_vs_torch']:.2f}x** (median of the per-round ratios {per_round}); "
                      f"{s['flops_fraction_no_mtp']:.1%} of the matmul FLOP/s", "same command"))
     return rows
+
+
+def _matmul_rows(d: dict) -> list[tuple[str, str, str]]:
+    ratios = {r["what"]: r["xla_over_torch"] for r in d["rows"]}
+    blocks = [v for w, v in ratios.items() if w.startswith("routed expert block")]
+    return [(f"the step's matrix products, XLA:CPU against torch (MKL), on {d['machine']}",
+             f"XLA / torch {min(ratios.values()):.2f}-{max(ratios.values()):.2f} by shape; the routed experts' "
+             f"128-row block products {min(blocks):.2f}-{max(blocks):.2f}",
+             "`python experiments/matmul_rates.py --rounds 3`")]
 
 
 def _by_model(rows) -> dict:
@@ -192,7 +202,8 @@ def _kv_rows(d: dict) -> list[tuple[str, str, str]]:
              "less than MHA", "`python experiments/kv_cache.py`")]
 
 
-SOURCES = [("bench_train.json", _train_rows), ("bench_moe.json", _moe_rows),
+SOURCES = [("bench_train.json", _train_rows), ("avx512/bench_train.json", _train_rows),
+           ("matmul_rates.json", _matmul_rows), ("bench_moe.json", _moe_rows),
            ("bench_moe_few.json", _moe_few_rows), ("kv_cache.json", _kv_rows),
            ("bench_decode.json", _decode_rows), ("decode_ab_b1bbd96.json", _decode_ab_rows),
            ("spec_cost.json", _spec_cost_rows), ("spec_drafts.json", _drafts_rows), ("spec_depth.json", _depth_rows),

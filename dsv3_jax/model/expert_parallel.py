@@ -315,12 +315,12 @@ def sharded_experts(cfg: ModelConfig, x, idx, w, w_gate_up, w_down, *, mesh, ker
     ragged = mesh_platform(mesh) in RAGGED_ALL_TO_ALL_PLATFORMS
 
     def body(x, idx, w, w_gate_up, w_down):
+        x, w_gate_up, w_down = x.astype(dt), w_gate_up.astype(dt), w_down.astype(dt)  # gathered in dt
         if fsdp:    # gathered here so that the backward reduce-scatters the gradients (module docstring)
-            w_gate_up = lax.all_gather(w_gate_up.astype(dt), fsdp, axis=1, tiled=True)
-            w_down = lax.all_gather(w_down.astype(dt), fsdp, axis=2, tiled=True)
-        experts = LocalExperts(KERNELS[kernel], w_gate_up.reshape(e_local, d, -1).astype(dt),
-                               w_down.astype(dt), block_rows(cfg, idx.size * ep), tp, cfg.moe_slot_passes)
-        x = x.astype(dt)
+            w_gate_up = lax.all_gather(w_gate_up, fsdp, axis=1, tiled=True)
+            w_down = lax.all_gather(w_down, fsdp, axis=2, tiled=True)
+        experts = LocalExperts(KERNELS[kernel], w_gate_up.reshape(e_local, d, -1), w_down,
+                               block_rows(cfg, idx.size * ep), tp, cfg.moe_slot_passes)
         if ep == 1:
             return experts(x, idx, w)
         if exchange == "all_gather":
