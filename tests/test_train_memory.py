@@ -4,9 +4,12 @@ compiled FLOPs tabulated; ragged, which XLA:CPU expands over every expert, compi
 import json
 import os
 
+import pytest
+
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
 
+@pytest.mark.slow       # an experiment script's table (four train-step compiles); the default suite is near 10 min
 def test_table_per_batch_and_dispatch(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(EXPERIMENTS)
     import train_memory
