@@ -111,9 +111,9 @@ def main() -> None:
         print(f"round {r + 1}: xla / torch {min(ratios):.2f} .. {max(ratios):.2f}", flush=True)
     import jax
     import torch
-    med = lambda xs: statistics.median(xs)
+    machine, med = cpu_summary(), statistics.median
     lines = ["# Matrix-product rates: XLA:CPU against torch, the bench preset's shapes", "",
-             f"Machine: {cpu_summary()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
+             f"Machine: {machine}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
              f"({args.threads} threads); fp32. Each library in its own process, alternating, {args.rounds} rounds; "
              f"per shape a loop of products of distinct left operands (about {args.gflop:g} GFLOP per call), "
              f"median of {args.repeats} calls. Command: `python experiments/matmul_rates.py --rounds {args.rounds}`.",
@@ -125,7 +125,7 @@ def main() -> None:
         rows.append(dict(what=what, m=m, k=k, n=n, transposed_lhs=trans, xla_gflops=xla, torch_gflops=tor,
                          xla_over_torch=ratio))
         lines.append(f"| {what} | {m} x {k} x {n}{' (lhs^T)' if trans else ''} | {xla:.0f} | {tor:.0f} | {ratio:.2f} |")
-    data = dict(machine=cpu_summary(), cores=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
+    data = dict(machine=machine, cores=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
                 threads=args.threads, rounds=rounds, rows=rows)
     if args.out:
         write_results(args.out, args.name, lines, data)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow                       # an experiment script's smoke run (two processes importing jax / torch)
-def test_matmul_rates_tiny_run(tmp_path):
+def test_matmul_rates_tiny_run(tmp_path, monkeypatch):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "matmul_rates.py"), "--rounds", "2",
@@ -25,7 +25,7 @@ def test_matmul_rates_tiny_run(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "matmul_rates.json").read_text())
-    sys.path.insert(0, str(ROOT / "experiments"))
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     from matmul_rates import SHAPES
     names = [s[0] for s in SHAPES]
     assert len(data["rounds"]) == 2 and [row["what"] for row in data["rows"]] == names
