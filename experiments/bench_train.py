@@ -23,6 +23,7 @@ three see the same machine state; the summary takes medians over rounds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -41,9 +42,9 @@ from dsv3_jax.config import MeshConfig, RunConfig, run_preset  # noqa: E402
 from dsv3_jax.host_malloc import reuse_freed_memory  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
 from dsv3_jax.params import train_flops_per_step  # noqa: E402
-from dsv3_jax.sharding import activate, make_mesh  # noqa: E402
+from dsv3_jax.sharding import activate, batch_sharding, make_mesh  # noqa: E402
 from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
-from dsv3_jax.train.state import create_train_state  # noqa: E402
+from dsv3_jax.train.state import create_train_state, state_shardings  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
 from results_io import cpu_summary  # noqa: E402  (experiments/, beside this file)
 
@@ -74,20 +75,40 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5, dtype: str = "float32") -> 
     return 2 * n ** 3 / time_fn(lambda: f(a), reps)
 
 
+def runner_mesh(rc: RunConfig) -> MeshConfig:
+    """The mesh a runner uses: one device for the presets (data=-1: bench_train's one-device step), else
+    rc.mesh as given (train_ab.py's `mesh.data=2` variants; on CPU, virtual devices from XLA_FLAGS)."""
+    shape = rc.mesh
+    if shape.data < 1:
+        shape = dataclasses.replace(shape, data=1)
+    size = shape.data * shape.expert * shape.tensor
+    if size > len(jax.devices()):
+        raise SystemExit(f"mesh {shape} needs {size} devices, this process has {len(jax.devices())} (on CPU: "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={size})")
+    return shape
+
+
 def make_runner(rc: RunConfig):
-    """A compiled, warmed-up train step on one device; `runner(n)` -> median seconds of n steps."""
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    """A compiled, warmed-up train step on runner_mesh(rc); `runner(n)` -> median seconds of n steps."""
+    shape = runner_mesh(rc)
+    mesh = make_mesh(shape, jax.devices()[:shape.data * shape.expert * shape.tensor])
     model, opt = Transformer(rc.model), make_optimizer(rc.train)
     state = create_train_state(model, rc, mesh, opt)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, rc.model.vocab_size,
                                                           (rc.train.global_batch_size, rc.train.seq_len + 1)),
                         jnp.int32)
-    with activate(mesh):
-        step = jax.jit(make_train_step(model, rc, opt), donate_argnums=0)
+    shardings = {}
+    if mesh.size > 1:
+        _, state_sharding = state_shardings(model, rc, mesh, opt)
+        batch = jax.device_put(batch, batch_sharding(mesh))
+        shardings = dict(in_shardings=(state_sharding, batch_sharding(mesh)))
+    scope = lambda: activate(mesh, shape.zero3, shape.fsdp)
+    with scope():
+        step = jax.jit(make_train_step(model, rc, opt), donate_argnums=0, **shardings)
     holder = [state]
 
     def one():
-        with activate(mesh):
+        with scope():
             holder[0], m = step(holder[0], batch)
         return m["loss"]
 
@@ -111,7 +132,8 @@ def torch_peer_tokens_per_s(path: str, steps: int) -> float:
 def write_results(out_dir: str, rows: list, summary: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     device = jax.devices()[0].device_kind
-    lines = [f"# Train-step throughput ({summary['preset']} preset, one device: {device}, {summary['dtype']}, "
+    where = "one device" if summary.get("devices", 1) == 1 else f"a mesh of {summary['devices']} devices"
+    lines = [f"# Train-step throughput ({summary['preset']} preset, {where}: {device}, {summary['dtype']}, "
              f"moe_impl={summary['moe_impl']})", "",
              f"Machine: {os.cpu_count()} CPU cores" + (f", {summary['cpu']}" if summary.get("cpu") else "") +
              f", jax {jax.__version__} ({jax.default_backend()}). "
@@ -197,7 +219,9 @@ def main() -> None:
     for name, tps, flops in (("MTP on", on, f_mtp), ("MTP off", off, f_no)):
         fps = flops * tps / tokens
         print(f"{name:8} {tokens / tps:8.3f} {tps:10.0f} {fps / 1e9:9.1f} {fps / mm:9.1%}")
+    shape = runner_mesh(rc)
     summary = {"preset": args.preset, "dtype": rc.model.dtype, "device": jax.devices()[0].device_kind,
+               "devices": shape.data * shape.expert * shape.tensor,
                "batch": rc.train.global_batch_size, "seq_len": rc.train.seq_len,
                "moe_impl": rc.model.moe_impl, "tokens_per_s": on, "tokens_per_s_no_mtp": off,
                "model_flops_per_s": f_mtp * on / tokens, "model_flops_per_s_no_mtp": f_no * off / tokens,

@@ -10,7 +10,10 @@ timed as a loop of `reps` products of distinct left operands ([reps, M, K] stack
 out of the loop) into one accumulator, about --gflop GFLOP per call; after a warm-up call, the median of
 --repeats calls. Reported: medians over rounds, and the median of the per-round ratios.
 
-    PYTHONPATH=$PWD python experiments/matmul_rates.py [--rounds 3] [--threads 2] [--out experiments/results]
+--cores N pins both libraries' processes to the first N cores (and torch to N threads): with --cores 1 the
+table compares the libraries' single-core kernels, without either's multi-threading.
+
+    PYTHONPATH=$PWD python experiments/matmul_rates.py [--rounds 3] [--cores 1] [--out experiments/results]
 Writes NAME.{md,json} (NAME: --name, default matmul_rates).
 """
 
@@ -26,20 +29,25 @@ import time
 
 from results_io import cpu_summary, write_results
 
-# (what, M, K, N, transposed_lhs): the bench preset (hidden 512, 8 heads, 16 experts of 256, top-4, dense
-# MLP 1536, vocab 1024) on 8 x 256 = 2048 tokens; 128-row blocks as the blocked expert kernel runs them.
+# (what, M, K, N, layout): the bench preset (hidden 512, 8 heads, 16 experts of 256, top-4, dense MLP 1536,
+# vocab 1024) on 8 x 256 = 2048 tokens; 128-row blocks as the blocked expert kernel (expert_kernels.py) runs
+# them. layout "nn": a[M,K] b[K,N]; "tn": a[K,M]^T b (weight gradients); "nt": a b[N,K]^T (input gradients,
+# the backward's products with the weights as stored; its gate+up row has the forward gate+up's M, K, N).
 SHAPES = [
-    ("reference n^3 (bench_train's baseline)", 2048, 2048, 2048, False),
-    ("dense MLP gate+up", 2048, 512, 3072, False),
-    ("dense MLP down", 2048, 1536, 512, False),
-    ("shared expert gate+up", 2048, 512, 512, False),
-    ("head", 2048, 512, 1024, False),
-    ("attention kv_b_proj", 2048, 64, 512, False),
-    ("attention o_proj", 2048, 256, 512, False),
-    ("routed expert block gate+up", 128, 512, 512, False),
-    ("routed expert block down", 128, 256, 512, False),
-    ("routed expert block weight gradient (x^T dy)", 512, 128, 512, True),
+    ("reference n^3 (bench_train's baseline)", 2048, 2048, 2048, "nn"),
+    ("dense MLP gate+up", 2048, 512, 3072, "nn"),
+    ("dense MLP down", 2048, 1536, 512, "nn"),
+    ("shared expert gate+up", 2048, 512, 512, "nn"),
+    ("head", 2048, 512, 1024, "nn"),
+    ("attention kv_b_proj", 2048, 64, 512, "nn"),
+    ("attention o_proj", 2048, 256, 512, "nn"),
+    ("routed expert block gate+up", 128, 512, 512, "nn"),
+    ("routed expert block down", 128, 256, 512, "nn"),
+    ("routed expert block weight gradient (x^T dy)", 512, 128, 512, "tn"),
+    ("routed expert block input gradient of gate+up (dh W1^T)", 128, 512, 512, "nt"),
+    ("routed expert block input gradient of down (dy W2^T)", 128, 512, 256, "nt"),
 ]
+DIMS = {"nn": ((1,), (0,)), "tn": ((0,), (0,)), "nt": ((1,), (1,))}      # dot_general contracting dims
 
 
 def time_library(lib: str, threads: int, gflop: float, repeats: int) -> dict:
@@ -54,12 +62,12 @@ def time_library(lib: str, threads: int, gflop: float, repeats: int) -> dict:
     else:
         import torch
         torch.set_num_threads(threads)
-    for what, m, k, n, trans in SHAPES:
+    for what, m, k, n, layout in SHAPES:
         reps = max(1, round(gflop * 1e9 / (2 * m * k * n)))
-        a = rng.standard_normal((reps, k, m) if trans else (reps, m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n), dtype=np.float32)
+        a = rng.standard_normal((reps, k, m) if layout == "tn" else (reps, m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k) if layout == "nt" else (k, n), dtype=np.float32)
         if lib == "xla":
-            dims = (((0,), (0,)), ((), ())) if trans else (((1,), (0,)), ((), ()))
+            dims = (DIMS[layout], ((), ()))
 
             def loop(a, b, dims=dims, reps=reps, m=m, n=n):
                 body = lambda i, c: c + jax.lax.dot_general(a[i], b, dims)
@@ -69,10 +77,11 @@ def time_library(lib: str, threads: int, gflop: float, repeats: int) -> dict:
         else:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
 
-            def call(ta=ta, tb=tb, reps=reps, m=m, n=n, trans=trans):
+            def call(ta=ta, tb=tb, reps=reps, m=m, n=n, layout=layout):
                 c = torch.zeros(m, n)
+                rhs = tb.t() if layout == "nt" else tb
                 for i in range(reps):
-                    c += (ta[i].t() if trans else ta[i]) @ tb
+                    c += (ta[i].t() if layout == "tn" else ta[i]) @ rhs
                 return c
         call()
         times = []
@@ -89,17 +98,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=7, help="timed calls per shape in a process")
     p.add_argument("--gflop", type=float, default=1.0, help="work per timed call")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
+    p.add_argument("--cores", type=int, default=os.cpu_count(),
+                   help="pin both libraries to this many cores (torch runs as many threads)")
     p.add_argument("--out", default=None, help="write NAME.{md,json} here (e.g. experiments/results)")
     p.add_argument("--name", default="matmul_rates")
     p.add_argument("--child", choices=("xla", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(time_library(args.child, args.threads, args.gflop, args.repeats)))
+        if args.cores < os.cpu_count():                 # before jax or torch start their thread pools
+            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
+        print(json.dumps(time_library(args.child, args.cores, args.gflop, args.repeats)))
         return
 
     def child(lib):
-        cmd = [sys.executable, __file__, "--child", lib, "--threads", str(args.threads), "--gflop", str(args.gflop),
+        cmd = [sys.executable, __file__, "--child", lib, "--cores", str(args.cores), "--gflop", str(args.gflop),
                "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -112,21 +124,24 @@ def main() -> None:
     import jax
     import torch
     machine, med = cpu_summary(), statistics.median
+    cores_arg = f" --cores {args.cores}" if args.cores < os.cpu_count() else ""
     lines = ["# Matrix-product rates: XLA:CPU against torch, the bench preset's shapes", "",
-             f"Machine: {machine}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
-             f"({args.threads} threads); fp32. Each library in its own process, alternating, {args.rounds} rounds; "
-             f"per shape a loop of products of distinct left operands (about {args.gflop:g} GFLOP per call), "
-             f"median of {args.repeats} calls. Command: `python experiments/matmul_rates.py --rounds {args.rounds}`.",
+             f"Machine: {machine}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}; "
+             f"both pinned to {args.cores} core(s), torch with as many threads; fp32. Each library in its own "
+             f"process, alternating, {args.rounds} rounds; per shape a loop of products of distinct left operands "
+             f"(about {args.gflop:g} GFLOP per call), median of {args.repeats} calls. Command: "
+             f"`python experiments/matmul_rates.py --rounds {args.rounds}{cores_arg}`.",
              "", "| product | M x K x N | XLA GFLOP/s | torch GFLOP/s | XLA / torch |", "|---|---|---|---|---|"]
     rows = []
-    for what, m, k, n, trans in SHAPES:
+    for what, m, k, n, layout in SHAPES:
         xla, tor = med([r["xla"][what] for r in rounds]), med([r["torch"][what] for r in rounds])
         ratio = med([r["xla"][what] / r["torch"][what] for r in rounds])
-        rows.append(dict(what=what, m=m, k=k, n=n, transposed_lhs=trans, xla_gflops=xla, torch_gflops=tor,
+        rows.append(dict(what=what, m=m, k=k, n=n, layout=layout, xla_gflops=xla, torch_gflops=tor,
                          xla_over_torch=ratio))
-        lines.append(f"| {what} | {m} x {k} x {n}{' (lhs^T)' if trans else ''} | {xla:.0f} | {tor:.0f} | {ratio:.2f} |")
+        note = {"nn": "", "tn": " (lhs^T)", "nt": " (rhs^T)"}[layout]
+        lines.append(f"| {what} | {m} x {k} x {n}{note} | {xla:.0f} | {tor:.0f} | {ratio:.2f} |")
     data = dict(machine=machine, cores=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
-                threads=args.threads, rounds=rounds, rows=rows)
+                pinned_cores=args.cores, rounds=rounds, rows=rows)
     if args.out:
         write_results(args.out, args.name, lines, data)
     else:

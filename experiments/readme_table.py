@@ -49,10 +49,12 @@ def _train_rows(d: dict) -> list[tuple[str, str, str]]:
 def _matmul_rows(d: dict) -> list[tuple[str, str, str]]:
     ratios = {r["what"]: r["xla_over_torch"] for r in d["rows"]}
     blocks = [v for w, v in ratios.items() if w.startswith("routed expert block")]
-    return [(f"the step's matrix products, XLA:CPU against torch (MKL), on {d['machine']}",
-             f"XLA / torch {min(ratios.values()):.2f}-{max(ratios.values()):.2f} by shape; the routed experts' "
-             f"128-row block products {min(blocks):.2f}-{max(blocks):.2f}",
-             "`python experiments/matmul_rates.py --rounds 3`")]
+    cores = d.get("pinned_cores", d["cores"])
+    pinned = f", both on {cores} core{'s' if cores > 1 else ''}"
+    cmd = "`python experiments/matmul_rates.py --rounds 3" + (f" --cores {cores}`" if cores < d["cores"] else "`")
+    return [(f"the step's matrix products, XLA:CPU against torch (MKL), on {d['machine']}{pinned}",
+             f"XLA / torch {_span(ratios.values())} by shape; the routed experts' 128-row block products "
+             f"{_span(blocks)}", cmd)]
 
 
 def _by_model(rows) -> dict:
@@ -203,7 +205,8 @@ def _kv_rows(d: dict) -> list[tuple[str, str, str]]:
 
 
 SOURCES = [("bench_train.json", _train_rows), ("avx512/bench_train.json", _train_rows),
-           ("matmul_rates.json", _matmul_rows), ("bench_moe.json", _moe_rows),
+           ("matmul_rates.json", _matmul_rows), ("matmul_rates_1core.json", _matmul_rows),
+           ("bench_moe.json", _moe_rows),
            ("bench_moe_few.json", _moe_few_rows), ("kv_cache.json", _kv_rows),
            ("bench_decode.json", _decode_rows), ("decode_ab_b1bbd96.json", _decode_ab_rows),
            ("spec_cost.json", _spec_cost_rows), ("spec_drafts.json", _drafts_rows), ("spec_depth.json", _depth_rows),

@@ -4,6 +4,8 @@ variant sees the same machine state), on the bench preset's one-device step of e
     python experiments/train_ab.py [--preset bench] [--rounds 3] [--steps 4] [--mtp both|on|off]
         NAME=OVERRIDE[,OVERRIDE...] ...      e.g. "no skip=model.attention_causal_block=0" "default="
         NAME=@PATCH ...                      e.g. "before=@before_session8" "now="
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python experiments/train_ab.py --mtp off \
+        "one=" "data2=mesh.data=2" "expert2=mesh.data=1,mesh.expert=2"      (meshes of virtual CPU devices)
 
 A variant is config overrides, or `@PATCH`: a function of experiments/ab_variants.py that puts an earlier
 form of the code back while that variant's step is traced. The first variant is the baseline. Each round

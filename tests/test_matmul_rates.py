@@ -1,6 +1,6 @@
-"""experiments/matmul_rates.py as users run it (a subprocess, the repo on PYTHONPATH), at a tiny size: both
-libraries' processes run, every product shape gets a positive rate per library and round, and the table's
-ratio is the median of the per-round ratios it reports."""
+"""experiments/matmul_rates.py as users run it (a subprocess, the repo on PYTHONPATH), at a tiny size and pinned
+to one core: both libraries' processes run, every product shape gets a positive rate per library and round, and
+the table's ratio is the median of the per-round ratios it reports."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_matmul_rates_tiny_run(tmp_path, monkeypatch):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "matmul_rates.py"), "--rounds", "2",
-                        "--gflop", "0.002", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
+                        "--gflop", "0.002", "--repeats", "1", "--cores", "1", "--out", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "matmul_rates.json").read_text())
@@ -37,3 +37,4 @@ def test_matmul_rates_tiny_run(tmp_path, monkeypatch):
         assert abs(row["xla_over_torch"] - want) < 1e-12
     table = (tmp_path / "matmul_rates.md").read_text()
     assert table.count("\n| ") == len(names) + 1 and "XLA / torch" in table
+    assert data["pinned_cores"] == 1 and "pinned to 1 core(s)" in table

@@ -72,3 +72,13 @@ def test_editable_install_gives_a_working_console_script(tmp_path):
     where = subprocess.run([str(py), "-c", "import dsv3_jax; print(dsv3_jax.__file__)"], cwd=elsewhere, env=env,
                            capture_output=True, text=True, timeout=120).stdout.strip()
     assert Path(where).resolve() == (REPO / "dsv3_jax" / "__init__.py").resolve()
+
+
+def test_subprocesses_compile_with_the_flags_users_have():
+    """conftest.py turns LLVM's optimisations off for this process only: a subprocess (the CLI tests) gets the
+    XLA_FLAGS this process started with, and an XLA client there reads them."""
+    code = "import os, jax; jax.devices(); print(os.environ['XLA_FLAGS']); print(jax.device_count())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "--xla_backend_optimization_level=0" not in out
+    assert "--xla_force_host_platform_device_count=8" in out and out[-1] == "8"
+    assert "--xla_backend_optimization_level=0" not in os.environ["XLA_FLAGS"]
