@@ -7,6 +7,12 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session (set before jax is imported), inherited by the CLI
+# subprocesses: many files compile the same tiny programs in fresh jit closures or fresh processes.
+_CACHE = tempfile.mkdtemp(prefix="dsv3_xla_cache_")
+atexit.register(shutil.rmtree, _CACHE, True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # This process compiles with LLVM's optimisations off: the same HLO and programs, numerics equal up to the
 # order of fp32 sums (scalar loops instead of vector ones), and compiles in about half the time, which is most
 # of the suite's time (experiments/results/test_time.md). XLA reads XLA_FLAGS once, when its first client
@@ -18,12 +24,6 @@ if os.environ["JAX_PLATFORMS"] == "cpu" and os.environ.get("DSV3_TEST_LLVM_OPT")
     import jax  # noqa: E402
     jax.jit(lambda x: x + 1)(1).block_until_ready()
     os.environ["XLA_FLAGS"] = _flags
-# One persistent compilation cache for the session, inherited by the CLI subprocesses: many files compile the
-# same tiny programs (the train step, prefill and decode steps) in fresh jit closures or processes.
-_CACHE = tempfile.mkdtemp(prefix="dsv3_xla_cache_")
-atexit.register(shutil.rmtree, _CACHE, True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
