@@ -23,7 +23,6 @@ three see the same machine state; the summary takes medians over rounds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -38,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv3_jax.config import MeshConfig, RunConfig, run_preset  # noqa: E402
+from dsv3_jax.config import RunConfig, run_preset  # noqa: E402
 from dsv3_jax.host_malloc import reuse_freed_memory  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
 from dsv3_jax.params import train_flops_per_step  # noqa: E402
@@ -75,23 +74,20 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5, dtype: str = "float32") -> 
     return 2 * n ** 3 / time_fn(lambda: f(a), reps)
 
 
-def runner_mesh(rc: RunConfig) -> MeshConfig:
-    """The mesh a runner uses: one device for the presets (data=-1: bench_train's one-device step), else
-    rc.mesh as given (train_ab.py's `mesh.data=2` variants; on CPU, virtual devices from XLA_FLAGS)."""
-    shape = rc.mesh
-    if shape.data < 1:
-        shape = dataclasses.replace(shape, data=1)
-    size = shape.data * shape.expert * shape.tensor
+def runner_mesh(rc: RunConfig) -> jax.sharding.Mesh:
+    """The mesh a runner uses: rc.mesh over as few devices as its fixed axes need, so the presets (data=-1)
+    get bench_train's one-device step and train_ab.py's `mesh.data=2` variants two devices (on CPU: virtual
+    devices from XLA_FLAGS)."""
+    size = int(np.prod([s for s in (rc.mesh.data, rc.mesh.expert, rc.mesh.tensor) if s > 0]))
     if size > len(jax.devices()):
-        raise SystemExit(f"mesh {shape} needs {size} devices, this process has {len(jax.devices())} (on CPU: "
+        raise SystemExit(f"mesh {rc.mesh} needs {size} devices, this process has {len(jax.devices())} (on CPU: "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={size})")
-    return shape
+    return make_mesh(rc.mesh, jax.devices()[:size])
 
 
 def make_runner(rc: RunConfig):
     """A compiled, warmed-up train step on runner_mesh(rc); `runner(n)` -> median seconds of n steps."""
-    shape = runner_mesh(rc)
-    mesh = make_mesh(shape, jax.devices()[:shape.data * shape.expert * shape.tensor])
+    mesh = runner_mesh(rc)
     model, opt = Transformer(rc.model), make_optimizer(rc.train)
     state = create_train_state(model, rc, mesh, opt)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, rc.model.vocab_size,
@@ -102,7 +98,7 @@ def make_runner(rc: RunConfig):
         _, state_sharding = state_shardings(model, rc, mesh, opt)
         batch = jax.device_put(batch, batch_sharding(mesh))
         shardings = dict(in_shardings=(state_sharding, batch_sharding(mesh)))
-    scope = lambda: activate(mesh, shape.zero3, shape.fsdp)
+    scope = lambda: activate(mesh, rc.mesh.zero3, rc.mesh.fsdp)
     with scope():
         step = jax.jit(make_train_step(model, rc, opt), donate_argnums=0, **shardings)
     holder = [state]
@@ -117,6 +113,7 @@ def make_runner(rc: RunConfig):
     def runner(n: int) -> float:
         return time_fn(one, n, warmup=1)
     runner.compiled_text = lambda: step.lower(holder[0], batch).compile().as_text()   # for profile_train.py
+    runner.mesh = mesh
     return runner
 
 
@@ -219,9 +216,8 @@ def main() -> None:
     for name, tps, flops in (("MTP on", on, f_mtp), ("MTP off", off, f_no)):
         fps = flops * tps / tokens
         print(f"{name:8} {tokens / tps:8.3f} {tps:10.0f} {fps / 1e9:9.1f} {fps / mm:9.1%}")
-    shape = runner_mesh(rc)
     summary = {"preset": args.preset, "dtype": rc.model.dtype, "device": jax.devices()[0].device_kind,
-               "devices": shape.data * shape.expert * shape.tensor,
+               "devices": run_on.mesh.size,
                "batch": rc.train.global_batch_size, "seq_len": rc.train.seq_len,
                "moe_impl": rc.model.moe_impl, "tokens_per_s": on, "tokens_per_s_no_mtp": off,
                "model_flops_per_s": f_mtp * on / tokens, "model_flops_per_s_no_mtp": f_no * off / tokens,
