@@ -389,6 +389,8 @@ class MeshConfig:
     zero3: bool = False  # also shard parameters' `embed` axis over `data` (ZeRO-3 style)
     fsdp: bool = False   # with zero3: shard `embed` over data AND expert where the expert axis is free (every
                          # non-expert parameter, which the expert axis otherwise replicates): FSDP over all axes
+    staged_gather: bool = True  # with fsdp: gather a weight where it is read over part of the mesh, then the
+                                # rest (sharding.logical_rules says why); false: in one collective
 
 
 @dataclasses.dataclass(frozen=True)

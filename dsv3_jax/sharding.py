@@ -21,7 +21,7 @@ from .errors import InputError
 MESH_AXES = ("data", "expert", "tensor")
 
 
-def logical_rules(zero3: bool = False, fsdp: bool = False) -> tuple:
+def logical_rules(zero3: bool = False, fsdp: bool = False, staged_gather: bool = True) -> tuple:
     """Logical axis -> mesh axes. Anything not listed is replicated.
 
     fsdp (with zero3): a parameter's `embed` axis goes over every mesh axis its other axes leave free: (data,
@@ -29,26 +29,37 @@ def logical_rules(zero3: bool = False, fsdp: bool = False) -> tuple:
     tensor, data alone for expert weights (whose `expert` axis takes expert). Flax applies the rules in order
     and skips one whose mesh axes the leaf already uses, so the tensor rules come first and every large
     parameter and moment is split over every device. Activations never use these names (theirs is
-    `act_embed`)."""
+    `act_embed`).
+
+    staged_gather (with zero3 and fsdp): where a parameter is read (`layers.param` names its axes `*_read`)
+    it is first gathered down to a `data` shard, then in full. XLA:TPU emits one gather over every device as
+    an all-reduce of zero-padded shards, twice an all-gather's traffic; gathers over part of the mesh stay
+    all-gathers (experiments/results/pod_memory.md, "Weight gathers in two stages")."""
     everywhere, free_of_tensor = ("data", "expert", "tensor"), ("data", "expert")
     # MLA's up-projections (q_b_proj, kv_b_proj) have no `embed` axis: their low-rank input axis takes it
     fsdp_rule = tuple((name, axes) for axes in (everywhere, free_of_tensor)
-                      for name in ("embed", "q_lora", "kv_lora")) if zero3 and fsdp else ()
+                      for name in FSDP_AXES) if zero3 and fsdp else ()
+    param_rules = (*fsdp_rule, ("embed", "data" if zero3 else None), ("q_lora", None), ("kv_lora", None))
+    if zero3 and fsdp and staged_gather:
+        read_rules = tuple((f"{name}_read", "data") for name in FSDP_AXES)
+    else:       # read as stored: the constraint is the parameter's own sharding
+        read_rules = tuple((f"{name}_read", axes) for name, axes in param_rules)
     return (
         ("batch", ("data", "expert")),
         ("expert", "expert"),
         ("heads", "tensor"),
         ("mlp", "tensor"),
         ("vocab", "tensor"),
-        *fsdp_rule,
-        ("embed", "data" if zero3 else None),
+        *param_rules,
         ("act_embed", None),      # activations' hidden axis: never sharded (batch already uses data)
         ("length", None),
         ("layers", None),
         ("head_dim", None),
-        ("q_lora", None),
-        ("kv_lora", None),
+        *read_rules,
     )
+
+
+FSDP_AXES = ("embed", "q_lora", "kv_lora")     # the axes FSDP shards (layers.param reads them as `*_read`)
 
 
 def mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -118,7 +129,12 @@ def replicated(mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activate(mesh, zero3: bool = False, fsdp: bool = False):
+def activate(mesh, zero3: bool = False, fsdp: bool = False, staged_gather: bool = True):
     """Make `mesh` and the logical rules ambient, for tracing and running model code under jit."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(zero3, fsdp)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(zero3, fsdp, staged_gather)):
         yield mesh
+
+
+def activate_for(mesh, mc: MeshConfig):
+    """`activate` with a run's mesh options (zero3, fsdp, staged_gather)."""
+    return activate(mesh, mc.zero3, mc.fsdp, mc.staged_gather)

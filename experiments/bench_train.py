@@ -41,7 +41,7 @@ from dsv3_jax.config import RunConfig, run_preset  # noqa: E402
 from dsv3_jax.host_malloc import reuse_freed_memory  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
 from dsv3_jax.params import train_flops_per_step  # noqa: E402
-from dsv3_jax.sharding import activate, batch_sharding, make_mesh  # noqa: E402
+from dsv3_jax.sharding import activate_for, batch_sharding, make_mesh  # noqa: E402
 from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
 from dsv3_jax.train.state import create_train_state, state_shardings  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
@@ -98,7 +98,7 @@ def make_runner(rc: RunConfig):
         _, state_sharding = state_shardings(model, rc, mesh, opt)
         batch = jax.device_put(batch, batch_sharding(mesh))
         shardings = dict(in_shardings=(state_sharding, batch_sharding(mesh)))
-    scope = lambda: activate(mesh, rc.mesh.zero3, rc.mesh.fsdp)
+    scope = lambda: activate_for(mesh, rc.mesh)
     with scope():
         step = jax.jit(make_train_step(model, rc, opt), donate_argnums=0, **shardings)
     holder = [state]

@@ -129,6 +129,29 @@ def test_adam_with_moments_stored_in_fp32_equals_optax_and_bf16_stays_close():
         np.testing.assert_allclose(outs[2][0]["w"], outs[0][0]["w"], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("staged", [True, False])
+def test_fsdp_weights_are_read_through_a_data_shard_when_staged(staged):
+    """Where a weight is read (`layers.param` names its FSDP axis `*_read`), the staged rules constrain it to a
+    `data` shard first (one gather over expert x tensor, then one over data); unstaged, the read names resolve
+    to the stored sharding, so the constraint is a no-op. Expert weights (expert axis taken) read as stored
+    either way, and without fsdp nothing changes."""
+    import flax.linen as nn
+    from dsv3_jax.sharding import logical_rules
+    def spec(axes, **kw):
+        with nn.logical_axis_rules(logical_rules(**kw)):
+            return tuple(nn.logical_to_mesh_axes(axes))
+    fsdp = dict(zero3=True, fsdp=True, staged_gather=staged)
+    for stored, read in ((("embed", "heads"), ("embed_read", "heads")), (("q_lora", "heads", None),
+                                                                         ("q_lora_read", "heads", None)),
+                         (("embed", "mlp"), ("embed_read", "mlp")), (("kv_lora",), ("kv_lora_read",))):
+        want = ("data",) + spec(stored, **fsdp)[1:] if staged else spec(stored, **fsdp)
+        assert spec(read, **fsdp) == want, (read, spec(read, **fsdp))
+    assert spec(("embed", "heads"), **fsdp) == (("data", "expert"), "tensor")
+    assert spec(("expert", "embed_read", None, "mlp"), **fsdp) == spec(("expert", "embed", None, "mlp"), **fsdp)
+    for kw in (dict(zero3=True), dict()):
+        assert spec(("embed_read", "kv_lora_read"), **kw) == spec(("embed", "kv_lora"), **kw)
+
+
 def test_fsdp_rules_shard_every_parameter_over_data_and_expert():
     """With mesh.fsdp, non-expert weights (and MLA's up-projections, which have no embed axis) are sharded
     over data x expert; expert weights keep the expert axis for their experts and data for embed."""

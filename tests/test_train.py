@@ -24,16 +24,25 @@ def single_device_run():
     return run_steps(make_run(MeshConfig(data=1)), BATCHES, jax.devices()[:1])
 
 
+FSDP = dict(zero3=True, fsdp=True)
+
+
 # The presets' default impl runs in the default suite (the path users run); dense only with -m slow.
-@pytest.mark.parametrize("moe_impl", [pytest.param("dense", marks=pytest.mark.slow), ModelConfig().moe_impl])
-def test_2x2x2_mesh_matches_one_device(single_device_run, moe_impl):
+@pytest.mark.parametrize("moe_impl,sharding", [
+    pytest.param("dense", {}, marks=pytest.mark.slow, id="dense"),
+    pytest.param(ModelConfig().moe_impl, {}, id="default"),
+    pytest.param(ModelConfig().moe_impl, FSDP, id="default-fsdp"),
+    pytest.param(ModelConfig().moe_impl, dict(FSDP, staged_gather=False), marks=pytest.mark.slow,
+                 id="default-fsdp-one-gather")])
+def test_2x2x2_mesh_matches_one_device(single_device_run, moe_impl, sharding):
     """5 steps on a (data 2, expert 2, tensor 2) mesh: same losses and router biases as one device's
     dense dispatch, with dense and with the presets' default ("auto": the expert-parallel form on this
-    mesh). 1e-5 relative: fp32 reductions are split and ordered differently, nothing else differs (every
+    mesh), with replicated weights and with zero3 + FSDP (weights read in two gathers, or in one).
+    1e-5 relative: fp32 reductions are split and ordered differently, nothing else differs (every
     dispatch computes the same sums; tests/test_moe_dispatch.py checks them to 1e-5 of a float64 loop)."""
     losses1, _, state1 = single_device_run
-    losses8, _, state8 = run_steps(make_run(MeshConfig(data=2, expert=2, tensor=2), {"moe_impl": moe_impl}),
-                                   BATCHES)
+    losses8, _, state8 = run_steps(make_run(MeshConfig(data=2, expert=2, tensor=2, **sharding),
+                                            {"moe_impl": moe_impl}), BATCHES)
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
     assert losses1[-1] < losses1[0]  # it trains
     # Biases move by +-gamma per step: equal sign decisions give exactly equal biases.

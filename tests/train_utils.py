@@ -56,7 +56,7 @@ def run_steps(rc: RunConfig, batches: list, devices=None):
     """Apply the jitted train step to each batch on rc.mesh; -> (losses, metrics list, final state)."""
     import jax
     from dsv3_jax.model import Transformer
-    from dsv3_jax.sharding import activate, batch_sharding, make_mesh
+    from dsv3_jax.sharding import activate_for, batch_sharding, make_mesh
     from dsv3_jax.train.optimizer import make_optimizer
     from dsv3_jax.train.state import create_train_state, state_shardings
     from dsv3_jax.train.step import make_train_step
@@ -65,7 +65,7 @@ def run_steps(rc: RunConfig, batches: list, devices=None):
     model, opt = Transformer(rc.model), make_optimizer(rc.train)
     state = create_train_state(model, rc, mesh, opt)
     _, shardings = state_shardings(model, rc, mesh, opt)
-    with activate(mesh):
+    with activate_for(mesh, rc.mesh):
         step = jax.jit(make_train_step(model, rc, opt), in_shardings=(shardings, batch_sharding(mesh)))
         metrics = []
         for b in batches:

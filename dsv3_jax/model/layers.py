@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..config import ModelConfig
+from ..sharding import FSDP_AXES
 
 
 def dtype_of(name: str):
@@ -22,13 +23,16 @@ def dtype_of(name: str):
 
 
 def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
-          cfg: ModelConfig, init=None, dtype=None) -> jax.Array:
+          cfg: ModelConfig, init=None, dtype=None, read_in_stages: bool = True) -> jax.Array:
     """A parameter with logical axis names (sharding lives in `sharding.py`, never here).
 
     Every learnable weight starts N(0, initializer_range^2) as in the paper (std 0.006)."""
     init = init or nn.initializers.normal(stddev=cfg.initializer_range)
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
-                        dtype or dtype_of(cfg.param_dtype))
+    value = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
+                         dtype or dtype_of(cfg.param_dtype))
+    # read through `*_read` names, so FSDP weights can be gathered in two stages (sharding.logical_rules)
+    read_axes = tuple(f"{a}_read" if a in FSDP_AXES else a for a in axes)
+    return constrain(value, read_axes) if read_in_stages else value
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -183,7 +183,8 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embedding = param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.embedding = param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg,
+                               read_in_stages=False)
         if cfg.num_dense_layers:
             self.dense_layers = Stack(cfg, False, cfg.num_dense_layers)
         if cfg.num_moe_layers:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ..config import RunConfig
 from ..model import Transformer
-from ..sharding import activate, batch_sharding, make_mesh, validate_for_mesh
+from ..sharding import activate_for, batch_sharding, make_mesh, validate_for_mesh
 from ..train.optimizer import make_optimizer
 from ..train.state import state_shardings
 from ..train.step import make_train_step
@@ -83,7 +83,8 @@ def compile_report(jitted, args: tuple, split: dict, hbm_bytes: Optional[int]) -
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report["flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
     (report["collective_bytes"], report["collective_loops_uncounted"],
-     report["top_collectives"]) = collective_report(compiled.as_text(), top=TOP_COLLECTIVES)
+     report["top_collectives"], report["collective_link_bytes"]) = collective_report(compiled.as_text(),
+                                                                                   top=TOP_COLLECTIVES)
     report["fits"] = hbm_bytes is None or report["bytes_per_device"] <= hbm_bytes
     report["oom"] = False
     return report
@@ -100,7 +101,7 @@ def compile_train_step(rc: RunConfig, devices: list, hbm_bytes: Optional[int] = 
     validate_for_mesh(mc, mesh, tc.global_batch_size, tc.microbatches)
     model, optimizer = Transformer(mc), make_optimizer(tc)
     abstract, shardings = state_shardings(model, rc, mesh, optimizer)
-    with activate(mesh, rc.mesh.zero3, rc.mesh.fsdp):
+    with activate_for(mesh, rc.mesh):
         bs = batch_sharding(mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         batch = jax.ShapeDtypeStruct((tc.global_batch_size, tc.seq_len + 1), jnp.int32, sharding=bs)

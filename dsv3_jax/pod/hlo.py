@@ -9,6 +9,11 @@ block loop) is counted once, and `collective_report` counts those loops.
 
 `ragged-all-to-all` (the expert-parallel dispatch on TPU and GPU) is counted by its receive buffer, the
 capacity the dispatch reserved: an upper bound, since only the routed rows move.
+
+Result bytes do not say what a collective costs: an all-reduce moves about twice an all-gather's bytes, and a
+gather over g devices sends (g-1)/g of its result. `link_bytes` is the ring model's figure, the bytes one
+device sends: all-gather and all-to-all (g-1)/g of the result, reduce-scatter (g-1) results, all-reduce
+2(g-1)/g of the buffer, collective-permute the buffer; g is read from the instruction's replica groups.
 """
 
 from __future__ import annotations
@@ -29,6 +34,36 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _NAME = re.compile(r"%([\w.\-]+)")
 _INT = re.compile(r"constant\((-?\d+)\)")
 _PASS_THROUGH = ("copy", "bitcast", "copy-done", "copy-start")
+
+
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")                 # {{0,1,2,3},{4,5,6,7}}
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")                # [groups,size]<=[32]...
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")   # mesh['axis_0'=4,...] {'axis_0'}
+_PARTITIONS = re.compile(r"num_partitions=(\d+)")
+
+
+def group_size(line: str, num_devices: int | None = None) -> int | None:
+    """Devices in each replica group of a collective instruction (None when the line names none and the
+    module's device count is unknown). The mesh form lists the group's axes after the mesh."""
+    m = _GROUPS_LIST.search(line)
+    if m:
+        return len([d for d in m.group(1).split(",") if d])
+    m = _GROUPS_IOTA.search(line)
+    if m:
+        return int(m.group(2))
+    m = _GROUPS_MESH.search(line)
+    if m:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)) if a in sizes)
+    return num_devices
+
+
+def _link_share(kind: str, g: int | None) -> float:
+    """Bytes one device sends per result byte on a ring of g devices (module docstring)."""
+    if g is None or g <= 1:
+        return 0.0 if g == 1 else 1.0
+    return {"all-gather": (g - 1) / g, "all-to-all": (g - 1) / g, "ragged-all-to-all": (g - 1) / g,
+            "reduce-scatter": g - 1.0, "all-reduce": 2 * (g - 1) / g, "collective-permute": 1.0}[kind]
 
 
 def shape_bytes(text: str) -> float:
@@ -142,22 +177,36 @@ def collective_bytes(hlo_text: str) -> dict:
     return collective_report(hlo_text)[0]
 
 
-def collective_report(hlo_text: str, top: int = 0) -> tuple[dict, int, list[dict]]:
+def collective_report(hlo_text: str, top: int = 0) -> tuple[dict, int, list[dict], dict]:
     """(`collective_bytes`, the number of while loops whose trip count could not be read (their bodies are
-    counted once), the `top` largest sources: {kind, op_name, shape, executions, bytes}, one per collective
-    instruction, largest total first)."""
+    counted once), the `top` largest sources: {kind, op_name, shape, group, executions, bytes, link_bytes}, one
+    per collective instruction, largest total first, and {kind: link bytes per device per step})."""
     found, uncounted = _collectives(hlo_text)
-    counts = dict.fromkeys(COLLECTIVES, 0.0)
+    counts, link = dict.fromkeys(COLLECTIVES, 0.0), dict.fromkeys(COLLECTIVES, 0.0)
     for c in found:
         counts[c["kind"]] += c["bytes"]
+        link[c["kind"]] += c["link_bytes"]
     largest = sorted(found, key=lambda c: -c["bytes"])[:top]
-    return {k: int(v) for k, v in counts.items()}, uncounted, [dict(c, bytes=int(c["bytes"])) for c in largest]
+    return ({k: int(v) for k, v in counts.items()}, uncounted,
+            [dict(c, bytes=int(c["bytes"]), link_bytes=int(c["link_bytes"])) for c in largest],
+            {k: int(v) for k, v in link.items()})
+
+
+def _groups_line(comps: dict, line: str) -> str:
+    """The line that names a collective's replica groups: itself, or for XLA:TPU's reduce-scatter fusion
+    (whose line names none) the all-reduce inside the fused computation."""
+    if "replica_groups" in line or "calls=%all-reduce-scatter" not in line:
+        return line
+    inner = comps.get((re.search(r"calls=%?([\w.\-]+)", line) or [None, None])[1], {"instrs": {}})
+    return next((l for _, op, _, l in inner["instrs"].values() if "replica_groups" in l), line)
 
 
 def _collectives(hlo_text: str) -> tuple[list[dict], int]:
     """Every collective instruction with its executions per step (the product of the trip counts of the loops
     around it, summed over the places its computation is called from); and the uncounted loops."""
     comps, entry = parse(hlo_text)
+    header = _PARTITIONS.search(hlo_text.split("\n", 1)[0])
+    devices = int(header.group(1)) if header else None
     edges: dict[str, list] = {name: [] for name in comps}
     uncounted = 0
     for cname, comp in comps.items():
@@ -198,6 +247,9 @@ def _collectives(hlo_text: str) -> tuple[list[dict], int]:
                 continue
             if execs[cname]:
                 name = (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]
+                g = group_size(_groups_line(comps, line), devices)
+                nbytes = shape_bytes(shape) * execs[cname]
                 found.append({"kind": kind, "op_name": name, "shape": re.sub(r"\{[^}]*\}|/\*[^*]*\*/", "", shape),
-                              "executions": execs[cname], "bytes": shape_bytes(shape) * execs[cname]})
+                              "group": g, "executions": execs[cname], "bytes": nbytes,
+                              "link_bytes": nbytes * _link_share(kind, g)})
     return found, uncounted

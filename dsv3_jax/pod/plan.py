@@ -82,10 +82,13 @@ def plan_one(rc: RunConfig, topo: Topology, step: str = "train", devices=None, *
     tokens = report.get("tokens_per_device", 0)
     # The model's FLOPs per device (params.py): XLA's cost analysis counts each loop body once (the layer
     # scan, the microbatch scan), so its figure (kept as xla_flops_per_device) is not the step's.
+    # a decode row's batch and length are the served batch and its context, not the train config's
     if step == "train":
-        model_flops = train_flops_per_step(rc.model, rc.train.global_batch_size, rc.train.seq_len)
+        batch, seq_len = rc.train.global_batch_size, rc.train.seq_len
+        model_flops = train_flops_per_step(rc.model, batch, seq_len)
     else:
-        model_flops = decode_flops_per_step(rc.model, report["batch"], report["context"])
+        batch, seq_len = report["batch"], report["context"]
+        model_flops = decode_flops_per_step(rc.model, batch, seq_len)
     flops = model_flops / len(devices)
     xla_flops = report.pop("flops_per_device", None)
     return {"topology": topo.accelerator_type, "libtpu_topology": topo.libtpu_name, "chips": topo.chips,
@@ -94,7 +97,7 @@ def plan_one(rc: RunConfig, topo: Topology, step: str = "train", devices=None, *
                         "microbatches": rc.train.microbatches, "attention_impl": rc.model.attention_impl,
                         "dtype": rc.model.dtype, "zero3": rc.mesh.zero3, "fsdp": rc.mesh.fsdp,
                         "moe_impl": rc.model.moe_impl},
-            "global_batch": rc.train.global_batch_size, "seq_len": rc.train.seq_len,
+            "global_batch": batch, "seq_len": seq_len,
             "peak_tflops_per_chip": topo.gen.peak_bf16_flops / 1e12,
             **report, "tokens_per_device": tokens, "flops_per_device": flops, "xla_flops_per_device": xla_flops,
             "seconds_at_peak": flops / (topo.gen.peak_bf16_flops / topo.gen.devices_per_chip)}
@@ -139,8 +142,13 @@ def format_report(r: dict) -> str:
                      ", ".join(f"{k} {_gib(v)}" + (" (receive buffers: at most)" if k == "ragged-all-to-all" else "")
                                for k, v in c.items()) +
                      (f" ({uncounted} loops of data-dependent length counted once)" if uncounted else ""))
+        link = r.get("collective_link_bytes") or {}
+        if link:
+            lines.append("bytes a device sends, ring model (GiB): " +
+                         ", ".join(f"{k} {_gib(v)}" for k, v in link.items() if v) + f"; total {_gib(sum(link.values()))}")
         for t in r.get("top_collectives") or []:
-            lines.append(f"  {_gib(t['bytes'])} GiB: {t['kind']} {t['shape'][:60]} x {t['executions']}  "
+            group = f" over {t['group']}" if t.get("group") else ""
+            lines.append(f"  {_gib(t['bytes'])} GiB: {t['kind']}{group} {t['shape'][:60]} x {t['executions']}  "
                          f"{_short_op_name(t['op_name'])}")
     return "\n".join(lines)
 
@@ -249,7 +257,8 @@ def _json_summary(r: dict) -> dict:
             "xla_flops_per_device", "seconds_at_peak", "compile_s", "lower_s", "params_bytes", "opt_state_bytes",
             "batch_bytes", "other_state_bytes",
             "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes", "memory_analysis_bytes",
-            "host_temp_bytes", "collective_bytes", "collective_loops_uncounted", "top_collectives", "oom", "error")
+            "host_temp_bytes", "collective_bytes", "collective_link_bytes", "collective_loops_uncounted",
+            "top_collectives", "oom", "error")
     return {k: r.get(k) for k in keys if k in r}
 
 

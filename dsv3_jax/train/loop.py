@@ -20,7 +20,7 @@ from .. import data as data_lib
 from ..config import RunConfig
 from ..errors import InputError, MissingInputError, OccupiedPathError
 from ..model import Transformer
-from ..sharding import activate, batch_sharding, make_mesh, validate_for_mesh
+from ..sharding import activate_for, batch_sharding, make_mesh, validate_for_mesh
 from .checkpoint import Checkpointer, load_run_config, save_run_config
 from .optimizer import make_optimizer
 from .state import create_train_state, state_shardings
@@ -222,7 +222,7 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     if proc == 0:
         save_run_config(run_dir, rc)
 
-    with activate(mesh, rc.mesh.zero3):
+    with activate_for(mesh, rc.mesh):
         step_fn = jax.jit(make_train_step(model, rc, optimizer), donate_argnums=0,
                           in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None))
         eval_fn = jax.jit(make_eval_step(model))
@@ -236,7 +236,7 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     def evaluate() -> tuple[float, list]:
         """Validation CE, and MaxVio per MoE layer over ALL validation tokens together (steadier than one
         training batch's)."""
-        with activate(mesh, rc.mesh.zero3):
+        with activate_for(mesh, rc.mesh):
             outs = jax.device_get([eval_fn(state.params, state.router_state, replicated_batch(b, mesh))
                                    for b in eval_batches])
         counts = jax.tree.map(lambda *c: sum(c), *[o[1] for o in outs])
@@ -250,7 +250,7 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
     try:
         while step < end:
             batch = global_batch(next(iterator), mesh, tc.global_batch_size)
-            with activate(mesh, rc.mesh.zero3):
+            with activate_for(mesh, rc.mesh):
                 state, metrics = step_fn(state, batch)
             step += 1
             if step % tc.log_every == 0 or step == end:

@@ -11,7 +11,7 @@ from flax import struct
 
 from ..config import RunConfig
 from ..model import Transformer
-from ..sharding import activate, logical_rules, shardings_of
+from ..sharding import activate_for, logical_rules, shardings_of
 from .optimizer import make_optimizer
 
 
@@ -49,5 +49,5 @@ def create_train_state(model: Transformer, rc: RunConfig, mesh, optimizer=None) 
     optimizer = optimizer or make_optimizer(rc.train)
     _, shardings = state_shardings(model, rc, mesh, optimizer)
     init = jax.jit(lambda r: nn.unbox(_init_boxed(model, rc, optimizer, r)), out_shardings=shardings)
-    with activate(mesh, rc.mesh.zero3, rc.mesh.fsdp):
+    with activate_for(mesh, rc.mesh):
         return init(jax.random.PRNGKey(rc.train.seed))
