@@ -19,6 +19,7 @@ from .config import MeshConfig, ModelConfig
 from .errors import InputError
 
 MESH_AXES = ("data", "expert", "tensor")
+FSDP_AXES = ("embed", "q_lora", "kv_lora")     # the axes FSDP shards (layers.param reads them as `*_read`)
 
 
 def logical_rules(zero3: bool = False, fsdp: bool = False, staged_gather: bool = True) -> tuple:
@@ -57,9 +58,6 @@ def logical_rules(zero3: bool = False, fsdp: bool = False, staged_gather: bool =
         ("head_dim", None),
         *read_rules,
     )
-
-
-FSDP_AXES = ("embed", "q_lora", "kv_lora")     # the axes FSDP shards (layers.param reads them as `*_read`)
 
 
 def mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, int, int]:

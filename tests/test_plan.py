@@ -175,8 +175,8 @@ def test_link_bytes_follow_the_ring_model_in_each_replica_group():
     from the all-reduce inside) g-1 results, a group of one nothing. The result bytes stay as they were."""
     got, _, top, link = collective_report(RING_HLO, top=10)
     b = 8 * 16 * 4                                   # one f32[8,16]
-    assert {t["shape"].strip(): t["group"] for t in top if t["kind"] == "all-gather"} == {"f32[8,16]": 4,
-                                                                                          "f32[16,16]": 8}
+    gathers = {t["shape"].strip(): t["group"] for t in top if t["kind"] == "all-gather"}
+    assert gathers == {"f32[8,16]": 4, "f32[16,16]": 8}
     assert link["all-gather"] == int(b * 3 / 4 + 2 * b * 7 / 8)
     assert link["all-reduce"] == int(b * 2 * 31 / 32 * 2)          # the mesh form (4 x 8) and the module's 32
     assert link["reduce-scatter"] == int(b / 4 * 3) and got["reduce-scatter"] == b // 4

@@ -183,6 +183,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
+        # read as stored: a staged read made its scatter-add gradient a full-table all-reduce (pod_memory.md)
         self.embedding = param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg,
                                read_in_stages=False)
         if cfg.num_dense_layers:

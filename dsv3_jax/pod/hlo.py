@@ -60,8 +60,10 @@ def group_size(line: str, num_devices: int | None = None) -> int | None:
 
 def _link_share(kind: str, g: int | None) -> float:
     """Bytes one device sends per result byte on a ring of g devices (module docstring)."""
-    if g is None or g <= 1:
-        return 0.0 if g == 1 else 1.0
+    if g is None:                   # groups unknown: count the result once
+        return 1.0
+    if g <= 1:                      # a group of one moves nothing
+        return 0.0
     return {"all-gather": (g - 1) / g, "all-to-all": (g - 1) / g, "ragged-all-to-all": (g - 1) / g,
             "reduce-scatter": g - 1.0, "all-reduce": 2 * (g - 1) / g, "collective-permute": 1.0}[kind]
 
@@ -205,7 +207,7 @@ def _collectives(hlo_text: str) -> tuple[list[dict], int]:
     """Every collective instruction with its executions per step (the product of the trip counts of the loops
     around it, summed over the places its computation is called from); and the uncounted loops."""
     comps, entry = parse(hlo_text)
-    header = _PARTITIONS.search(hlo_text.split("\n", 1)[0])
+    header = _PARTITIONS.search(hlo_text, 0, hlo_text.find("\n"))      # the HloModule line
     devices = int(header.group(1)) if header else None
     edges: dict[str, list] = {name: [] for name in comps}
     uncounted = 0

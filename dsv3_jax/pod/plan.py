@@ -144,8 +144,8 @@ def format_report(r: dict) -> str:
                      (f" ({uncounted} loops of data-dependent length counted once)" if uncounted else ""))
         link = r.get("collective_link_bytes") or {}
         if link:
-            lines.append("bytes a device sends, ring model (GiB): " +
-                         ", ".join(f"{k} {_gib(v)}" for k, v in link.items() if v) + f"; total {_gib(sum(link.values()))}")
+            lines.append("bytes a device sends, ring model (GiB): " + ", ".join(
+                f"{k} {_gib(v)}" for k, v in link.items() if v) + f"; total {_gib(sum(link.values()))}")
         for t in r.get("top_collectives") or []:
             group = f" over {t['group']}" if t.get("group") else ""
             lines.append(f"  {_gib(t['bytes'])} GiB: {t['kind']}{group} {t['shape'][:60]} x {t['executions']}  "
