@@ -230,6 +230,10 @@ def main(argv=None) -> int:
                    "run's own dtype, float32 for an HF checkpoint. bfloat16 halves the memory")
     g.add_argument("--mesh", help="e.g. data=2,expert=2,tensor=2: weights and latent cache sharded by the "
                    "training rules (default: one device)")
+    g.add_argument("--layout", choices=["replicated", "fsdp"], default="replicated",
+                   help="with --mesh, the weights other than the routed experts: replicated (no weight traffic per "
+                   "token) or fsdp (split over every device and gathered where read: fits a smaller slice; see "
+                   "`plan --step decode`)")
     _add_distributed(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -255,6 +259,9 @@ def main(argv=None) -> int:
     pl.add_argument("--step", default="train", choices=["train", "decode"])
     pl.add_argument("--batch", type=int, help="decode: sequences per step (default: a recommended batch)")
     pl.add_argument("--context", type=int, default=32768, help="decode: cached positions per sequence")
+    pl.add_argument("--layout", choices=["fsdp", "replicated"], default="fsdp",
+                    help="decode: the weights other than the routed experts split over every device (fsdp: the "
+                    "smallest slice) or replicated (no weight gathers per step); generate --layout")
     pl.add_argument("--search", action="store_true", help="try meshes, remat, microbatches, optimizer dtypes")
     pl.add_argument("--json", action="store_true", help="the last line is one JSON object")
     pl.add_argument("--no-save", action="store_true", help="do not update experiments/results/plan.{md,json}")

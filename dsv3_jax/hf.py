@@ -137,7 +137,7 @@ def _check_config(cfg: ModelConfig, mtp_override: bool, info: dict[str, tuple], 
                             f"tensors imply {value}")
 
 
-def load_checkpoint(path: str, dtype=np.float32, mesh=None, zero3: bool = False,
+def load_checkpoint(path: str, dtype=np.float32, mesh=None, zero3: bool = False, fsdp: bool = False,
                     **config_overrides) -> tuple[ModelConfig, dict]:
     """Load an HF DeepSeek-V3 checkpoint directory -> (ModelConfig, variables).
 
@@ -147,8 +147,9 @@ def load_checkpoint(path: str, dtype=np.float32, mesh=None, zero3: bool = False,
     applied on top of config.json (e.g. moe_impl='ragged'; num_nextn_predict_layers=0 skips MTP).
 
     Without a mesh the leaves are numpy arrays read whole. With a mesh they are jax.Arrays placed with
-    their training shardings (`sharding.logical_rules(zero3)`), and each process reads from the files only
-    the slices its own devices hold (for FP8 weights, only the 128x128 scale blocks covering them).
+    their training shardings (`sharding.logical_rules(zero3, fsdp)`: a fine-tune starts without a reshard),
+    and each process reads from the files only the slices its own devices hold (for FP8 weights, only the
+    128x128 scale blocks covering them).
 
     A checkpoint without the MTP layer whose config.json still says `num_nextn_predict_layers: 1` (what
     transformers' save_pretrained writes) loads without MTP, with a warning. Raises one InputError listing
@@ -160,7 +161,7 @@ def load_checkpoint(path: str, dtype=np.float32, mesh=None, zero3: bool = False,
         if mesh is None:
             variables = _read_whole(ck, dtype)
         else:
-            variables = _read_sharded(ck, dtype, mesh, zero3)
+            variables = _read_sharded(ck, dtype, mesh, zero3, fsdp)
     finally:
         ck.close()
     return ck.cfg, variables
@@ -331,15 +332,16 @@ def _read_whole(ck: _Checkpoint, dtype: np.dtype) -> dict:
     return traverse_util.unflatten_dict(bufs)
 
 
-def variable_shardings(cfg: ModelConfig, mesh, zero3: bool = False) -> dict:
+def variable_shardings(cfg: ModelConfig, mesh, zero3: bool = False, fsdp: bool = False) -> dict:
     """{leaf path: NamedSharding} of `Transformer(cfg).init(...)` on `mesh`: the training shardings (the
-    logical names of the modules through `sharding.logical_rules`)."""
+    logical names of the modules through `sharding.logical_rules`; where a parameter is stored, which
+    `mesh.staged_gather` does not change)."""
     from flax import traverse_util
     from .sharding import logical_rules, shardings_of
-    return traverse_util.flatten_dict(shardings_of(hl.abstract_init(cfg), mesh, logical_rules(zero3)))
+    return traverse_util.flatten_dict(shardings_of(hl.abstract_init(cfg), mesh, logical_rules(zero3, fsdp)))
 
 
-def _read_sharded(ck: _Checkpoint, dtype: np.dtype, mesh, zero3: bool) -> dict:
+def _read_sharded(ck: _Checkpoint, dtype: np.dtype, mesh, zero3: bool, fsdp: bool) -> dict:
     """Each leaf as a jax.Array built from its addressable shards: a shard reads only the HF slices that
     cover it (so a process reads what its devices hold), is read once however many local devices hold it,
     and its host buffer is dropped once placed, so host memory beyond the placed arrays is one shard of one
@@ -347,7 +349,7 @@ def _read_sharded(ck: _Checkpoint, dtype: np.dtype, mesh, zero3: bool) -> dict:
     import jax
     from flax import traverse_util
 
-    shardings = variable_shardings(ck.cfg, mesh, zero3)
+    shardings = variable_shardings(ck.cfg, mesh, zero3, fsdp)
     entries: dict[tuple, list] = {}
     for name, e in ck.layout.items():
         if e.dup_of is None:

@@ -23,19 +23,20 @@ from .errors import InputError, MissingInputError
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def _abstract_variables(cfg: ModelConfig, mesh, zero3: bool) -> dict:
+def _abstract_variables(cfg: ModelConfig, mesh, zero3: bool, fsdp: bool) -> dict:
     """{'params', 'router_state'} as ShapeDtypeStructs carrying their training shardings on `mesh`."""
     from flax import traverse_util
     from .hf import variable_shardings
     from .hf_layout import template
-    shardings = variable_shardings(cfg, mesh, zero3)
+    shardings = variable_shardings(cfg, mesh, zero3, fsdp)
     return traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
                                          for k, v in template(cfg).items()})
 
 
-def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None):
+def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None, fsdp: Optional[bool] = None):
     """-> (RunConfig, step, {'params', 'router_state'}) from the newest finished checkpoint of a run that
-    restores and matches its checksums, with the training shardings on `mesh` (default: one device).
+    restores and matches its checksums, with the training shardings on `mesh` (default: one device;
+    zero3 / fsdp default to the run's own).
     The optimizer state is never read."""
     import orbax.checkpoint as ocp
     from .sharding import make_mesh
@@ -46,7 +47,8 @@ def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None):
     if not os.path.isdir(directory):
         raise MissingInputError(f"{run_dir} has no finished checkpoint yet")
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    target = _abstract_variables(rc.model, mesh, rc.mesh.zero3 if zero3 is None else zero3)
+    target = _abstract_variables(rc.model, mesh, rc.mesh.zero3 if zero3 is None else zero3,
+                                 rc.mesh.fsdp if fsdp is None else fsdp)
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
@@ -127,7 +129,8 @@ def init_variables(hf_dir: str, rc: RunConfig, mesh, fresh: dict) -> dict:
     kw = {f: getattr(cfg, f) for f in ("param_dtype", "moe_impl", "moe_block_size", "remat_policy", "scan_unroll")}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*has no MTP module.*")
-        loaded_cfg, loaded = load_checkpoint(hf_dir, dtype=cfg.param_dtype, mesh=mesh, zero3=rc.mesh.zero3, **kw)
+        loaded_cfg, loaded = load_checkpoint(hf_dir, dtype=cfg.param_dtype, mesh=mesh, zero3=rc.mesh.zero3,
+                                             fsdp=rc.mesh.fsdp, **kw)   # the train state's own layout
     loaded_cfg = loaded_cfg.replace(**run_choices(cfg))     # dtype, dispatch, attention: the run's own choice
     if loaded_cfg.replace(num_nextn_predict_layers=cfg.num_nextn_predict_layers) != cfg:
         diff = {k: (getattr(loaded_cfg, k), getattr(cfg, k)) for k in loaded_cfg.to_dict()

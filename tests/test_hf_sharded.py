@@ -27,6 +27,7 @@ def _assert_bitwise(sharded, whole):
 
 @pytest.mark.parametrize("kind,mesh_cfg", [("bf16", MeshConfig(data=4, expert=2, tensor=1, zero3=True)),
                                            ("fp8", MeshConfig(data=2, expert=2, tensor=2, zero3=True)),
+                                           ("fp8", MeshConfig(data=2, expert=2, tensor=2, zero3=True, fsdp=True)),
                                            ("fused", MeshConfig(data=1, expert=4, tensor=2))])
 def test_sharded_load_equals_unsharded_bitwise(kind, mesh_cfg, tmp_path, random_variables):
     cfg = FP8_CFG if kind == "fp8" else CFG
@@ -50,11 +51,11 @@ def test_sharded_load_equals_unsharded_bitwise(kind, mesh_cfg, tmp_path, random_
         rewrite(path, fuse)
     mesh = make_mesh(mesh_cfg)
     _, whole = load_checkpoint(path)
-    cfg2, sharded = load_checkpoint(path, mesh=mesh, zero3=mesh_cfg.zero3)
+    cfg2, sharded = load_checkpoint(path, mesh=mesh, zero3=mesh_cfg.zero3, fsdp=mesh_cfg.fsdp)
     assert cfg2 == cfg
     _assert_bitwise(sharded, whole)
     # The training shardings: experts over `expert`, heads over `tensor`, `embed` over `data` under zero3.
-    want = variable_shardings(cfg, mesh, mesh_cfg.zero3)
+    want = variable_shardings(cfg, mesh, mesh_cfg.zero3, mesh_cfg.fsdp)
     for k, x in traverse_util.flatten_dict(sharded).items():
         assert x.sharding.is_equivalent_to(want[k], x.ndim), k
     experts = sharded["params"]["moe_layers"]["layers"]["moe"]["experts_gate_up"]
@@ -103,3 +104,30 @@ def test_init_from_keeps_the_runs_own_model_choices(tmp_path, random_variables):
                                                                                          CFG.hidden_size)
     loaded = init_variables(path, rc, make_mesh(MeshConfig(data=2, expert=2, tensor=2)), fresh=v)
     _assert_bitwise(loaded["params"], load_checkpoint(path)[1]["params"])
+
+
+@pytest.mark.parametrize("mesh_options", ["mesh.zero3=true,mesh.fsdp=true", "mesh.zero3=true,mesh.fsdp=false"])
+def test_init_from_loads_into_the_train_states_own_shardings(mesh_options, tmp_path, random_variables):
+    """`train --init-from` reads each tensor straight into the sharding the train state stores it in, FSDP
+    included, so the step-0 `device_put` moves nothing. Before, the loader used the zero3 rules without
+    fsdp and the train loop resharded every non-expert weight once more at load."""
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.model import Transformer
+    from dsv3_jax.runs import init_from_config, init_variables
+    from dsv3_jax.train.state import state_shardings
+    path = str(tmp_path / "c")
+    v = random_variables(CFG, seed=4)
+    save_checkpoint(path, CFG, v)
+    rc = init_from_config(path, run_preset("tiny").override(
+        ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2", *mesh_options.split(",")]))
+    mesh = make_mesh(rc.mesh)
+    loaded = init_variables(path, rc, mesh, fresh=v)
+    _, shardings = state_shardings(Transformer(rc.model), rc, mesh)
+    want = traverse_util.flatten_dict(shardings.params)
+    got = traverse_util.flatten_dict(loaded["params"])
+    assert sorted(got) == sorted(want)
+    moved = [k for k, x in got.items() if not x.sharding.is_equivalent_to(want[k], x.ndim)]
+    assert not moved, f"{len(moved)} leaves would be resharded at load, e.g. {moved[:3]}"
+    # FSDP splits the embedding's hidden axis over data x expert (zero3 alone: data), its vocab over tensor
+    embed_axes = set(jax.tree.leaves(tuple(got[("embedding",)].sharding.spec)))
+    assert embed_axes == ({"data", "expert", "tensor"} if rc.mesh.fsdp else {"data", "tensor"}), embed_axes

@@ -265,6 +265,27 @@ def test_decode_plan_reports_the_served_batch_and_context():
 
 
 @needs_libtpu
+def test_decode_plan_weights_layouts_trade_memory_for_gathers():
+    """`plan --step decode --layout`: with fsdp the non-expert weights are split over v5p-8's 4 devices (a
+    quarter of the replicated bytes for those leaves) and gathered at every step; replicated holds them
+    whole and gathers no weights (what is left is the expert dispatch and the batch's)."""
+    rows = {}
+    for layout in ("fsdp", "replicated"):
+        p = _plan_cli("--preset", "tiny", "--topology", "v5p-8", "--step", "decode", "--batch", "8", "--context",
+                      "64", "--layout", layout, "--json", "--no-save")
+        assert p.returncode == 0, p.stderr[-3000:]
+        rows[layout] = json.loads(p.stdout.strip().splitlines()[-1])
+        assert rows[layout]["layout"] == layout and rows[layout]["fits"]
+        assert f"--layout {layout}" in p.stdout
+    fsdp, rep = rows["fsdp"], rows["replicated"]
+    assert (fsdp["options"]["fsdp"], rep["options"]["fsdp"]) == (True, False)
+    assert fsdp["params_bytes"] < 0.6 * rep["params_bytes"], (fsdp["params_bytes"], rep["params_bytes"])
+    gathered = {k: (r["collective_bytes"] or {}).get("all-gather", 0) for k, r in rows.items()}
+    assert gathered["fsdp"] > 0.5 * (rep["params_bytes"] - fsdp["params_bytes"]), gathered
+    assert gathered["replicated"] < 0.05 * gathered["fsdp"], gathered
+
+
+@needs_libtpu
 def test_tiny_train_step_compiles_for_a_tpu_slice_through_the_cli():
     """`plan --json` on the tiny preset's real train step (zero3 + FSDP, blocked attention, bf16 moments)
     for v5p-8's 4 compile-only devices: the JSON line has the issue's keys, it fits, the memory split adds

@@ -20,6 +20,11 @@ from ..errors import InputError, MissingInputError
 
 
 GENERATE_DTYPES = ("float32", "bfloat16")
+# Where the weights other than the routed experts live on a mesh (experts are split over `expert` either way):
+#   replicated  each device holds them all (split over `tensor` only): no weight traffic per token;
+#   fsdp        split over every device as in training with zero3 + fsdp, gathered where each is read: fits
+#               a smaller slice, and pays those gathers at every step (docs/scaling.md, "Serving").
+SERVING_LAYOUTS = ("replicated", "fsdp")
 
 
 def with_dtype(cfg: ModelConfig, variables, dtype: Optional[str]):
@@ -38,20 +43,22 @@ def with_dtype(cfg: ModelConfig, variables, dtype: Optional[str]):
     return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), traverse_util.unflatten_dict(flat)
 
 
-def load_run(run_dir: str, mesh=None, dtype: Optional[str] = None):
+def load_run(run_dir: str, mesh=None, dtype: Optional[str] = None, layout: str = "replicated"):
     """(model config, variables, tokenizer) from the newest good checkpoint of a training run: params and
-    router state only (the optimizer state is never read), placed on `mesh` (default: one device), in
-    `dtype` (None: the run's own; see `with_dtype`). The checksums are checked on the saved dtype."""
+    router state only (the optimizer state is never read), placed on `mesh` (default: one device) in the
+    serving `layout`, in `dtype` (None: the run's own; see `with_dtype`). The checksums are checked on the
+    saved dtype."""
     from ..data import load_tokenizer
     from ..runs import restore_variables
-    rc, _, variables = restore_variables(run_dir, mesh)
+    fsdp = _is_fsdp(layout)
+    rc, _, variables = restore_variables(run_dir, mesh, zero3=fsdp, fsdp=fsdp)
     cfg, variables = with_dtype(rc.model, variables, dtype)
     return cfg, variables, load_tokenizer(rc.train.tokenizer)
 
 
-def load_hf(hf_dir: str, mesh=None, dtype: Optional[str] = None):
-    """(model config, variables, tokenizer) of an HF checkpoint directory, sharded onto `mesh` if given,
-    read straight into `dtype` (None: float32; the router stays fp32)."""
+def load_hf(hf_dir: str, mesh=None, dtype: Optional[str] = None, layout: str = "replicated"):
+    """(model config, variables, tokenizer) of an HF checkpoint directory, sharded onto `mesh` if given (in
+    the serving `layout`), read straight into `dtype` (None: float32; the router stays fp32)."""
     from ..data import load_tokenizer
     from ..hf import load_checkpoint
     from ..safetensors_io import np_dtype
@@ -60,18 +67,28 @@ def load_hf(hf_dir: str, mesh=None, dtype: Optional[str] = None):
         raise MissingInputError(f"{hf_dir} has no tokenizer.json")
     if dtype is not None and dtype not in GENERATE_DTYPES:
         raise InputError(f"--dtype {dtype!r}: use one of {', '.join(GENERATE_DTYPES)}")
-    cfg, variables = load_checkpoint(hf_dir, dtype=np_dtype(dtype or "float32"), mesh=mesh)
+    fsdp = _is_fsdp(layout)
+    cfg, variables = load_checkpoint(hf_dir, dtype=np_dtype(dtype or "float32"), mesh=mesh, zero3=fsdp, fsdp=fsdp)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     return cfg, variables, load_tokenizer(tok_path)
 
 
-def generation_rules(mesh, batch: int) -> tuple:
-    """The training rules, except that a batch the data x expert axes cannot split evenly (one prompt,
-    say) is replicated: weights stay sharded, and so does the latent cache whenever its rows can be."""
+def _is_fsdp(layout: str) -> bool:
+    if layout not in SERVING_LAYOUTS:
+        raise InputError(f"--layout {layout!r}: use one of {', '.join(SERVING_LAYOUTS)}")
+    return layout == "fsdp"
+
+
+def generation_rules(mesh, batch: int, layout: str = "replicated") -> tuple:
+    """The training rules of the serving `layout` (fsdp: those of zero3 + fsdp), except that a batch the
+    data x expert axes cannot split evenly (one prompt, say) is replicated: weights stay sharded, and so does
+    the latent cache whenever its rows can be."""
     from ..sharding import logical_rules
     shards = mesh.shape["data"] * mesh.shape["expert"]
-    return tuple((name, None if name == "batch" and batch % shards else axes) for name, axes in logical_rules())
+    fsdp = _is_fsdp(layout)
+    return tuple((name, None if name == "batch" and batch % shards else axes)
+                 for name, axes in logical_rules(zero3=fsdp, fsdp=fsdp))
 
 
 class TextStream:
@@ -132,7 +149,10 @@ def run_generate(args) -> int:
         raise InputError("the prompt is empty: give --prompt some text (or --prompts-file)")
     else:
         texts, slots = [args.prompt], None
-    mesh = None
+    mesh, layout = None, getattr(args, "layout", "replicated")
+    _is_fsdp(layout)
+    if layout != "replicated" and not getattr(args, "mesh", None):
+        raise InputError(f"--layout {layout} places the weights on a mesh: give --mesh as well")
     if getattr(args, "mesh", None):
         from ..config import MeshConfig, load_hf_config
         from ..sharding import make_mesh, validate_for_mesh
@@ -144,8 +164,8 @@ def run_generate(args) -> int:
                               mesh)
     cfg: ModelConfig
     dtype = getattr(args, "dtype", None)
-    cfg, variables, tokenizer = (load_run(args.run_dir, mesh, dtype) if args.run_dir
-                                 else load_hf(args.hf_dir, mesh, dtype))
+    cfg, variables, tokenizer = (load_run(args.run_dir, mesh, dtype, layout) if args.run_dir
+                                 else load_hf(args.hf_dir, mesh, dtype, layout))
     prompts = [[int(t) for t in tokenizer.encode(text)] for text in texts]
     for i, p in enumerate(prompts):
         if not p:
@@ -160,7 +180,7 @@ def run_generate(args) -> int:
     stream = TextStream(tokenizer, out=out) if slots is None else None
     context = contextlib.nullcontext()
     if mesh is not None:
-        context = _on_mesh(mesh, generation_rules(mesh, slots or 1))
+        context = _on_mesh(mesh, generation_rules(mesh, slots or 1, layout))
     with context:
         tokens, stats = generate(cfg, variables, prompts, args.max_new_tokens, temperature=args.temperature,
                                  top_p=args.top_p, seed=args.seed, speculative=args.speculative,

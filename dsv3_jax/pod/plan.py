@@ -154,18 +154,20 @@ def format_report(r: dict) -> str:
 
 
 def table_row(r: dict, command: str) -> str:
-    m = r["mesh"]
+    m, o = r["mesh"], r["options"]
+    setup = (f"{'fsdp' if o.get('fsdp') else 'replicated'} weights" if r["step"] == "decode" else
+             f"{o['remat_policy']}, mb {o['microbatches']}, moments {o['moment_dtype']}")
     return (f"| {r['topology']} | {r['chips']} | {r['devices']} | {m.get('data')},{m.get('expert')},{m.get('tensor')} "
-            f"| {r['tokens_per_device']} | {r['options']['remat_policy']}, mb {r['options']['microbatches']}, "
-            f"moments {r['options']['moment_dtype']} | {_gib(r.get('params_bytes'))} | {_gib(r.get('opt_state_bytes'))} "
+            f"| {r['tokens_per_device']} | {setup} | {_gib(r.get('params_bytes'))} | {_gib(r.get('opt_state_bytes'))} "
             f"| {_gib(r.get('temp_bytes'))} | {_gib(r.get('memory_analysis_bytes'))} "
             f"| {_gib(r.get('peak_bytes') or (r.get('bytes_per_device') if r.get('oom') else None))} / "
             f"{_gib(r['hbm_bytes_per_device'])} "
             f"| {'yes' if r['fits'] else 'no'} | {r.get('compile_s')} | `{command}` |")
 
 
-TABLE_HEAD = ("| topology | chips | devices | mesh d,e,t | tokens/device | remat, microbatches, moments | params GiB "
-              "| optimizer GiB | temporaries GiB | sum of allocations GiB | peak / HBM GiB | fits | compile s | command |\n"
+TABLE_HEAD = ("| topology | chips | devices | mesh d,e,t | tokens/device "
+              "| remat, microbatches, moments (decode: weights) | params GiB | optimizer GiB | temporaries GiB "
+              "| sum of allocations GiB | peak / HBM GiB | fits | compile s | command |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 

@@ -1,8 +1,9 @@
 """`plan --step decode`: the serving plan of a model with the latent KV cache. Compiles one decode step (one
-new token per sequence over `context` cached positions, `infer.decode_step`) for a slice: bf16 weights with
-experts over the expert axis and every other weight sharded over all devices, the bf16 cache sharded by
-sequence; reports its memory like the train plan, and walks up the slices of the generation from the
-smallest the bytes allow to the first that fits.
+new token per sequence over `context` cached positions, `infer.decode_step`) for a slice, under the rules
+`generate --mesh ... --layout` traces with: bf16 weights with experts over the expert axis and every other
+weight sharded over all devices (layout fsdp, the default here) or replicated (layout replicated), the bf16
+cache sharded by sequence; reports its memory like the train plan, and walks up the slices of the
+generation from the smallest the bytes allow to the first that fits.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import MeshConfig, RunConfig
 from ..model import Transformer
-from ..sharding import activate, logical_rules, make_mesh, shardings_of
+from ..sharding import logical_rules, make_mesh, shardings_of
 from .compile import compile_report, shard_bytes
 from .topology import GIB, Topology, parse_topology
 
@@ -27,22 +28,25 @@ SERVING_OPTIONS = dict(dtype="bfloat16", param_dtype="bfloat16", moe_impl="exper
 DEFAULT_BATCH = 128
 
 
-def serving_config(rc: RunConfig, num_devices: int) -> RunConfig:
-    """bf16 weights, expert parallelism over every device (the batch too), FSDP for the rest."""
+def serving_config(rc: RunConfig, num_devices: int, layout: str = "fsdp") -> RunConfig:
+    """bf16 weights, expert parallelism over every device (the batch too), the rest in `layout` (fsdp:
+    split over every device; replicated)."""
     model = dataclasses.replace(rc.model, **SERVING_OPTIONS)
     expert = math.gcd(num_devices, model.n_routed_experts)
+    fsdp = layout == "fsdp"
     return dataclasses.replace(rc, model=model, mesh=MeshConfig(data=num_devices // expert, expert=expert,
-                                                                tensor=1, zero3=True, fsdp=True))
+                                                                tensor=1, zero3=fsdp, fsdp=fsdp))
 
 
 def compile_decode_step(rc: RunConfig, devices: list, hbm_bytes: Optional[int], batch: int = DEFAULT_BATCH,
                         context: int = 32768) -> dict:
     from ..infer import decode_step, init_cache
-    cfg = rc.model
+    from ..infer.cli import _on_mesh, generation_rules
+    cfg, layout = rc.model, serving_layout(rc)
     mesh = make_mesh(rc.mesh, devices)
     model = Transformer(cfg)
     boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32)), jax.random.PRNGKey(0))
-    shardings = shardings_of(boxed, mesh, logical_rules(True, True))
+    shardings = shardings_of(boxed, mesh, logical_rules(rc.mesh.zero3, rc.mesh.fsdp))
     abstract = nn.unbox(boxed)
     variables = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     rows = NamedSharding(mesh, P(("data", "expert")))
@@ -57,13 +61,17 @@ def compile_decode_step(rc: RunConfig, devices: list, hbm_bytes: Optional[int], 
     def step(variables, cache, tokens, positions):
         return decode_step(cfg, variables["params"], variables["router_state"], cache, tokens, positions)
 
-    with activate(mesh, True, True):
+    with _on_mesh(mesh, generation_rules(mesh, batch, layout)):       # what `generate --mesh` traces under
         jitted = jax.jit(step, donate_argnums=1, in_shardings=(shardings, cache_sh, rows, rows),
                          out_shardings=(None, None, cache_sh))
         report = compile_report(jitted, (variables, cache, tokens, positions), split, hbm_bytes)
     report.update(mesh=dict(mesh.shape), batch=batch, context=context,
                   tokens_per_device=batch * context // len(devices))
     return report
+
+
+def serving_layout(rc: RunConfig) -> str:
+    return "fsdp" if rc.mesh.zero3 and rc.mesh.fsdp else "replicated"
 
 
 def total_bytes(rc: RunConfig, batch: int, context: int) -> int:
@@ -81,6 +89,8 @@ def run_decode_plan(args, base: RunConfig, topo: Topology) -> int:
     from .plan import format_report, plan_one, save_results, _json_summary
     base = base.override(list(args.overrides))
     batch, context = args.batch or DEFAULT_BATCH, args.context
+    layout = getattr(args, "layout", "fsdp")
+    flag = "" if layout == "fsdp" else f" --layout {layout}"
     per = topo.gen.cores_per_chip if topo.generation in ("v4", "v5p", "tpu7x") else 1
     floor = total_bytes(base, batch, context) / (topo.gen.hbm_bytes * topo.gen.devices_per_chip)
     candidates = [topo] + [parse_topology(f"{topo.generation}-{c * per}")
@@ -92,23 +102,23 @@ def run_decode_plan(args, base: RunConfig, topo: Topology) -> int:
         if batch % t.num_devices:
             print(f"{t.accelerator_type}: batch {batch} does not split over {t.num_devices} devices; skipped")
             continue
-        row = plan_one(serving_config(base, t.num_devices), t, step="decode", batch=batch, context=context)
+        row = plan_one(serving_config(base, t.num_devices, layout), t, step="decode", batch=batch, context=context)
         row.update(preset=args.preset)
         print(format_report(row), flush=True)
         rows.append(row)
         commands.append(f"python -m dsv3_jax plan --preset {args.preset} --topology {t.accelerator_type} "
-                        f"--step decode --batch {batch} --context {context}")
+                        f"--step decode --batch {batch} --context {context}{flag}")
         if row["fits"] and (smallest is None or t.chips < smallest["chips"]):
             smallest = row
     if not args.no_save and rows:
         save_results(rows, commands)
     if smallest:
-        print(f"smallest {topo.generation} slice that serves batch {batch} at context {context}: "
-              f"{smallest['topology']} ({smallest['chips']} chips), {smallest['bytes_per_device'] / GIB:.1f} GiB "
-              f"per device")
+        print(f"smallest {topo.generation} slice that serves batch {batch} at context {context} with {layout} "
+              f"weights: {smallest['topology']} ({smallest['chips']} chips), "
+              f"{smallest['bytes_per_device'] / GIB:.1f} GiB per device (generate --mesh ... --layout {layout})")
     if args.json:
         print(json.dumps(dict(_json_summary(rows[0]), batch=batch, context=context,
-                              cache_bytes_per_device=rows[0].get("cache_bytes"),
+                              cache_bytes_per_device=rows[0].get("cache_bytes"), layout=layout,
                               smallest_fitting=(smallest or {}).get("topology"),
                               smallest_fitting_chips=(smallest or {}).get("chips"))))
     return 0
