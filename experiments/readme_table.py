@@ -205,7 +205,9 @@ def _kv_rows(d: dict) -> list[tuple[str, str, str]]:
 
 
 SOURCES = [("bench_train.json", _train_rows), ("avx512/bench_train.json", _train_rows),
+           ("epyc/bench_train.json", _train_rows),
            ("matmul_rates.json", _matmul_rows), ("matmul_rates_1core.json", _matmul_rows),
+           ("epyc/matmul_rates.json", _matmul_rows),
            ("bench_moe.json", _moe_rows),
            ("bench_moe_few.json", _moe_few_rows), ("kv_cache.json", _kv_rows),
            ("bench_decode.json", _decode_rows), ("decode_ab_b1bbd96.json", _decode_ab_rows),

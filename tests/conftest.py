@@ -8,10 +8,12 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session (set before jax is imported), inherited by the CLI
-# subprocesses: many files compile the same tiny programs in fresh jit closures or fresh processes.
-_CACHE = tempfile.mkdtemp(prefix="dsv3_xla_cache_")
-atexit.register(shutil.rmtree, _CACHE, True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# subprocesses and by pytest-xdist's workers (pytest.ini's -n 2; the controller reads this file before it
+# starts them): many files compile the same tiny programs in fresh jit closures or fresh processes.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="dsv3_xla_cache_")
+    atexit.register(shutil.rmtree, _CACHE, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # This process compiles with LLVM's optimisations off: the same HLO and programs, numerics equal up to the
 # order of fp32 sums (scalar loops instead of vector ones), and compiles in about half the time, which is most

@@ -36,7 +36,7 @@ def test_requirements_files_install_the_package_and_its_extras():
         assert lines == [line], (name, lines)
     optional = PYPROJECT["project"]["optional-dependencies"]
     dev = {re.split(r"[<>=\[ ]", d)[0] for d in optional["dev"]}
-    assert {"pytest", "torch", "transformers", "tokenizers", "nbclient", "nbformat", "ipykernel"} <= dev
+    assert {"pytest", "pytest-xdist", "torch", "transformers", "tokenizers", "nbclient", "nbformat", "ipykernel"} <= dev
     assert "torch==2.13.0" in optional["dev"]
     assert optional["tpu"] == ["jax[tpu]>=0.10.2"]       # jax's own extra pins the matching libtpu
 

@@ -342,6 +342,26 @@ def test_recommended_setups_and_search_space_are_valid_configs():
     assert tokens == sorted(tokens, reverse=True) and len(space) > 8
 
 
+def test_a_rows_command_names_each_option_once_with_the_value_that_applied():
+    """Rerunning a plan.md row's command puts the recommended setup in front of the same options: the row's
+    new command still names each key once, where it first appeared, with the value that applied (the
+    last), and it plans the same config."""
+    import argparse
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.pod.plan import _command, recommended
+    base = run_preset("v3-671b")
+    rec = recommended(base, parse_topology("v5p-1024"))
+    given = rec + rec + ["train.microbatches=24"]
+    cmd = _command(argparse.Namespace(preset="v3-671b", topology="v5p-1024"), given)
+    prefix = "python -m dsv3_jax plan --preset v3-671b --topology v5p-1024 "
+    assert cmd.startswith(prefix)
+    options = cmd[len(prefix):].split(" ")
+    keys = [o.partition("=")[0] for o in options]
+    assert keys == [o.partition("=")[0] for o in rec]
+    assert "train.microbatches=24" in options
+    assert base.override(options) == base.override(given)
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_offload_inputs_puts_the_layer_inputs_in_host_memory_on_tpu():

@@ -265,5 +265,11 @@ def _json_summary(r: dict) -> dict:
 
 
 def _command(args, overrides: list[str]) -> str:
+    """The command that plans the row again. The overrides apply in order, so each key is written once with
+    the value that applied, where it first appeared: rerunning a row's command adds the recommended setup
+    in front of the same options, which would otherwise be written twice."""
+    applied: dict[str, str] = {}
+    for o in overrides:
+        applied[o.partition("=")[0]] = o
     parts = ["python -m dsv3_jax plan", f"--preset {args.preset}", f"--topology {args.topology}"]
-    return " ".join(parts + [o for o in overrides])
+    return " ".join(parts + list(applied.values()))
