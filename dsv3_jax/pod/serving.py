@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import MeshConfig, RunConfig
 from ..model import Transformer
-from ..sharding import logical_rules, make_mesh, shardings_of
+from ..sharding import make_mesh, shardings_of
 from .compile import compile_report, shard_bytes
 from .topology import GIB, Topology, parse_topology
 
@@ -42,11 +42,12 @@ def compile_decode_step(rc: RunConfig, devices: list, hbm_bytes: Optional[int], 
                         context: int = 32768) -> dict:
     from ..infer import decode_step, init_cache
     from ..infer.cli import _on_mesh, generation_rules
-    cfg, layout = rc.model, serving_layout(rc)
+    cfg = rc.model
     mesh = make_mesh(rc.mesh, devices)
+    rules = generation_rules(mesh, batch, serving_layout(rc))     # what `generate --mesh` loads and traces with
     model = Transformer(cfg)
     boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32)), jax.random.PRNGKey(0))
-    shardings = shardings_of(boxed, mesh, logical_rules(rc.mesh.zero3, rc.mesh.fsdp))
+    shardings = shardings_of(boxed, mesh, rules)
     abstract = nn.unbox(boxed)
     variables = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     rows = NamedSharding(mesh, P(("data", "expert")))
@@ -61,7 +62,7 @@ def compile_decode_step(rc: RunConfig, devices: list, hbm_bytes: Optional[int], 
     def step(variables, cache, tokens, positions):
         return decode_step(cfg, variables["params"], variables["router_state"], cache, tokens, positions)
 
-    with _on_mesh(mesh, generation_rules(mesh, batch, layout)):       # what `generate --mesh` traces under
+    with _on_mesh(mesh, rules):
         jitted = jax.jit(step, donate_argnums=1, in_shardings=(shardings, cache_sh, rows, rows),
                          out_shardings=(None, None, cache_sh))
         report = compile_report(jitted, (variables, cache, tokens, positions), split, hbm_bytes)
