@@ -175,15 +175,11 @@ def cmd_convert(args) -> int:
         raise InputError("give exactly one of --run-dir or --hf-dir")
     if args.run_dir:
         from .runs import export_run
-        step = export_run(args.run_dir, args.out, dtype=args.dtype)
+        step = export_run(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {args.out} (step {step} of {args.run_dir})")
         return 0
-    from .hf import load_checkpoint, save_checkpoint, write_fp8_checkpoint
-    cfg, variables = load_checkpoint(args.hf_dir)
-    if args.dtype == "fp8":
-        write_fp8_checkpoint(args.out, cfg, variables)
-    else:
-        save_checkpoint(args.out, cfg, variables, dtype=args.dtype)
+    from .runs import convert_hf
+    convert_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
@@ -215,7 +211,7 @@ def main(argv=None) -> int:
     g.add_argument("--prompts-file", metavar="FILE",
                    help="one prompt per line (blank lines skipped), served through --batch-size slots; one JSON "
                    "line per prompt to stdout, in the file's order")
-    g.add_argument("--batch-size", type=int, default=8,
+    g.add_argument("--batch-size", type=int, default=None,
                    help="with --prompts-file: batch slots of the serving queue, each refilled with the next prompt "
                    "as soon as its request is done (default 8)")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -223,7 +219,7 @@ def main(argv=None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--speculative", action="store_true", help="MTP module 1 drafts, the main model verifies")
-    g.add_argument("--drafts", type=int, default=1,
+    g.add_argument("--drafts", type=int, default=None,
                    help="with --speculative: tokens drafted per step, 1-3 (MTP module 1 chained on its own output)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights, compute and latent cache in this dtype (the router stays fp32); default: the "
@@ -246,7 +242,9 @@ def main(argv=None) -> int:
                        "DeepSeek-V3 directory")
     v.add_argument("--run-dir", help="a training run (params and router biases; no optimizer state is read)")
     v.add_argument("--hf-dir", help="an HF DeepSeek-V3 directory (e.g. FP8 -> bfloat16)")
-    v.add_argument("--out", required=True)
+    v.add_argument("--out", required=True, help="a new or empty directory; written whole or not at all")
+    v.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier HF export "
+                   "(never a training run or the checkpoint being converted)")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "fp8"],
                    help="default: bfloat16 for --run-dir, float32 for --hf-dir")
     v.set_defaults(fn=cmd_convert)

@@ -357,6 +357,25 @@ def to_hf_dict(c: ModelConfig) -> dict:
     return d
 
 
+def _config_kind(raw) -> Optional[str]:
+    if isinstance(raw, dict) and "model_type" in raw:
+        return "hf"
+    if isinstance(raw, dict) and {"model", "train"} <= raw.keys():
+        return "run"
+    return None
+
+
+def config_kind(directory: str) -> Optional[str]:
+    """What `directory/config.json` belongs to: "run" (a dsv3_jax run: model and train sections), "hf" (a
+    Hugging Face checkpoint: model_type), or None (absent, unreadable, or neither). The CLI uses it to say
+    which option a directory given to the wrong one belongs to."""
+    try:
+        with open(os.path.join(directory, "config.json")) as fh:
+            return _config_kind(json.load(fh))
+    except (OSError, ValueError):
+        return None
+
+
 def read_hf_config_json(path: str) -> dict:
     """The raw `config.json` of a checkpoint directory (or that file itself)."""
     f = os.path.join(path, "config.json") if os.path.isdir(path) else path
@@ -364,9 +383,13 @@ def read_hf_config_json(path: str) -> dict:
         raise MissingInputError(f"no config.json at {f}")
     with open(f) as fh:
         try:
-            return json.load(fh)
+            raw = json.load(fh)
         except json.JSONDecodeError as e:
             raise InputError(f"{f} is not valid JSON: {e}") from None
+    if _config_kind(raw) == "run":
+        raise InputError(f"{f} is a dsv3_jax training run's config, not a Hugging Face checkpoint's: pass the "
+                         "run as --run-dir (generate, convert) or continue it with --resume (train)")
+    return raw
 
 
 def load_hf_config(path: str, **overrides) -> ModelConfig:

@@ -17,8 +17,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from .config import MeshConfig, ModelConfig, RunConfig
-from .errors import InputError, MissingInputError
+from .config import MeshConfig, ModelConfig, RunConfig, config_kind
+from .errors import InputError, MissingInputError, OccupiedPathError
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -72,25 +72,116 @@ def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None, fsd
         manager.close()
 
 
-def export_run(run_dir: str, out: str, dtype: str = "bfloat16", shard_size_bytes: Optional[int] = 5 << 30) -> int:
+def _names(path: str) -> str:
+    names = sorted(os.listdir(path))
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _is_run(path: str) -> bool:
+    """A dsv3_jax training run: checkpoints/, or a run's config.json."""
+    return os.path.isdir(os.path.join(path, "checkpoints")) or config_kind(path) == "run"
+
+
+def _is_hf_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        n.endswith(".safetensors") for n in os.listdir(path))
+
+
+def check_output(out: str, sources: tuple, overwrite: bool) -> None:
+    """Refuse an export's `out` where writing would lose something, before anything is read or written: one
+    of the `sources`, a file, a training run (never overwritten), a non-empty directory (unless `overwrite`),
+    or, even with `overwrite`, a directory that is not an HF checkpoint."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise OccupiedPathError(f"--out {out} is a file; give a directory to create (nothing was written)")
+    real = os.path.realpath(out)
+    if any(os.path.realpath(src) == real for src in sources if src):
+        raise OccupiedPathError(f"--out {out} is the checkpoint being converted; write to another directory "
+                                "(nothing was written)")
+    if not os.listdir(out):
+        return
+    if _is_run(out):
+        raise OccupiedPathError(f"--out {out} holds a training run ({_names(out)}), which an export never "
+                                "replaces; choose another directory (nothing was written)")
+    if not overwrite:
+        raise OccupiedPathError(f"--out {out} is not empty ({_names(out)}); choose a new directory, or pass "
+                                "--overwrite to replace an earlier export (nothing was written)")
+    if not _is_hf_checkpoint(out):
+        raise OccupiedPathError(f"--out {out} is not an HF checkpoint ({_names(out)}); --overwrite only replaces "
+                                "one (nothing was written)")
+
+
+def write_directory(out: str, write) -> None:
+    """`write(path)` into a new sibling of `out`, renamed to `out` once complete: an export that fails (a
+    crash, a full disk, bad input found late) leaves `out` as it was. An existing `out` (check_output allowed
+    it) is moved aside, replaced, then deleted."""
+    import shutil
+    import tempfile
+    out = os.path.abspath(out)
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                 # as os.makedirs would create it, not mkdtemp's 0700
+    try:
+        write(tmp)
+        if os.path.isdir(out) and os.listdir(out):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(out, old)                   # onto the empty directory just made
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)                  # an empty `out` directory is replaced too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_run(run_dir: str, out: str, dtype: str = "bfloat16", shard_size_bytes: Optional[int] = 5 << 30,
+               overwrite: bool = False) -> int:
     """Write the newest finished checkpoint of a run as an HF DeepSeek-V3 directory (config.json, shards
     and index, MTP module k at layer num_hidden_layers+k, router biases as e_score_correction_bias), plus
     the run's tokenizer.json when it has one. dtype: bfloat16 | float32 | fp8 (128x128 e4m3 blocks, as
-    released). -> the step exported."""
+    released). `out` is new or empty, or with `overwrite` an earlier HF export (check_output); it is written
+    whole or not at all (write_directory). -> the step exported."""
     import shutil
     from .hf import save_checkpoint, write_fp8_checkpoint
+    if dtype not in ("bfloat16", "float32", "fp8"):
+        raise InputError(f"--dtype {dtype!r}: use bfloat16, float32 or fp8")
+    check_output(out, (run_dir,), overwrite)
     rc, step, variables = restore_variables(run_dir)
     host = jax.tree.map(np.asarray, variables)
     del variables
-    if dtype == "fp8":
-        write_fp8_checkpoint(out, rc.model, host, shard_size_bytes=shard_size_bytes)
-    elif dtype in ("bfloat16", "float32"):
-        save_checkpoint(out, rc.model, host, shard_size_bytes=shard_size_bytes, dtype=dtype)
-    else:
-        raise InputError(f"--dtype {dtype!r}: use bfloat16, float32 or fp8")
-    if rc.train.tokenizer and os.path.isfile(rc.train.tokenizer):
-        shutil.copyfile(rc.train.tokenizer, os.path.join(out, TOKENIZER_FILE))
+
+    def write(path):
+        if dtype == "fp8":
+            write_fp8_checkpoint(path, rc.model, host, shard_size_bytes=shard_size_bytes)
+        else:
+            save_checkpoint(path, rc.model, host, shard_size_bytes=shard_size_bytes, dtype=dtype)
+        if rc.train.tokenizer and os.path.isfile(rc.train.tokenizer):
+            shutil.copyfile(rc.train.tokenizer, os.path.join(path, TOKENIZER_FILE))
+    write_directory(out, write)
     return step
+
+
+def convert_hf(hf_dir: str, out: str, dtype: str = "float32", overwrite: bool = False) -> None:
+    """Re-save an HF checkpoint directory (FP8 -> bf16, say) at `out`, its tokenizer.json copied along; `out`
+    as for export_run."""
+    import shutil
+    from .hf import load_checkpoint, save_checkpoint, write_fp8_checkpoint
+    check_output(out, (hf_dir,), overwrite)
+    cfg, variables = load_checkpoint(hf_dir)
+
+    def write(path):
+        if dtype == "fp8":
+            write_fp8_checkpoint(path, cfg, variables)
+        else:
+            save_checkpoint(path, cfg, variables, dtype=dtype)
+        if os.path.isfile(os.path.join(hf_dir, TOKENIZER_FILE)):
+            shutil.copyfile(os.path.join(hf_dir, TOKENIZER_FILE), os.path.join(path, TOKENIZER_FILE))
+    write_directory(out, write)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -248,3 +248,35 @@ def test_cli_without_tpu_chips_does_not_initialise_libtpu():
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["total"] > 0
     assert "TPU" not in p.stderr and "libtpu" not in p.stderr, p.stderr[-2000:]
+
+
+def test_run_and_hf_directories_given_as_each_other_are_named(tmp_path, capsys):
+    """A run directory given where an HF checkpoint goes (--hf-dir, --init-from) and the reverse (--run-dir of
+    generate, train's --run-dir, --resume), or a file as --run-dir: exit 2 with a message that says what the
+    path is and which option takes it (not a missing key, a missing safetensors file or a traceback), and
+    neither directory changes."""
+    from dsv3_jax.__main__ import main
+    from dsv3_jax.config import run_preset, save_hf_config
+    from dsv3_jax.train.checkpoint import save_run_config
+    hf, run, new = tmp_path / "hf", tmp_path / "run", str(tmp_path / "new")
+    hf.mkdir()
+    run.mkdir()
+    save_hf_config(str(hf), run_preset("tiny").model)
+    save_run_config(str(run), run_preset("tiny"))
+    (tmp_path / "file").write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        (["generate", "--run-dir", str(hf), "--prompt", "x"], "is a Hugging Face checkpoint, not a dsv3_jax run: "
+                                                              "pass it as --hf-dir"),
+        (["train", "--run-dir", str(hf), "--resume"], "is a Hugging Face checkpoint, not a dsv3_jax run"),
+        (["train", "--preset", "tiny", "--run-dir", str(hf)], "holds a Hugging Face checkpoint, not a run: start a "
+                                                              f"run from it with --init-from {hf}"),
+        (["generate", "--hf-dir", str(run), "--prompt", "x"], "is a dsv3_jax training run's config, not a Hugging "
+                                                              "Face checkpoint's"),
+        (["train", "--init-from", str(run), "--run-dir", new], "is a dsv3_jax training run's config"),
+        (["train", "--preset", "tiny", "--run-dir", str(tmp_path / "file")], "is a file, not a directory")]
+    for argv, message in cases:
+        assert main(argv + ["--no-progress"] * (argv[0] == "train")) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not os.path.exists(new)

@@ -16,10 +16,19 @@ from train_utils import make_run, write_corpus
     (["", "   ", ""], [], "holds no prompts"),
     (["a"], ["--prompt", "b"], "give --prompt or --prompts-file, not both"),
     (["a"], ["--batch-size", "0"], "batch_size must be an integer >= 1"),
-    (None, ["--prompt", ""], "the prompt is empty")])
+    (None, ["--prompt", ""], "the prompt is empty"),
+    (None, ["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    (None, ["--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (None, ["--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    (None, ["--prompt", "x", "--drafts", "2"], "--drafts is the number of tokens a speculative step drafts: add "
+                                               "--speculative"),
+    (None, ["--prompt", "x", "--speculative", "--drafts", "0"], "drafts must be an integer from 1 to 3"),
+    (None, ["--prompt", "x", "--batch-size", "4"], "--batch-size sets the slots that serve a --prompts-file")])
 def test_bad_prompts_are_refused(lines, extra, message, tmp_path, capsys):
     """In process, through the CLI's entry point: exit 2 with a one-line reason, before any run is read (the
-    run directory does not even exist)."""
+    run directory does not even exist, so a check made after reading it would report that instead). Options
+    that would do nothing (--drafts without --speculative, --batch-size for one --prompt) are refused too:
+    the user meant something the command would silently not do."""
     from dsv3_jax.__main__ import main
     argv = ["generate", "--run-dir", str(tmp_path / "no-run")] + extra
     if lines is not None or "--prompt" not in extra:
@@ -37,6 +46,27 @@ def test_a_prompts_file_that_is_not_text_is_refused(tmp_path, capsys):
     path.write_bytes(b"ok\n\xff\xfe\x00\n")
     assert main(["generate", "--run-dir", str(tmp_path), "--prompts-file", str(path)]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_changes,extra,message", [
+    ({"max_position_embeddings": 16}, ["--prompt", "a prompt of more than sixteen bytes"],
+     "positions, more than max_position_embeddings = 16"),
+    ({}, ["--prompt", "x", "--max-new-tokens", "5000"], "5001 positions, more than max_position_embeddings"),
+    ({"num_nextn_predict_layers": 0}, ["--prompt", "x", "--speculative"], "--speculative needs the MTP module")])
+def test_a_request_the_model_cannot_serve_is_refused_before_the_weights_load(model_changes, extra, message,
+                                                                              tmp_path, capsys):
+    """A run directory with its config and no checkpoint at all: the request is checked against the model's
+    config and tokenizer first, so the answer names the request, not the missing weights (which a 671B
+    load would take a long time to reach)."""
+    import dataclasses
+    from dsv3_jax.__main__ import main
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.train.checkpoint import save_run_config
+    rc = run_preset("tiny")
+    save_run_config(str(tmp_path), dataclasses.replace(rc, model=rc.model.replace(**model_changes)))
+    assert main(["generate", "--run-dir", str(tmp_path), "--max-new-tokens", "8", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ GENERATE_DTYPES = ("float32", "bfloat16")
 #   fsdp        split over every device as in training with zero3 + fsdp, gathered where each is read: fits
 #               a smaller slice, and pays those gathers at every step (docs/scaling.md, "Serving").
 SERVING_LAYOUTS = ("replicated", "fsdp")
+DEFAULT_SLOTS = 8                      # --prompts-file's batch slots when --batch-size is not given
 
 
 def with_dtype(cfg: ModelConfig, variables, dtype: Optional[str]):
@@ -134,38 +135,52 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def model_config_and_tokenizer(run_dir: Optional[str], hf_dir: Optional[str]):
+    """(model config, tokenizer) of a run directory or an HF checkpoint, without reading any weights: what the
+    CLI checks a request against before the load."""
+    from ..data import load_tokenizer
+    if run_dir:
+        from ..train.checkpoint import load_run_config
+        rc = load_run_config(run_dir)
+        return rc.model, load_tokenizer(rc.train.tokenizer)
+    from ..config import load_hf_config
+    tok_path = os.path.join(hf_dir, "tokenizer.json")
+    cfg = load_hf_config(hf_dir)
+    if not os.path.exists(tok_path):
+        raise MissingInputError(f"{hf_dir} has no tokenizer.json")
+    return cfg, load_tokenizer(tok_path)
+
+
 def run_generate(args) -> int:
-    from .generate import generate
+    from .generate import generate, validate_request, validate_sampling
     from .queue import check_batch_size
+    from .speculative import check_drafts
     if bool(args.run_dir) == bool(args.hf_dir):
         raise InputError("give exactly one of --run-dir or --hf-dir")
     prompts_file = getattr(args, "prompts_file", None)
+    batch_size, drafts = getattr(args, "batch_size", None), getattr(args, "drafts", None)
     if prompts_file and args.prompt is not None:
         raise InputError("give --prompt or --prompts-file, not both")
     if prompts_file:
         texts = read_prompts(prompts_file)
-        slots = check_batch_size(args.batch_size)
+        slots = check_batch_size(DEFAULT_SLOTS if batch_size is None else batch_size)
     elif not args.prompt:
         raise InputError("the prompt is empty: give --prompt some text (or --prompts-file)")
+    elif batch_size is not None:
+        raise InputError("--batch-size sets the slots that serve a --prompts-file; one --prompt decodes alone")
     else:
         texts, slots = [args.prompt], None
+    if drafts is not None and not args.speculative:
+        raise InputError("--drafts is the number of tokens a speculative step drafts: add --speculative")
+    drafts = check_drafts(1 if drafts is None else drafts)
+    validate_sampling(args.max_new_tokens, args.temperature, args.top_p)
     mesh, layout = None, getattr(args, "layout", "replicated")
     _is_fsdp(layout)
     if layout != "replicated" and not getattr(args, "mesh", None):
         raise InputError(f"--layout {layout} places the weights on a mesh: give --mesh as well")
-    if getattr(args, "mesh", None):
-        from ..config import MeshConfig, load_hf_config
-        from ..sharding import make_mesh, validate_for_mesh
-        from ..train.checkpoint import load_run_config
-        mesh = make_mesh(MeshConfig(**args.mesh))
-        with warnings.catch_warnings():             # the load below repeats them
-            warnings.simplefilter("ignore")
-            validate_for_mesh(load_run_config(args.run_dir).model if args.run_dir else load_hf_config(args.hf_dir),
-                              mesh)
-    cfg: ModelConfig
-    dtype = getattr(args, "dtype", None)
-    cfg, variables, tokenizer = (load_run(args.run_dir, mesh, dtype, layout) if args.run_dir
-                                 else load_hf(args.hf_dir, mesh, dtype, layout))
+
+    # The config and tokenizer name every remaining problem of the request before any weights are read.
+    cfg, tokenizer = model_config_and_tokenizer(args.run_dir, args.hf_dir)
     prompts = [[int(t) for t in tokenizer.encode(text)] for text in texts]
     for i, p in enumerate(prompts):
         if not p:
@@ -175,6 +190,17 @@ def run_generate(args) -> int:
         raise InputError("--speculative needs the MTP module, and this checkpoint has none "
                          "(num_nextn_predict_layers is 0, or transformers' save_pretrained dropped the layer): "
                          "generate without --speculative")
+    validate_request(cfg, prompts, args.max_new_tokens, args.temperature, args.top_p)
+    if getattr(args, "mesh", None):
+        from ..config import MeshConfig
+        from ..sharding import make_mesh, validate_for_mesh
+        mesh = make_mesh(MeshConfig(**args.mesh))
+        with warnings.catch_warnings():             # the load below repeats them
+            warnings.simplefilter("ignore")
+            validate_for_mesh(cfg, mesh)
+    dtype = getattr(args, "dtype", None)
+    cfg, variables, tokenizer = (load_run(args.run_dir, mesh, dtype, layout) if args.run_dir
+                                 else load_hf(args.hf_dir, mesh, dtype, layout))
     quiet = jax.process_index() != 0               # with several processes, process 0 prints
     out = open(os.devnull, "w") if quiet else sys.stdout
     stream = TextStream(tokenizer, out=out) if slots is None else None
@@ -184,7 +210,7 @@ def run_generate(args) -> int:
     with context:
         tokens, stats = generate(cfg, variables, prompts, args.max_new_tokens, temperature=args.temperature,
                                  top_p=args.top_p, seed=args.seed, speculative=args.speculative,
-                                 drafts=getattr(args, 'drafts', 1), stream_callback=stream,
+                                 drafts=drafts, stream_callback=stream,
                                  eos_id=getattr(tokenizer, "eos_id", None), batch_size=slots)
     if stream is not None:
         stream.close()

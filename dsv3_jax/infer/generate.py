@@ -17,6 +17,7 @@ import numpy as np
 
 from ..code_maps import ensure_map_headroom
 from ..config import ModelConfig
+from ..errors import InputError
 from .decode import CHUNK, decode_params, jit_decode_steps, split_variables
 from .request import (BatchShrinker, DecodeClock, GenerationRequest, StreamCallback, replicated_on_mesh_of,
                       start_request)
@@ -24,36 +25,42 @@ from .queue import check_batch_size, queue_generate
 from .speculative import check_drafts, speculative_generate
 
 
+def validate_sampling(max_new_tokens, temperature, top_p) -> None:
+    """Check the request's numbers, which need no model: the CLI calls this before it loads any weights."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def validate_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_p,
                      max_len: Optional[int] = None) -> list[list[int]]:
-    """Check a generation request at the edge; returns the prompts as lists of Python ints."""
+    """Check a generation request at the edge (InputError, a ValueError, naming the problem); returns the
+    prompts as lists of Python ints."""
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = list(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise InputError("prompts must be a non-empty list of token-id lists")
+    validate_sampling(max_new_tokens, temperature, top_p)
     limit = cfg.max_position_embeddings if max_len is None else min(max_len, cfg.max_position_embeddings)
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
-            raise ValueError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+            raise InputError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token id")
+            raise InputError(f"prompt {i} is empty: give at least one token id")
         ids = []
         for j, t in enumerate(p):
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise ValueError(f"prompt {i} token {j} is {t!r}, not an integer token id")
+                raise InputError(f"prompt {i} token {j} is {t!r}, not an integer token id")
             if not 0 <= int(t) < cfg.vocab_size:
-                raise ValueError(f"prompt {i} token {j} is {int(t)}, outside the vocabulary [0, {cfg.vocab_size})")
+                raise InputError(f"prompt {i} token {j} is {int(t)}, outside the vocabulary [0, {cfg.vocab_size})")
             ids.append(int(t))
         if len(ids) + int(max_new_tokens) > limit:
             which = "max_position_embeddings" if limit == cfg.max_position_embeddings else "the cache (max_len)"
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+            raise InputError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                              f"{len(ids) + int(max_new_tokens)} positions, more than {which} = {limit}: "
                              "shorten the prompt or lower max_new_tokens")
         out.append(ids)
@@ -78,7 +85,7 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     stream_callback(new_tokens): called after each step with one list per prompt of the token ids emitted
     in that step (empty for rows that emitted nothing). eos_id: a row stops after emitting it (kept in the
     output). cache_dtype: storage dtype of the latent cache (default cfg.dtype). max_len: the cache's size in
-    positions (prompt + new tokens must fit, ValueError otherwise, as for cfg.max_position_embeddings); fixing
+    positions (prompt + new tokens must fit, InputError otherwise, as for cfg.max_position_embeddings); fixing
     it lets requests of different lengths share compiled steps (default: just enough, in buckets of 16).
 
     batch_size: run the prompts through that many batch slots (a serving queue, queue.py): a row whose
@@ -108,11 +115,11 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     """
     prompts = validate_request(cfg, prompts, max_new_tokens, temperature, top_p, max_len)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+        raise InputError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     if batch_size is not None:
         batch_size = check_batch_size(batch_size)
     if shrink_batch is not None and not isinstance(shrink_batch, bool):
-        raise ValueError(f"shrink_batch must be None, True or False, got {shrink_batch!r}")
+        raise InputError(f"shrink_batch must be None, True or False, got {shrink_batch!r}")
     if ensure_map_headroom():          # compiled programs near the process's mapping limit were dropped
         BatchShrinker.forget_compiled()
     params, router_state = split_variables(variables)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from ..config import RunConfig
+from ..config import RunConfig, config_kind
 from ..errors import InputError, MissingInputError
 
 CONFIG_FILE = "config.json"
@@ -54,9 +54,16 @@ def load_run_config(run_dir: str) -> RunConfig:
         raise MissingInputError(f"{run_dir} has no {CONFIG_FILE}: it is not a dsv3_jax run directory")
     with open(path) as fh:
         try:
-            return RunConfig.from_dict(json.load(fh))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raw = json.load(fh)
+        except json.JSONDecodeError as e:
             raise InputError(f"{path} is not a valid run config: {e}") from None
+    if config_kind(run_dir) == "hf":
+        raise InputError(f"{run_dir} is a Hugging Face checkpoint, not a dsv3_jax run: pass it as --hf-dir "
+                         "(generate, convert) or start a run from it with --init-from (train)")
+    try:
+        return RunConfig.from_dict(raw)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path} is not a valid run config: {e}") from None
 
 
 _ODD = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646D, 0xFD7046C5, 0xB55A4F09)

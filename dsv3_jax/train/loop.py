@@ -17,7 +17,7 @@ import numpy as np
 
 from . import balance
 from .. import data as data_lib
-from ..config import RunConfig
+from ..config import RunConfig, config_kind
 from ..errors import InputError, MissingInputError, OccupiedPathError
 from ..model import Transformer
 from ..sharding import activate_for, batch_sharding, make_mesh, validate_for_mesh
@@ -68,7 +68,11 @@ class Preemption:
 
 
 def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunConfig:
-    """Fresh runs refuse a directory that already holds a run; resumes need one for the same model."""
+    """Fresh runs refuse a directory that already holds a run (or an HF checkpoint); resumes need one for the
+    same model."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise OccupiedPathError(f"--run-dir {run_dir} is a file, not a directory; choose another --run-dir "
+                                "(nothing was overwritten)")
     has_run = os.path.exists(os.path.join(run_dir, "config.json"))
     if resume:
         if not has_run:
@@ -81,6 +85,9 @@ def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunC
             raise InputError(f"--resume: {run_dir} holds a different model (saved vs asked: {diff}); "
                              f"nothing was changed")
         return rc or saved
+    if has_run and config_kind(run_dir) == "hf":
+        raise OccupiedPathError(f"{run_dir} holds a Hugging Face checkpoint, not a run: start a run from it with "
+                                f"--init-from {run_dir} and a new --run-dir (nothing was overwritten)")
     if has_run:
         raise OccupiedPathError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
                                 f"another --run-dir (nothing was overwritten)")
