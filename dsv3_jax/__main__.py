@@ -105,10 +105,14 @@ def _mesh_sizes(text: str | None) -> dict | None:
     """`data=2,expert=2,tensor=2` -> {'data': 2, ...} (generate's --mesh)."""
     if not text:
         return None
-    try:
-        return {k.split(".", 1)[1]: int(v) for k, v in (o.split("=", 1) for o in _parse_mesh(text))}
-    except ValueError:
-        raise SystemExit(f"--mesh {text!r}: sizes must be integers") from None
+    sizes = {}
+    for item in _parse_mesh(text):
+        key, value = item.split("=", 1)
+        try:
+            sizes[key.split(".", 1)[1]] = int(value)
+        except ValueError:
+            raise InputError(f"--mesh {text!r}: sizes must be integers, got {value!r}") from None
+    return sizes
 
 
 def cmd_train(args) -> int:
@@ -158,6 +162,7 @@ def cmd_params(args) -> int:
 
 def cmd_plan(args) -> int:
     from .pod.plan import run_plan
+    args.mesh = _parse_mesh(args.mesh)
     return run_plan(args)
 
 
@@ -256,7 +261,8 @@ def main(argv=None) -> int:
     pl.add_argument("--mesh", help="e.g. data=64,expert=8,tensor=1 (default: the recommended setup)")
     pl.add_argument("--step", default="train", choices=["train", "decode"])
     pl.add_argument("--batch", type=int, help="decode: sequences per step (default: a recommended batch)")
-    pl.add_argument("--context", type=int, default=32768, help="decode: cached positions per sequence")
+    pl.add_argument("--context", type=int, help="decode: cached positions per sequence (default: 32768, or the "
+                    "model's max_position_embeddings if fewer)")
     pl.add_argument("--layout", choices=["fsdp", "replicated"], default="fsdp",
                     help="decode: the weights other than the routed experts split over every device (fsdp: the "
                     "smallest slice) or replicated (no weight gathers per step); generate --layout")
@@ -272,8 +278,6 @@ def main(argv=None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("train", "plan"):
         args.overrides = list(args.overrides) + extra
-    if args.command == "plan":
-        args.mesh = _parse_mesh(args.mesh)
     if argv is None:                                  # a program of its own (never a caller's process)
         _skip_absent_tpu()
     if args.command == "train" and argv is None:

@@ -23,7 +23,9 @@ from train_utils import make_run, write_corpus
     (None, ["--prompt", "x", "--drafts", "2"], "--drafts is the number of tokens a speculative step drafts: add "
                                                "--speculative"),
     (None, ["--prompt", "x", "--speculative", "--drafts", "0"], "drafts must be an integer from 1 to 3"),
-    (None, ["--prompt", "x", "--batch-size", "4"], "--batch-size sets the slots that serve a --prompts-file")])
+    (None, ["--prompt", "x", "--batch-size", "4"], "--batch-size sets the slots that serve a --prompts-file"),
+    (None, ["--prompt", "x", "--mesh", "data=z"], "--mesh 'data=z': sizes must be integers, got 'z'"),
+    (None, ["--prompt", "x", "--mesh", "data=1,foo=2"], "use data=N,expert=N,tensor=N")])
 def test_bad_prompts_are_refused(lines, extra, message, tmp_path, capsys):
     """In process, through the CLI's entry point: exit 2 with a one-line reason, before any run is read (the
     run directory does not even exist, so a check made after reading it would report that instead). Options

@@ -250,6 +250,31 @@ def _plan_cli(*args, env_extra=None):
 
 
 @needs_libtpu
+@pytest.mark.parametrize("argv,message", [
+    (["--mesh", "foo"], "--mesh 'foo': use data=N,expert=N,tensor=N"),
+    (["--step", "decode", "--batch", "0"], "--batch 0: serve at least one sequence"),
+    (["--step", "decode", "--context", "-5"], "--context -5: cached positions run from 1 to the model's"),
+    (["--step", "decode", "--batch", "6", "--json"], "--batch 6 does not split over the 4 devices of v5p-8: give "
+                                                     "--batch a multiple of 4")])
+def test_impossible_plans_are_refused_before_anything_compiles(argv, message, capsys):
+    """In process (each fails before a TPU device is made): exit 2 and the reason. Before, --mesh foo raised
+    outside the CLI's error handling, --batch 0 planned the default batch instead, a negative context failed
+    inside JAX, and a batch no slice could split ended in an IndexError."""
+    from dsv3_jax.__main__ import main
+    assert main(["plan", "--preset", "tiny", "--topology", "v5p-8", "--no-save", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_a_mesh_that_does_not_cover_the_slice_is_refused():
+    """The real CLI: `--mesh data=3` on v5p-8's 4 devices names the mismatch and exits 2 (it ended in an
+    IndexError after printing the problem as a skipped search setup)."""
+    p = _plan_cli("--preset", "tiny", "--topology", "v5p-8", "--mesh", "data=3", "--no-save")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "has 3 devices, but there are 4" in p.stderr and "Traceback" not in p.stderr
+
+
+@needs_libtpu
 def test_decode_plan_reports_the_served_batch_and_context():
     """`plan --step decode` on the tiny preset for v5p-8: the row names the served batch and context (it named
     the train config's 16 x 256 before, and plan.json keyed the row by them), and the tokens per device and

@@ -227,6 +227,8 @@ def run_plan(args) -> int:
         try:
             row = plan_one(rc, topo, devices=devices)
         except InputError as e:
+            if not args.search:                        # the one setup asked for: its problem is the answer
+                raise
             print(f"skip {extra}: {e}", flush=True)
             continue
         row["preset"] = args.preset
@@ -243,6 +245,9 @@ def run_plan(args) -> int:
         print(TABLE_HEAD)
         for r, c in zip(rows, commands):
             print(table_row(r, c))
+    if not rows:
+        raise InputError(f"none of the {len(setups)} setups searched is valid on {args.topology} (each skip above "
+                         "says why)")
     final = best if args.search and best is not None else rows[-1]
     if args.json:
         print(json.dumps(_json_summary(final)))

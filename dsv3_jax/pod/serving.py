@@ -19,6 +19,7 @@ import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import MeshConfig, RunConfig
+from ..errors import InputError
 from ..model import Transformer
 from ..sharding import make_mesh, shardings_of
 from .compile import compile_report, shard_bytes
@@ -26,6 +27,7 @@ from .topology import GIB, Topology, parse_topology
 
 SERVING_OPTIONS = dict(dtype="bfloat16", param_dtype="bfloat16", moe_impl="expert_parallel")
 DEFAULT_BATCH = 128
+DEFAULT_CONTEXT = 32768
 
 
 def serving_config(rc: RunConfig, num_devices: int, layout: str = "fsdp") -> RunConfig:
@@ -89,7 +91,17 @@ def run_decode_plan(args, base: RunConfig, topo: Topology) -> int:
     weights and the cache, to the first that fits."""
     from .plan import format_report, plan_one, save_results, _json_summary
     base = base.override(list(args.overrides))
-    batch, context = args.batch or DEFAULT_BATCH, args.context
+    batch = DEFAULT_BATCH if args.batch is None else args.batch
+    context = min(DEFAULT_CONTEXT, base.model.max_position_embeddings) if args.context is None else args.context
+    if batch < 1:
+        raise InputError(f"--batch {batch}: serve at least one sequence")
+    if not 1 <= context <= base.model.max_position_embeddings:
+        raise InputError(f"--context {context}: cached positions run from 1 to the model's max_position_embeddings "
+                         f"= {base.model.max_position_embeddings}")
+    if batch % topo.num_devices:
+        given = "--batch" if args.batch is not None else "the default --batch"
+        raise InputError(f"{given} {batch} does not split over the {topo.num_devices} devices of "
+                         f"{topo.accelerator_type}: give --batch a multiple of {topo.num_devices}")
     layout = getattr(args, "layout", "fsdp")
     flag = "" if layout == "fsdp" else f" --layout {layout}"
     per = topo.gen.cores_per_chip if topo.generation in ("v4", "v5p", "tpu7x") else 1
