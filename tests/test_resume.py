@@ -85,6 +85,26 @@ def test_fresh_run_refuses_existing_dir(straight_run):
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == before
 
 
+def test_resuming_a_finished_run_trains_nothing_and_says_so(straight_run, tmp_path, capsys):
+    """`train --resume` on a run already at train.steps (a restarted job after its last checkpoint) exits 0,
+    says there is nothing to train and prints the run's last metrics (they were all null); asking for fewer
+    steps than the run has is refused with exit 2. Neither touches the run's files."""
+    from dsv3_jax.__main__ import main
+    _, straight_dir, summary, _ = straight_run
+    run = str(tmp_path / "done")
+    shutil.copytree(straight_dir, run)
+    files = {p: open(os.path.join(run, p), "rb").read() for p in ("config.json", "metrics.jsonl")}
+    steps = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert main(["train", "--run-dir", run, "--resume", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "already reached train.steps=10: nothing to train" in err
+    assert json.loads(out.strip().splitlines()[-1])["loss"] == summary["last"]["loss"]
+    assert main(["train", "--run-dir", run, "--resume", "--no-progress", "train.steps=5"]) == 2
+    assert "is at step 10, past train.steps=5; give train.steps above 10" in capsys.readouterr().err
+    assert {p: open(os.path.join(run, p), "rb").read() for p in files} == files
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == steps
+
+
 def test_resume_needs_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no run"):
         train(None, str(tmp_path / "empty"), resume=True, progress=False)

@@ -153,6 +153,16 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def _last_logged(run_dir: str, step: int) -> dict:
+    """The last metrics.jsonl row at or before `step` ({} if none)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+            rows = [json.loads(line) for line in fh if _logged_step(line) <= step]
+    except OSError:
+        return {}
+    return rows[-1] if rows else {}
+
+
 def _flat_max_vio(max_vio: dict) -> list:
     """Per MoE layer MaxVio, main layers first then MTP blocks."""
     return [float(x) for k in sorted(max_vio, key=lambda k: (k != "moe_layers", k))
@@ -226,6 +236,15 @@ def train(rc: Optional[RunConfig], run_dir: str, resume: bool = False, progress:
             v = init_variables(rc, mesh, {"params": state.params, "router_state": state.router_state})
             state = state.replace(params=jax.device_put(v["params"], shardings.params),
                                   router_state=jax.device_put(v["router_state"], shardings.router_state))
+    if start >= tc.steps:                           # a resumed run with nothing left to do
+        ckpt.close()
+        if start > tc.steps:
+            raise InputError(f"--resume: {run_dir} is at step {start}, past train.steps={tc.steps}; give "
+                             f"train.steps above {start} to train further (nothing was changed)")
+        if proc == 0:                               # done already: a restarted job exits 0
+            print(f"{run_dir} already reached train.steps={tc.steps}: nothing to train (give train.steps above "
+                  f"{start} to continue)", file=sys.stderr, flush=True)
+        return {"start_step": start, "end_step": start, "state": state, "last": _last_logged(run_dir, start)}
     if proc == 0:
         save_run_config(run_dir, rc)
 
