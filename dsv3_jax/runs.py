@@ -96,9 +96,10 @@ def check_output(out: str, sources: tuple, overwrite: bool) -> None:
     if not os.path.isdir(out):
         raise OccupiedPathError(f"--out {out} is a file; give a directory to create (nothing was written)")
     real = os.path.realpath(out)
-    if any(os.path.realpath(src) == real for src in sources if src):
-        raise OccupiedPathError(f"--out {out} is the checkpoint being converted; write to another directory "
-                                "(nothing was written)")
+    if any(os.path.realpath(src) == real or os.path.realpath(src).startswith(real + os.sep)
+           for src in sources if src):
+        raise OccupiedPathError(f"--out {out} is or holds the checkpoint being converted; write to another "
+                                "directory (nothing was written)")
     if not os.listdir(out):
         return
     if _is_run(out):

@@ -57,6 +57,7 @@ from dsv3_jax.infer import generate, init_cache, split_variables
 from dsv3_jax.infer.decode import jit_decode_step, round_up
 from dsv3_jax.testing import random_variables
 from bench_decode_plot import by_model, plot            # experiments/
+from results_io import cpu_summary                      # experiments/
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROMPT = b"The model was trained on a small corpus of text, and "
@@ -439,8 +440,9 @@ def main(argv=None) -> dict:
         del bvars
 
     # Report.
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared: 1-min load average {os.getloadavg()[0]:.1f} "
-               f"at the end), jax {jax.__version__} ({jax.default_backend()})")
+    cpu = cpu_summary() if jax.default_backend() == "cpu" else None     # decode rates move with the CPU
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores" + (f", {cpu}" if cpu else "") + " (shared: 1-min "
+               f"load average {os.getloadavg()[0]:.1f} at the end), jax {jax.__version__} ({jax.default_backend()})")
     lines = ["# Decode benchmark", "", f"Machine: {machine}. fp32, greedy; batch 1 unless a table says otherwise.", "",
              f"## Absorbed vs expanded MLA decode ({args.preset} preset, {cfg.num_hidden_layers} layers, "
              f"{cfg.num_attention_heads} heads, kv_lora_rank {cfg.kv_lora_rank}, random weights)", "",
@@ -518,6 +520,7 @@ def main(argv=None) -> dict:
     main_row = spec_rows[0]
     summary = {
         "preset": args.preset,
+        **({"cpu": cpu} if cpu else {}),
         "absorbed_tokens_per_s": {str(c): round(by[(c, "absorbed")]["tokens_per_s"], 2) for c in contexts},
         "expanded_tokens_per_s": {str(c): round(by[(c, "expanded")]["tokens_per_s"], 2) for c in contexts},
         "absorbed_speedup_at_max_context": round(by[(contexts[-1], "absorbed")]["expanded_over_absorbed"], 2),

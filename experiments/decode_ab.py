@@ -4,7 +4,8 @@ change to the model or to dsv3_jax/infer does not slow decoding down.
 Each round runs one child process per tree (`PYTHONPATH=<tree>`, so each child imports that tree's dsv3_jax),
 the trees alternating. A child measures, after compiling (the first call's seconds are kept as compile time):
   * the small preset (random weights, fp32, batch 1): one absorbed decode step (`jit_decode_step`, on the
-    params layout the tree's `generate` decodes from: `decode_params` where the tree has it) at 1024, 2048 and
+    params layout the tree's `generate` decodes from at batch 1: `decode_params(rows=1)` where the tree has it,
+    which keeps the stacked params since session 11) at 1024, 2048 and
     4096 cached tokens, the median (and min) over 7 runs of 5 steps;
   * the tiny preset (random weights): `generate` of 128 new tokens, plain and speculative, at batch 1 and 8,
     the median (and max) decode tokens/s (stats['tokens_per_s']) over 5 requests;
@@ -27,12 +28,15 @@ import argparse
 import json
 import os
 import difflib
+import inspect
 import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
+
+from results_io import cpu_summary                      # experiments/
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONTEXTS = (1024, 2048, 4096)
@@ -57,13 +61,17 @@ def child(parts: list[str], run_dir: str | None = None) -> dict:
     try:
         from dsv3_jax.infer.decode import decode_params     # the params layout the tree's generate decodes from
     except ImportError:                                    # trees before it decode from the stacked params
-        decode_params = lambda cfg, params: params
+        decode_params = lambda cfg, params, rows=None: params
+    if "rows" in inspect.signature(decode_params).parameters:   # generate splits only where it pays
+        layout = lambda cfg, params, rows: decode_params(cfg, params, rows=rows)     # noqa: E731
+    else:                                                  # trees before `rows`: generate always split
+        layout = lambda cfg, params, rows: decode_params(cfg, params)                # noqa: E731
 
     out: dict = {}
     if "small" in parts:
         cfg = PRESETS["small"].replace(dtype="float32", max_position_embeddings=max(CONTEXTS) + 64)
         params, rs = split_variables(random_variables(cfg, 0))
-        params = decode_params(cfg, params)
+        params = layout(cfg, params, 1)                     # batch 1: what generate decodes this step from
         step = jit_decode_step(cfg, True)
         rng = np.random.default_rng(0)
         for ctx in CONTEXTS:
@@ -220,7 +228,7 @@ def main(argv=None) -> dict:
     base = trees[0][0]
     keys = [k for k in runs[base][0] if all(k in r for rs in runs.values() for r in rs)]
     lines = ["# Decode speed of two trees, alternating", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), 1-min load average "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {cpu_summary()} (shared), 1-min load average "
              f"{os.getloadavg()[0]:.1f} at the end. {args.rounds} rounds, trees alternating; each tree's median over "
              f"the rounds, and the median of the per-round ratios to `{base}`. `_s` rows are first calls (compile "
              "included); `ms` lower is better, `tok_s` higher is better.", "",

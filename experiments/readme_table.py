@@ -29,10 +29,15 @@ def _load(name: str):
         return json.load(fh)
 
 
+def _where(summary: dict) -> str:
+    """", on <CPU>" for a CPU run's figures (older runs did not record the CPU)."""
+    return f", on {summary['cpu']}" if summary.get("cpu") else ""
+
+
 def _train_rows(d: dict) -> list[tuple[str, str, str]]:
     s, rounds = d["summary"], d["rows"]
     cmd = "`python experiments/bench_train.py --torch-peer ../shared/peers/torch_peer.py --rounds N`"
-    where = f", on {s['cpu']}" if s.get("cpu") else ""         # older runs did not record the CPU
+    where = _where(s)
     rows = [(f"train step, {s['preset']} config ({s['batch']} x {s['seq_len']} tokens){where}, MTP on",
              f"{s['tokens_per_s']:.0f} tokens/s, {s['flops_fraction']:.1%} of the same run's "
              f"{s.get('matmul_size', 2048)}^3 matmul FLOP/s ({len(rounds)} rounds, medians)"
@@ -74,9 +79,10 @@ def _span(values) -> str:
 def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
     s, rows = d["summary"], []
     cmd = "`python experiments/bench_decode.py --run-dir RUN --agree-presets '' --batch 1,4,8,16`"
+    where = _where(s)
     if s.get("absorbed_tokens_per_s"):
         longest = max(s["absorbed_tokens_per_s"], key=int)
-        rows.append((f"absorbed vs expanded decode step, {s['preset']} preset",
+        rows.append((f"absorbed vs expanded decode step, {s['preset']} preset{where}",
                      f"{s['absorbed_speedup_at_max_context']:.1f}x faster at {longest} cached tokens; absorbed "
                      f"step {1000 / s['absorbed_tokens_per_s'][longest]:.1f} ms there", cmd))
     groups = _by_model(d.get("batches", []))
@@ -87,7 +93,7 @@ def _decode_rows(d: dict) -> list[tuple[str, str, str]]:
         b = batches[0]
         shape = (f"{b['layers']} layers, {b['routed_experts']} routed experts, {b['weights_mib']:.0f} MiB of weights"
                  if "weights_mib" in b else "tiny preset")
-        rows.append((f"greedy decoding of a trained run ({shape}), plain vs MTP speculative, batch {sizes} "
+        rows.append((f"greedy decoding of a trained run ({shape}){where}, plain vs MTP speculative, batch {sizes} "
                      "(outputs checked equal)",
                      "plain " + " / ".join(f"{r['plain_tokens_per_s']:.0f}" for r in batches) + " tokens/s; "
                      "speculative / plain " + " / ".join(f"{r['speedup']:.2f}x" for r in batches)

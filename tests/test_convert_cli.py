@@ -38,19 +38,21 @@ def _fake_run(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("source,out,overwrite,message", [
-    ("run", "run", False, "is the checkpoint being converted"),
-    ("hf", "hf", True, "is the checkpoint being converted"),          # --overwrite does not make it allowed
+    ("run", "run", False, "is or holds the checkpoint being converted"),
+    ("hf", "hf", True, "is or holds the checkpoint being converted"),          # --overwrite does not make it allowed
     ("hf", "run", True, "holds a training run"),
     ("hf", "checkpoints_only", True, "holds a training run"),
-    ("run", "export", False, "is not empty (config.json, model.safetensors); choose a new directory, or pass "
+    ("run", "export", False, "is not empty (config.json, model.safetensors, nested); choose a new directory, or pass "
                              "--overwrite"),
     ("run", "notes", True, "is not an HF checkpoint (notes.txt); --overwrite only replaces one"),
-    ("run", "file", False, "is a file; give a directory to create")])
+    ("run", "file", False, "is a file; give a directory to create"),
+    ("nested", "export", True, "is or holds the checkpoint being converted")])     # replacing it would delete it
 def test_an_out_that_would_lose_something_is_refused(source, out, overwrite, message, tmp_path, capsys):
     """Fake directories (no weights): a refusal must come before the source is read, and change nothing."""
     dirs = {"run": _fake_run(tmp_path / "run"), "hf": _fake_hf(tmp_path / "hf"),
             "export": _fake_hf(tmp_path / "export"), "notes": tmp_path / "notes",
             "checkpoints_only": tmp_path / "checkpoints_only", "file": tmp_path / "file"}
+    dirs["nested"] = _fake_hf(dirs["export"] / "nested")                    # an HF checkpoint inside an export
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "notes.txt").write_text("mine")
     (tmp_path / "checkpoints_only" / "checkpoints").mkdir(parents=True)
@@ -61,7 +63,7 @@ def test_an_out_that_would_lose_something_is_refused(source, out, overwrite, mes
     err = capsys.readouterr().err
     assert message in err and "nothing was written" in err
     assert _snapshot(tmp_path) == before
-    assert sorted(os.listdir(tmp_path)) == sorted(dirs)               # no partial sibling left behind
+    assert sorted(os.listdir(tmp_path)) == sorted(set(dirs) - {"nested"})    # no partial sibling left behind
 
 
 def test_an_export_is_written_whole_or_not_at_all(tmp_path):

@@ -151,6 +151,13 @@ def model_config_and_tokenizer(run_dir: Optional[str], hf_dir: Optional[str]):
     return cfg, load_tokenizer(tok_path)
 
 
+def _check_speculative(speculative: bool, cfg: ModelConfig) -> None:
+    if speculative and cfg.num_nextn_predict_layers < 1:
+        raise InputError("--speculative needs the MTP module, and this checkpoint has none "
+                         "(num_nextn_predict_layers is 0, or transformers' save_pretrained dropped the layer): "
+                         "generate without --speculative")
+
+
 def run_generate(args) -> int:
     from .generate import generate, validate_request, validate_sampling
     from .queue import check_batch_size
@@ -186,10 +193,7 @@ def run_generate(args) -> int:
         if not p:
             raise InputError("the prompt encodes to no tokens" if slots is None else
                              f"--prompts-file {prompts_file}: prompt {i + 1} encodes to no tokens")
-    if args.speculative and cfg.num_nextn_predict_layers < 1:
-        raise InputError("--speculative needs the MTP module, and this checkpoint has none "
-                         "(num_nextn_predict_layers is 0, or transformers' save_pretrained dropped the layer): "
-                         "generate without --speculative")
+    _check_speculative(args.speculative, cfg)
     validate_request(cfg, prompts, args.max_new_tokens, args.temperature, args.top_p)
     if getattr(args, "mesh", None):
         from ..config import MeshConfig
@@ -201,6 +205,7 @@ def run_generate(args) -> int:
     dtype = getattr(args, "dtype", None)
     cfg, variables, tokenizer = (load_run(args.run_dir, mesh, dtype, layout) if args.run_dir
                                  else load_hf(args.hf_dir, mesh, dtype, layout))
+    _check_speculative(args.speculative, cfg)      # again: an HF load drops an MTP layer its files lack
     quiet = jax.process_index() != 0               # with several processes, process 0 prints
     out = open(os.devnull, "w") if quiet else sys.stdout
     stream = TextStream(tokenizer, out=out) if slots is None else None
