@@ -357,7 +357,8 @@ def to_hf_dict(c: ModelConfig) -> dict:
     return d
 
 
-def _config_kind(raw) -> Optional[str]:
+def config_json_kind(raw) -> Optional[str]:
+    """config_kind of an already parsed config.json."""
     if isinstance(raw, dict) and "model_type" in raw:
         return "hf"
     if isinstance(raw, dict) and {"model", "train"} <= raw.keys():
@@ -371,7 +372,7 @@ def config_kind(directory: str) -> Optional[str]:
     which option a directory given to the wrong one belongs to."""
     try:
         with open(os.path.join(directory, "config.json")) as fh:
-            return _config_kind(json.load(fh))
+            return config_json_kind(json.load(fh))
     except (OSError, ValueError):
         return None
 
@@ -386,7 +387,7 @@ def read_hf_config_json(path: str) -> dict:
             raw = json.load(fh)
         except json.JSONDecodeError as e:
             raise InputError(f"{f} is not valid JSON: {e}") from None
-    if _config_kind(raw) == "run":
+    if config_json_kind(raw) == "run":
         raise InputError(f"{f} is a dsv3_jax training run's config, not a Hugging Face checkpoint's: pass the "
                          "run as --run-dir (generate, convert) or continue it with --resume (train)")
     return raw

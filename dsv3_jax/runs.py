@@ -83,8 +83,7 @@ def _is_run(path: str) -> bool:
 
 
 def _is_hf_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        n.endswith(".safetensors") for n in os.listdir(path))
+    return config_kind(path) == "hf" and any(n.endswith(".safetensors") for n in os.listdir(path))
 
 
 def check_output(out: str, sources: tuple, overwrite: bool) -> None:

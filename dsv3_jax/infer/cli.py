@@ -60,19 +60,24 @@ def load_run(run_dir: str, mesh=None, dtype: Optional[str] = None, layout: str =
 def load_hf(hf_dir: str, mesh=None, dtype: Optional[str] = None, layout: str = "replicated"):
     """(model config, variables, tokenizer) of an HF checkpoint directory, sharded onto `mesh` if given (in
     the serving `layout`), read straight into `dtype` (None: float32; the router stays fp32)."""
-    from ..data import load_tokenizer
     from ..hf import load_checkpoint
     from ..safetensors_io import np_dtype
-    tok_path = os.path.join(hf_dir, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise MissingInputError(f"{hf_dir} has no tokenizer.json")
+    tokenizer = _hf_tokenizer(hf_dir)
     if dtype is not None and dtype not in GENERATE_DTYPES:
         raise InputError(f"--dtype {dtype!r}: use one of {', '.join(GENERATE_DTYPES)}")
     fsdp = _is_fsdp(layout)
     cfg, variables = load_checkpoint(hf_dir, dtype=np_dtype(dtype or "float32"), mesh=mesh, zero3=fsdp, fsdp=fsdp)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-    return cfg, variables, load_tokenizer(tok_path)
+    return cfg, variables, tokenizer
+
+
+def _hf_tokenizer(hf_dir: str):
+    from ..data import load_tokenizer
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise MissingInputError(f"{hf_dir} has no tokenizer.json")
+    return load_tokenizer(path)
 
 
 def _is_fsdp(layout: str) -> bool:
@@ -138,17 +143,13 @@ def read_prompts(path: str) -> list[str]:
 def model_config_and_tokenizer(run_dir: Optional[str], hf_dir: Optional[str]):
     """(model config, tokenizer) of a run directory or an HF checkpoint, without reading any weights: what the
     CLI checks a request against before the load."""
-    from ..data import load_tokenizer
     if run_dir:
+        from ..data import load_tokenizer
         from ..train.checkpoint import load_run_config
         rc = load_run_config(run_dir)
         return rc.model, load_tokenizer(rc.train.tokenizer)
     from ..config import load_hf_config
-    tok_path = os.path.join(hf_dir, "tokenizer.json")
-    cfg = load_hf_config(hf_dir)
-    if not os.path.exists(tok_path):
-        raise MissingInputError(f"{hf_dir} has no tokenizer.json")
-    return cfg, load_tokenizer(tok_path)
+    return load_hf_config(hf_dir), _hf_tokenizer(hf_dir)
 
 
 def _check_speculative(speculative: bool, cfg: ModelConfig) -> None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from ..config import RunConfig, config_kind
+from ..config import RunConfig, config_json_kind
 from ..errors import InputError, MissingInputError
 
 CONFIG_FILE = "config.json"
@@ -57,7 +57,7 @@ def load_run_config(run_dir: str) -> RunConfig:
             raw = json.load(fh)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} is not a valid run config: {e}") from None
-    if config_kind(run_dir) == "hf":
+    if config_json_kind(raw) == "hf":
         raise InputError(f"{run_dir} is a Hugging Face checkpoint, not a dsv3_jax run: pass it as --hf-dir "
                          "(generate, convert) or start a run from it with --init-from (train)")
     try:
