@@ -7,7 +7,11 @@ v 32, vocab 1024, MTP depth 1, batch 8 x 256 tokens.
 Model FLOPs per step: dsv3_jax/params.py train_flops_per_step (3 x forward; 2 x tokens x activated matmul params
 plus attention at full T^2, the PaLM MFU convention, though the causal block skip computes less:
 model/mla.py causal_attention_core).
-The reference is an n^3 matmul in the compute dtype (`--matmul-size`, 2048) timed in the same run; with
+The reference is an n^3 matmul in the compute dtype (`--matmul-size`, 2048) timed in the same run, before,
+between and after the two configurations of each round: a configuration's share of the matmul FLOP/s is
+taken against the mean of the two readings around it, and the summary gives the median of these per-round
+shares. (A single reading per round moved the share of one tree between 55% and 68% from run to run on one
+machine: experiments/results/epyc/bench_train.md.) With
 `--peak-flops` (the device's dense peak for that dtype, e.g. 989e12 for an H200 in bf16) the summary also
 gives MFU = model FLOP/s / peak. Timings: warm-up, then the median of several steps, each ended by
 block_until_ready. Last printed line: one JSON object. JAX runs on the CPU unless JAX_PLATFORMS says otherwise.
@@ -137,10 +141,13 @@ def write_results(out_dir: str, rows: list, summary: dict) -> None:
              f"Batch {summary['batch']} x {summary['seq_len']} tokens. Each round times our step with MTP "
              "on, then off" + (", then runs the torch peer" if summary.get("torch_tokens_per_s") else "") +
              "; medians over rounds. Model FLOPs: see experiments/bench_train.py.", "",
-             "| round | MTP on tok/s | MTP off tok/s | torch (no MTP) tok/s | matmul GFLOP/s |", "|---|---|---|---|---|"]
+             "| round | MTP on tok/s | MTP off tok/s | torch (no MTP) tok/s | matmul GFLOP/s | MTP on / off, of the matmul |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         torch_col = f"{r['torch']:.0f}" if r.get("torch") else "-"
-        lines.append(f"| {r['round']} | {r['on']:.0f} | {r['off']:.0f} | {torch_col} | {r['matmul'] / 1e9:.0f} |")
+        share = f"{r['fraction']:.1%} / {r['fraction_no_mtp']:.1%}" if "fraction" in r else "-"
+        lines.append(f"| {r['round']} | {r['on']:.0f} | {r['off']:.0f} | {torch_col} | {r['matmul'] / 1e9:.0f} "
+                     f"| {share} |")
     if summary.get("peak_flops"):
         lines += ["", f"MFU against a peak of {summary['peak_flops'] / 1e12:.0f} TFLOP/s: MTP on "
                   f"{summary['mfu']:.1%}, MTP off {summary['mfu_no_mtp']:.1%}."]
@@ -197,10 +204,21 @@ def main() -> None:
     no_mtp = rc.override(["model.num_nextn_predict_layers=0"])
     run_on, run_off = make_runner(rc), make_runner(no_mtp)
 
+    f_mtp, f_no = model_flops_per_step(rc, True), model_flops_per_step(no_mtp, False)
+    matmul = lambda: matmul_flops_per_s(args.matmul_size, dtype=rc.model.dtype)
     rows = []
     for r in range(args.rounds):
-        mm = matmul_flops_per_s(args.matmul_size, dtype=rc.model.dtype)
-        row = {"round": r + 1, "on": tokens / run_on(args.steps), "off": tokens / run_off(args.steps), "matmul": mm}
+        # The reference matmul brackets each configuration: its rate moves by +-10% within a minute on a
+        # shared 2-core machine, so one reading per round can be far from the one the step ran beside.
+        mm_before = matmul()
+        on = tokens / run_on(args.steps)
+        mm_between = matmul()
+        off = tokens / run_off(args.steps)
+        mm_after = matmul()
+        mm = statistics.median((mm_before, mm_between, mm_after))
+        row = {"round": r + 1, "on": on, "off": off, "matmul": mm,
+               "fraction": f_mtp * on / tokens / ((mm_before + mm_between) / 2),
+               "fraction_no_mtp": f_no * off / tokens / ((mm_between + mm_after) / 2)}
         if args.torch_peer:
             row["torch"] = torch_peer_tokens_per_s(args.torch_peer, args.steps + 2)
         rows.append(row)
@@ -209,20 +227,20 @@ def main() -> None:
               flush=True)
     med = lambda k: statistics.median(row[k] for row in rows)
     on, off, mm = med("on"), med("off"), med("matmul")
-    f_mtp, f_no = model_flops_per_step(rc, True), model_flops_per_step(no_mtp, False)
+    fraction = {"MTP on": med("fraction"), "MTP off": med("fraction_no_mtp")}
     print(f"preset {args.preset}, moe_impl={rc.model.moe_impl}, {rc.model.dtype}, "
           f"{jax.devices()[0].device_kind}; matmul {args.matmul_size}^3: {mm / 1e9:.1f} GFLOP/s")
     print(f"{'':8} {'s/step':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>9}")
     for name, tps, flops in (("MTP on", on, f_mtp), ("MTP off", off, f_no)):
         fps = flops * tps / tokens
-        print(f"{name:8} {tokens / tps:8.3f} {tps:10.0f} {fps / 1e9:9.1f} {fps / mm:9.1%}")
+        print(f"{name:8} {tokens / tps:8.3f} {tps:10.0f} {fps / 1e9:9.1f} {fraction[name]:9.1%}")
     summary = {"preset": args.preset, "dtype": rc.model.dtype, "device": jax.devices()[0].device_kind,
                "devices": run_on.mesh.size,
                "batch": rc.train.global_batch_size, "seq_len": rc.train.seq_len,
                "moe_impl": rc.model.moe_impl, "tokens_per_s": on, "tokens_per_s_no_mtp": off,
                "model_flops_per_s": f_mtp * on / tokens, "model_flops_per_s_no_mtp": f_no * off / tokens,
-               "matmul_flops_per_s": mm, "matmul_size": args.matmul_size, "flops_fraction": f_mtp * on / tokens / mm,
-               "flops_fraction_no_mtp": f_no * off / tokens / mm}
+               "matmul_flops_per_s": mm, "matmul_size": args.matmul_size, "flops_fraction": fraction["MTP on"],
+               "flops_fraction_no_mtp": fraction["MTP off"]}
     if jax.default_backend() == "cpu":
         summary["cpu"] = cpu_summary()          # the torch ratio moves with the CPU's vector extensions
     if args.preset == "bench" and jax.default_backend() == "cpu":

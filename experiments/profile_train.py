@@ -31,7 +31,7 @@ from dsv3_jax.config import run_preset
 from dsv3_jax.host_malloc import reuse_freed_memory
 
 # Category keys, first match wins, looked up in an op's op_name; "transpose(" in it marks the backward.
-CATEGORIES = (("moe/while", "MoE expert loops"), ("moe/shared", "shared expert"), ("moe/", "MoE routing, dispatch"),
+CATEGORIES = (("moe/while", "MoE expert loops"), ("routed_experts/while", "MoE expert loops"), ("moe/shared", "shared expert"), ("moe/", "MoE routing, dispatch"),
               ("/mlp/", "dense MLP"), ("attn/BH", "attention core matmuls"), ("attn/", "attention, rest"),
               ("head", "head"), ("norm", "RMSNorm"), ("cond/branch_1_fun", "optimizer update"),
               ("_layers/slice", "per-layer parameter slices"), ("_layers/concatenate", "stacked gradients"))
@@ -121,7 +121,7 @@ def main() -> None:
     for n, ms in ops.items():
         cats[category(names[n][0])] += ms
     print(f"median step {seconds:.3f} s; XLA ops {total:.0f} ms per step (traced)")
-    print(f"| category | ms/step | share |\n|---|---|---|")
+    print("| category | ms/step | share |\n|---|---|---|")
     for c, ms in cats.most_common():
         print(f"| {c} | {ms:.0f} | {ms / total:.1%} |")
     print(f"\ntop {args.top} ops:")

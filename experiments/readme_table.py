@@ -40,7 +40,8 @@ def _train_rows(d: dict) -> list[tuple[str, str, str]]:
     where = _where(s)
     rows = [(f"train step, {s['preset']} config ({s['batch']} x {s['seq_len']} tokens){where}, MTP on",
              f"{s['tokens_per_s']:.0f} tokens/s, {s['flops_fraction']:.1%} of the same run's "
-             f"{s.get('matmul_size', 2048)}^3 matmul FLOP/s ({len(rounds)} rounds, medians)"
+             f"{s.get('matmul_size', 2048)}^3 matmul FLOP/s ({len(rounds)} rounds, "
+             + ("median of the per-round shares" if "fraction" in rounds[0] else "medians") + ")"
              + (f"; {s['vs_maxtext']:.1f}x MaxText's 450" if "vs_maxtext" in s else ""), cmd)]
     if "no_mtp_vs_torch" in s:
         per_round = " / ".join(f"{r['off'] / r['torch']:.2f}" for r in rounds)

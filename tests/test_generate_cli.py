@@ -71,6 +71,22 @@ def test_a_request_the_model_cannot_serve_is_refused_before_the_weights_load(mod
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
+def test_a_prompt_of_a_file_is_named_by_its_index_and_line(tmp_path, capsys):
+    """The JSON output numbers prompts from 0 ("index") and skips blank lines, so an error about a prompt of
+    a --prompts-file gives both its index and its line in the file."""
+    import dataclasses
+    from dsv3_jax.__main__ import main
+    from dsv3_jax.config import run_preset
+    from dsv3_jax.train.checkpoint import save_run_config
+    rc = run_preset("tiny")
+    save_run_config(str(tmp_path), dataclasses.replace(rc, model=rc.model.replace(max_position_embeddings=16)))
+    path = tmp_path / "prompts.txt"
+    path.write_text("short\n\n   \na prompt of more than sixteen bytes\n")
+    assert main(["generate", "--run-dir", str(tmp_path), "--max-new-tokens", "8", "--prompts-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"prompt 1 (line 4 of {path}) has" in err, err
+
+
 @pytest.mark.slow
 def test_prompts_file_gives_each_prompt_its_own_completion(tmp_path):
     from dsv3_jax.config import MeshConfig

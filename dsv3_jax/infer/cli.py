@@ -125,8 +125,9 @@ class TextStream:
         self.out.flush()
 
 
-def read_prompts(path: str) -> list[str]:
-    """The prompts of a --prompts-file: its non-blank lines, without their line ends."""
+def read_prompts(path: str) -> list[tuple[int, str]]:
+    """The prompts of a --prompts-file: its non-blank lines, without their line ends, each with its line
+    number (from 1), which errors name."""
     if not os.path.isfile(path):
         raise MissingInputError(f"--prompts-file {path}: no such file")
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -134,7 +135,7 @@ def read_prompts(path: str) -> list[str]:
             lines = f.read().splitlines()
         except UnicodeDecodeError as e:
             raise InputError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    prompts = [line for line in lines if line.strip()]
+    prompts = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise InputError(f"--prompts-file {path} holds no prompts (every line is blank)")
     return prompts
@@ -170,14 +171,17 @@ def run_generate(args) -> int:
     if prompts_file and args.prompt is not None:
         raise InputError("give --prompt or --prompts-file, not both")
     if prompts_file:
-        texts = read_prompts(prompts_file)
+        numbered = read_prompts(prompts_file)
+        texts = [text for _, text in numbered]
+        # Prompt i is the output's "index" i; the line helps find it in the file (blank lines are skipped).
+        names = [f"prompt {i} (line {n} of {prompts_file})" for i, (n, _) in enumerate(numbered)]
         slots = check_batch_size(DEFAULT_SLOTS if batch_size is None else batch_size)
     elif not args.prompt:
         raise InputError("the prompt is empty: give --prompt some text (or --prompts-file)")
     elif batch_size is not None:
         raise InputError("--batch-size sets the slots that serve a --prompts-file; one --prompt decodes alone")
     else:
-        texts, slots = [args.prompt], None
+        texts, slots, names = [args.prompt], None, ["the prompt"]
     if drafts is not None and not args.speculative:
         raise InputError("--drafts is the number of tokens a speculative step drafts: add --speculative")
     drafts = check_drafts(1 if drafts is None else drafts)
@@ -190,12 +194,11 @@ def run_generate(args) -> int:
     # The config and tokenizer name every remaining problem of the request before any weights are read.
     cfg, tokenizer = model_config_and_tokenizer(args.run_dir, args.hf_dir)
     prompts = [[int(t) for t in tokenizer.encode(text)] for text in texts]
-    for i, p in enumerate(prompts):
+    for name, p in zip(names, prompts):
         if not p:
-            raise InputError("the prompt encodes to no tokens" if slots is None else
-                             f"--prompts-file {prompts_file}: prompt {i + 1} encodes to no tokens")
+            raise InputError(f"{name} encodes to no tokens")
     _check_speculative(args.speculative, cfg)
-    validate_request(cfg, prompts, args.max_new_tokens, args.temperature, args.top_p)
+    validate_request(cfg, prompts, args.max_new_tokens, args.temperature, args.top_p, prompt_names=names)
     if getattr(args, "mesh", None):
         from ..config import MeshConfig
         from ..sharding import make_mesh, validate_for_mesh

@@ -36,9 +36,11 @@ def validate_sampling(max_new_tokens, temperature, top_p) -> None:
 
 
 def validate_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_p,
-                     max_len: Optional[int] = None) -> list[list[int]]:
+                     max_len: Optional[int] = None,
+                     prompt_names: Optional[Sequence[str]] = None) -> list[list[int]]:
     """Check a generation request at the edge (InputError, a ValueError, naming the problem); returns the
-    prompts as lists of Python ints."""
+    prompts as lists of Python ints. Errors call prompt i "prompt i", or prompt_names[i] when given (the CLI
+    adds the line of a --prompts-file)."""
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = list(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -47,20 +49,21 @@ def validate_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top
     limit = cfg.max_position_embeddings if max_len is None else min(max_len, cfg.max_position_embeddings)
     out = []
     for i, p in enumerate(prompts):
+        name = f"prompt {i}" if prompt_names is None else prompt_names[i]
         if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
-            raise InputError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+            raise InputError(f"{name} must be a list of token ids, got {type(p).__name__}")
         if len(p) == 0:
-            raise InputError(f"prompt {i} is empty: give at least one token id")
+            raise InputError(f"{name} is empty: give at least one token id")
         ids = []
         for j, t in enumerate(p):
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise InputError(f"prompt {i} token {j} is {t!r}, not an integer token id")
+                raise InputError(f"{name} token {j} is {t!r}, not an integer token id")
             if not 0 <= int(t) < cfg.vocab_size:
-                raise InputError(f"prompt {i} token {j} is {int(t)}, outside the vocabulary [0, {cfg.vocab_size})")
+                raise InputError(f"{name} token {j} is {int(t)}, outside the vocabulary [0, {cfg.vocab_size})")
             ids.append(int(t))
         if len(ids) + int(max_new_tokens) > limit:
             which = "max_position_embeddings" if limit == cfg.max_position_embeddings else "the cache (max_len)"
-            raise InputError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+            raise InputError(f"{name} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                              f"{len(ids) + int(max_new_tokens)} positions, more than {which} = {limit}: "
                              "shorten the prompt or lower max_new_tokens")
         out.append(ids)
