@@ -149,11 +149,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from .config import get_preset
+    from .config import RunConfig, TrainConfig, load_hf_config, run_preset
     from .params import count_params
-    counts = count_params(get_preset(args.preset))
+    sources = {k: v for k, v in (("preset", args.preset), ("run_dir", args.run_dir), ("hf_dir", args.hf_dir)) if v}
+    if len(sources) != 1:
+        raise InputError("give exactly one of --preset, --run-dir or --hf-dir")
+    other = [o for o in args.overrides if not o.startswith("model.")]
+    if other:
+        raise InputError(f"params counts the model: only model.FIELD=VALUE overrides apply, not {other[0]!r}")
+    if args.preset:
+        rc = run_preset(args.preset)
+    elif args.run_dir:
+        from .train.checkpoint import load_run_config
+        rc = load_run_config(args.run_dir)
+    else:
+        rc = RunConfig(load_hf_config(args.hf_dir), TrainConfig())
+    counts = count_params(rc.override(args.overrides).model)
     if args.json:
-        print(json.dumps({"preset": args.preset, **counts}))
+        print(json.dumps({**sources, **({"overrides": args.overrides} if args.overrides else {}), **counts}))
     else:
         for k, v in counts.items():
             print(f"{k:>28}: {v / 1e9:10.3f} B  ({v:,})")
@@ -238,9 +251,13 @@ def main(argv=None) -> int:
     _add_distributed(g)
     g.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser("params", help="parameter counts from the model's abstract init")
-    c.add_argument("--preset", required=True)
+    c = sub.add_parser("params", help="parameter counts from the model's abstract init (no weights are read)",
+                       epilog=f"example: {prog} params --preset v3-671b model.num_hidden_layers=8 --json")
+    c.add_argument("--preset")
+    c.add_argument("--run-dir", help="a training run's model (its config.json)")
+    c.add_argument("--hf-dir", help="an HF DeepSeek-V3 directory's model (its config.json)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("overrides", nargs="*", metavar="model.field=value")
     c.set_defaults(fn=cmd_params)
 
     v = sub.add_parser("convert", help="export a run's newest checkpoint, or re-save an HF checkpoint, as an HF "

@@ -99,6 +99,38 @@ def test_params_cli_v3():
     assert abs(counts["mtp"] / 11.6e9 - 1) < 0.01
 
 
+def test_params_cli_counts_a_run_an_hf_config_and_overrides(tmp_path, capsys):
+    """`params` counts the model of --preset, --run-dir or --hf-dir (their config.json only), after
+    model.FIELD=VALUE overrides: the counts equal count_params of the config they describe, exactly (integer
+    counts from shapes). Anything but one source, or a non-model override, is refused with exit 2."""
+    from dsv3_jax.__main__ import main
+    from dsv3_jax.config import run_preset, save_hf_config
+    from dsv3_jax.params import count_params
+    from dsv3_jax.train.checkpoint import save_run_config
+    rc = run_preset("small")
+    run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
+    run_dir.mkdir(), hf_dir.mkdir()
+    save_run_config(str(run_dir), rc)
+    save_hf_config(str(hf_dir), rc.model.replace(num_hidden_layers=3))
+
+    def counts(*argv):
+        assert main(["params", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert counts("--run-dir", str(run_dir))["total"] == count_params(rc.model)["total"]
+    hf = counts("--hf-dir", str(hf_dir))
+    assert hf["hf_dir"] == str(hf_dir) and hf["total"] == count_params(rc.model.replace(num_hidden_layers=3))["total"]
+    changed = counts("--preset", "small", "model.num_hidden_layers=2", "model.n_routed_experts=32")
+    expected = count_params(rc.model.replace(num_hidden_layers=2, n_routed_experts=32))
+    assert {k: changed[k] for k in expected} == expected != count_params(rc.model)
+    for argv, message in ((["--preset", "small", "train.steps=3"], "only model.FIELD=VALUE overrides"),
+                          ([], "give exactly one of --preset, --run-dir or --hf-dir"),
+                          (["--preset", "small", "--hf-dir", str(hf_dir)], "give exactly one of"),
+                          (["--hf-dir", str(run_dir)], "not a Hugging Face checkpoint")):
+        assert main(["params", *argv]) == 2
+        assert message in capsys.readouterr().err, argv
+
+
 def test_hf_config_names():
     """Fields carry the HF config.json names, and a released-style dict maps onto the preset."""
     from dsv3_jax.config import from_hf_dict, to_hf_dict
