@@ -280,3 +280,28 @@ def test_run_and_hf_directories_given_as_each_other_are_named(tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not os.path.exists(new)
+
+
+@pytest.mark.parametrize("leftover", ["metrics.jsonl", "checkpoints/100/state", "tensorboard/events"])
+def test_a_run_without_its_config_is_not_trained_over(leftover, tmp_path, capsys):
+    """A directory holding what a run writes (metrics, checkpoint steps, TensorBoard logs) but no config.json
+    (deleted, or copied without it) is refused for a fresh run: training there would cut metrics.jsonl back
+    to step 0 and garbage-collect the checkpoints. Exit 2, no file changed; a directory with only the user's
+    own files, or an empty checkpoints/ (another process of the same run may have just made it), passes the
+    check."""
+    from dsv3_jax.__main__ import main
+    from dsv3_jax.train.loop import prepare_run_dir
+    from dsv3_jax.config import run_preset
+    path = tmp_path / "run" / leftover
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"step": 100, "loss": 1.5}\n')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"holds {leftover.split('/')[0]}" in err and "but no config.json" in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    rc = run_preset("tiny")
+    assert prepare_run_dir(str(mine), rc, resume=False) is rc

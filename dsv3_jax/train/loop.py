@@ -91,6 +91,17 @@ def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunC
     if has_run:
         raise OccupiedPathError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
                                 f"another --run-dir (nothing was overwritten)")
+    # What a run writes, without its config.json: a fresh run would cut that metrics.jsonl back to step 0
+    # and let its checkpoint manager garbage-collect those checkpoints. (An empty checkpoints/ is what
+    # another process of this same run may just have made.)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    leftovers = [name for name in ("metrics.jsonl", "tensorboard") if os.path.exists(os.path.join(run_dir, name))]
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        leftovers.insert(0, "checkpoints/")
+    if leftovers:
+        raise OccupiedPathError(f"{run_dir} holds {', '.join(leftovers)} of an earlier run but no config.json, so "
+                                f"it can neither be resumed nor reused: choose another --run-dir (nothing was "
+                                f"overwritten)")
     return rc
 
 
