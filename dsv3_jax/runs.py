@@ -40,10 +40,11 @@ def restore_variables(run_dir: str, mesh=None, zero3: Optional[bool] = None, fsd
     The optimizer state is never read."""
     import orbax.checkpoint as ocp
     from .sharding import make_mesh
-    from .train.checkpoint import CHECKSUM_KEY, first_restorable, load_run_config, verify_checksums
+    from .train.checkpoint import (CHECKPOINT_DIR, CHECKSUM_KEY, first_restorable, load_run_config,
+                                   verify_checksums)
 
     rc = load_run_config(run_dir)             # names the problem if the directory is not a run
-    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    directory = os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise MissingInputError(f"{run_dir} has no finished checkpoint yet")
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(data=1), jax.devices()[:1])
@@ -79,7 +80,8 @@ def _names(path: str) -> str:
 
 def _is_run(path: str) -> bool:
     """A dsv3_jax training run: checkpoints/, or a run's config.json."""
-    return os.path.isdir(os.path.join(path, "checkpoints")) or config_kind(path) == "run"
+    from .train.checkpoint import CHECKPOINT_DIR
+    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) or config_kind(path) == "run"
 
 
 def _is_hf_checkpoint(path: str) -> bool:

@@ -11,7 +11,7 @@ The reference is an n^3 matmul in the compute dtype (`--matmul-size`, 2048) time
 between and after the two configurations of each round: a configuration's share of the matmul FLOP/s is
 taken against the mean of the two readings around it, and the summary gives the median of these per-round
 shares. (A single reading per round moved the share of one tree between 55% and 68% from run to run on one
-machine: experiments/results/epyc/bench_train.md.) With
+machine: experiments/results/train_speed.md, session 27.) With
 `--peak-flops` (the device's dense peak for that dtype, e.g. 989e12 for an H200 in bf16) the summary also
 gives MFU = model FLOP/s / peak. Timings: warm-up, then the median of several steps, each ended by
 block_until_ready. Last printed line: one JSON object. JAX runs on the CPU unless JAX_PLATFORMS says otherwise.
@@ -145,7 +145,7 @@ def write_results(out_dir: str, rows: list, summary: dict) -> None:
              "|---|---|---|---|---|---|"]
     for r in rows:
         torch_col = f"{r['torch']:.0f}" if r.get("torch") else "-"
-        share = f"{r['fraction']:.1%} / {r['fraction_no_mtp']:.1%}" if "fraction" in r else "-"
+        share = f"{r['fraction']:.1%} / {r['fraction_no_mtp']:.1%}"
         lines.append(f"| {r['round']} | {r['on']:.0f} | {r['off']:.0f} | {torch_col} | {r['matmul'] / 1e9:.0f} "
                      f"| {share} |")
     if summary.get("peak_flops"):

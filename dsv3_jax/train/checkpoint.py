@@ -29,6 +29,7 @@ from ..config import RunConfig, config_json_kind
 from ..errors import InputError, MissingInputError
 
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"          # the run's orbax steps, beside CONFIG_FILE
 CHECKSUM_KEY = "state_checksums"     # in the `data` JSON item, beside the iterator state
 BAD_DIR = "bad_checkpoints"          # <run_dir>/bad_checkpoints/<step>-<time>: steps set aside, never deleted
 
@@ -125,7 +126,7 @@ class Checkpointer:
         """cleanup_tmp: delete the temporary folders of saves a crash interrupted (only the process that owns
         the run, i.e. training, should: a reader would delete a save in progress)."""
         self.run_dir = os.path.abspath(run_dir)
-        self.directory = os.path.join(self.run_dir, "checkpoints")
+        self.directory = os.path.join(self.run_dir, CHECKPOINT_DIR)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=cleanup_tmp)

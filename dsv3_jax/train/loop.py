@@ -21,7 +21,7 @@ from ..config import RunConfig, config_kind
 from ..errors import InputError, MissingInputError, OccupiedPathError
 from ..model import Transformer
 from ..sharding import activate_for, batch_sharding, make_mesh, validate_for_mesh
-from .checkpoint import Checkpointer, load_run_config, save_run_config
+from .checkpoint import CHECKPOINT_DIR, CONFIG_FILE, Checkpointer, load_run_config, save_run_config
 from .optimizer import make_optimizer
 from .state import create_train_state, state_shardings
 from .step import make_eval_step, make_train_step
@@ -67,13 +67,16 @@ class Preemption:
         return bool(np.any(flags))
 
 
+METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"     # what a run writes beside its checkpoints
+
+
 def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunConfig:
     """Fresh runs refuse a directory that already holds a run (or an HF checkpoint); resumes need one for the
     same model."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise OccupiedPathError(f"--run-dir {run_dir} is a file, not a directory; choose another --run-dir "
                                 "(nothing was overwritten)")
-    has_run = os.path.exists(os.path.join(run_dir, "config.json"))
+    has_run = os.path.exists(os.path.join(run_dir, CONFIG_FILE))
     if resume:
         if not has_run:
             raise MissingInputError(f"--resume: {run_dir} holds no run (no config.json); start it without "
@@ -94,10 +97,10 @@ def prepare_run_dir(run_dir: str, rc: Optional[RunConfig], resume: bool) -> RunC
     # What a run writes, without its config.json: a fresh run would cut that metrics.jsonl back to step 0
     # and let its checkpoint manager garbage-collect those checkpoints. (An empty checkpoints/ is what
     # another process of this same run may just have made.)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    leftovers = [name for name in ("metrics.jsonl", "tensorboard") if os.path.exists(os.path.join(run_dir, name))]
+    ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
+    leftovers = [name for name in (METRICS_FILE, TENSORBOARD_DIR) if os.path.exists(os.path.join(run_dir, name))]
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        leftovers.insert(0, "checkpoints/")
+        leftovers.insert(0, CHECKPOINT_DIR + "/")
     if leftovers:
         raise OccupiedPathError(f"{run_dir} holds {', '.join(leftovers)} of an earlier run but no config.json, so "
                                 f"it can neither be resumed nor reused: choose another --run-dir (nothing was "
@@ -121,7 +124,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: str, resume_step: int, enabled: bool):
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, METRICS_FILE)
         self.tb = None
         if not enabled:
             return
@@ -134,7 +137,7 @@ class MetricsLog:
             os.replace(tmp, self.path)
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR))
         except ImportError:
             pass
 
@@ -167,7 +170,7 @@ def _logged_step(line: str) -> float:
 def _last_logged(run_dir: str, step: int) -> dict:
     """The last metrics.jsonl row at or before `step` ({} if none)."""
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        with open(os.path.join(run_dir, METRICS_FILE)) as fh:
             rows = [json.loads(line) for line in fh if _logged_step(line) <= step]
     except OSError:
         return {}
